@@ -1,0 +1,373 @@
+"""Typed, frozen run configuration.
+
+Every hyperparameter lives under `hyperparameters:` in an experiment file, so a Determined searcher can
+vary any of them; locally `--config PATH` picks the file and `--name value` overrides one key. Values are
+checked here, before any model or dataset loads, and a bad one raises `ConfigError` with one line that
+names the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dpo_lightning.errors import ConfigError
+from dpo_lightning.losses import LOSS_TYPES, USES_LABEL_SMOOTHING
+
+COLUMN_ROLES = ("prompt", "chosen", "rejected", "messages")
+MODES = ("auto", "offline")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+PRECISIONS = ("32", "bf16-mixed")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """The resolved configuration of one run (one Determined trial)."""
+
+    # --- models ---
+    model_name: str = "Qwen/Qwen2.5-0.5B-Instruct"
+    """Policy to fine-tune: a Hugging Face Hub name, a local model folder, or `builtin:tiny-qwen2`."""
+    ref_model_name: str | None = None
+    """Reference model; None means a frozen copy of the initial policy."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the frozen models (reference). The trained policy always keeps fp32 master weights."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = (
+        "sdpa"
+    )
+    """Attention kernel passed to `from_pretrained`."""
+    trust_remote_code: bool = False
+    """Allow model/tokenizer code from the Hub; off because it runs arbitrary code."""
+
+    # --- data ---
+    dataset_name: str = "builtin:sentiment-pairs"
+    """Hub dataset name, local .json/.jsonl/.parquet/.csv file, `save_to_disk` folder, or `builtin:sentiment-pairs`."""
+    dataset_config: str | None = None
+    """Hub dataset configuration (subset) name."""
+    train_split: str = "train"
+    """Split used for training."""
+    eval_split: str | None = None
+    """Split used for validation; None uses a `test` split when the source has one, else `val_fraction`."""
+    val_fraction: float = 0.05
+    """Share of prompts held out for validation when there is no eval split; 0 disables validation."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Map of role -> dataset column name, roles: prompt, chosen, rejected, messages."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """`error` stops at the first bad row naming it; `skip` drops bad rows and counts them."""
+    max_length: int = 1024
+    """Maximum tokens of prompt + completion; longer sequences keep their start."""
+    max_prompt_length: int | None = 512
+    """Keep the last this many prompt tokens; None keeps the whole prompt."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    # --- objective ---
+    mode: Literal["auto", "offline"] = "auto"
+    """`auto` picks by the data (preference pairs train offline); `offline` forces pairs."""
+    loss_type: str = "sigmoid"
+    """DPO loss variant: sigmoid, ipo, hinge, robust."""
+    beta: float = 0.1
+    """KL penalty strength: rewards are beta * (policy logp - reference logp)."""
+    label_smoothing: float = 0.0
+    """Assumed share of flipped labels, in [0, 0.5); used by the sigmoid (conservative DPO) and robust losses."""
+
+    # --- optimisation ---
+    batch_size: int = 4
+    """Preference pairs per device per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    num_epochs: int = 1
+    """Passes over the training set when max_steps is not set."""
+    max_steps: int = -1
+    """Optimizer steps to train; -1 derives it from num_epochs."""
+    learning_rate: float = 1e-6
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """Schedule after warmup: constant, linear decay to 0, or cosine decay to 0."""
+    warmup_ratio: float = 0.1
+    """Share of the optimizer steps spent in linear warmup (ignored when warmup_steps > 0)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup; overrides warmup_ratio when > 0."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still reported)."""
+    precision: Literal["32", "bf16-mixed"] = "32"
+    """Compute precision; bf16-mixed autocasts forward passes while master weights stay fp32."""
+    seed: int = 42
+    """Seed for weights init (built-in model), data order, splits and dropout-free sampling."""
+
+    # --- cadence (all counted in optimizer steps) ---
+    log_every_n_steps: int = 10
+    """Report training metrics every this many optimizer steps."""
+    val_check_interval: int = 100
+    """Validate every this many optimizer steps (and at the end of training)."""
+    checkpoint_every_n_steps: int = 0
+    """Save a resumable checkpoint every this many optimizer steps; 0 saves only on interrupt."""
+    keep_last_n_checkpoints: int = 2
+    """Local runs keep only the newest this many checkpoints."""
+    output_dir: str = "outputs/run"
+    """Where metrics.jsonl, run_config.json, checkpoints/ and final/ go."""
+
+    def __post_init__(self) -> None:
+        for check in _CHECKS:
+            problem = check(self)
+            if problem:
+                raise ConfigError(problem)
+
+    @property
+    def frozen_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(*names: str):
+    def check(cfg: DPOConfig) -> str | None:
+        for name in names:
+            if getattr(cfg, name) <= 0:
+                return f"{name} must be > 0, got {getattr(cfg, name)}"
+        return None
+
+    return check
+
+
+def _non_negative(*names: str):
+    def check(cfg: DPOConfig) -> str | None:
+        for name in names:
+            if getattr(cfg, name) < 0:
+                return f"{name} must be >= 0, got {getattr(cfg, name)}"
+        return None
+
+    return check
+
+
+def _check_loss(cfg: DPOConfig) -> str | None:
+    if cfg.loss_type not in LOSS_TYPES:
+        return f"unknown loss_type '{cfg.loss_type}'; valid choices: {', '.join(LOSS_TYPES)}"
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        return f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"
+    if cfg.label_smoothing > 0 and cfg.loss_type not in USES_LABEL_SMOOTHING:
+        users = ", ".join(sorted(USES_LABEL_SMOOTHING))
+        return f"label_smoothing is only used by loss_type {users}; loss_type '{cfg.loss_type}' would ignore it"
+    return None
+
+
+def _check_lengths(cfg: DPOConfig) -> str | None:
+    if cfg.max_prompt_length is not None:
+        if cfg.max_prompt_length <= 0:
+            return f"max_prompt_length must be > 0 or null, got {cfg.max_prompt_length}"
+        if cfg.max_prompt_length >= cfg.max_length:
+            return (
+                f"max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length}) "
+                "so that every pair keeps a completion token"
+            )
+    return None
+
+
+def _check_fractions(cfg: DPOConfig) -> str | None:
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        return f"val_fraction must be in [0, 1), got {cfg.val_fraction}"
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        return f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}"
+    return None
+
+
+def _check_steps(cfg: DPOConfig) -> str | None:
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        return f"max_steps must be a positive number of optimizer steps or -1 (use num_epochs), got {cfg.max_steps}"
+    return None
+
+
+def _check_columns(cfg: DPOConfig) -> str | None:
+    for role, column in cfg.columns.items():
+        if role not in COLUMN_ROLES:
+            return f"columns has unknown role '{role}'; valid roles: {', '.join(COLUMN_ROLES)}"
+        if not isinstance(column, str) or not column:
+            return f"columns.{role} must be a non-empty column name, got {column!r}"
+    return None
+
+
+def _check_text(cfg: DPOConfig) -> str | None:
+    for name in ("model_name", "dataset_name", "output_dir", "train_split"):
+        if not getattr(cfg, name).strip():
+            return f"{name} must not be empty"
+    return None
+
+
+_CHECKS = (
+    _check_text,
+    _positive("beta", "batch_size", "gradient_accumulation_steps", "num_epochs", "max_length", "learning_rate"),
+    _positive("log_every_n_steps", "val_check_interval", "keep_last_n_checkpoints", "adam_epsilon"),
+    _non_negative("weight_decay", "max_grad_norm", "warmup_steps", "checkpoint_every_n_steps", "num_workers"),
+    _check_loss,
+    _check_lengths,
+    _check_fractions,
+    _check_steps,
+    _check_columns,
+)
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(DPOConfig)}
+_TYPES = typing.get_type_hints(DPOConfig)
+
+
+# ----------------------------------------------------------------------------- coercion
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Coerce a YAML or command-line value to the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        text = str(value)
+        if text not in args:
+            raise ConfigError(f"{key}: '{value}' is not a valid choice; valid choices: {', '.join(args)}")
+        return text
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = float(value)  # YAML 1.1 reads `1e-6` as a string; float() reads it right
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
+    if annotation is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{key}: expected a JSON object such as '{{\"prompt\": \"question\"}}'") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)  # value types are checked by _check_columns
+    raise ConfigError(f"{key}: unsupported type {annotation}")  # a programming error, kept loud
+
+
+def unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, FIELDS, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"unknown hyperparameter '{key}'{hint}; valid keys: {', '.join(FIELDS)}"
+
+
+def make_config(values: dict[str, Any]) -> DPOConfig:
+    """Build a validated config from raw (YAML or command-line) values."""
+    kwargs = {}
+    for key, value in values.items():
+        if key not in FIELDS:
+            raise ConfigError(unknown_key_message(key))
+        kwargs[key] = _coerce(key, value, _TYPES[key])
+    return DPOConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- experiment files
+
+
+def _resolve_hparam(key: str, value: Any) -> Any:
+    """Determined hyperparameters may be `{type: const, val: X}`; a search space needs an explicit value locally."""
+    if isinstance(value, dict) and "type" in value and key != "columns":
+        kind = value["type"]
+        if kind == "const":
+            return value.get("val")
+        raise ConfigError(
+            f"hyperparameter '{key}' is a '{kind}' search space, which only a Determined searcher samples; "
+            f"pass --{key} VALUE to run it locally"
+        )
+    return value
+
+
+def read_experiment_hparams(path: str | Path) -> dict[str, Any]:
+    """The raw `hyperparameters:` block of an experiment file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("hyperparameters"), dict):
+        raise ConfigError(f"{path}: no `hyperparameters:` mapping found")
+    return dict(document["hyperparameters"])
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DPOConfig:
+    """The experiment file's hyperparameters with command-line overrides on top."""
+    raw = read_experiment_hparams(path)
+    raw.update(overrides or {})  # an override may stand in for a search space
+    values = {key: _resolve_hparam(key, value) for key, value in raw.items()}
+    try:
+        return make_config(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, str]:
+    """`--name value` and `--name=value` pairs; a value is a raw string coerced later by field type."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument '{token}'; hyperparameters are given as --name value")
+        name, eq, value = token[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(unknown_key_message(name))
+        if not eq:
+            if i + 1 >= len(tokens):
+                raise ConfigError(f"--{name} needs a value")
+            value = tokens[i + 1]
+            i += 1
+        overrides[name] = value
+        i += 1
+    return overrides

@@ -1,0 +1,40 @@
+"""Collate tokenized pairs into one batch of 2B rows: B chosen sequences, then B rejected ones."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _pad(rows: list[list[int]], value: int, width: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+class PairCollator:
+    """Right-pads prompt+completion sequences; masks are built from lengths, never from the pad id.
+
+    Input: B items with `prompt_ids`, `chosen_ids`, `rejected_ids` (int lists). Output (2B, T) long tensors:
+    `input_ids`, `attention_mask` (1 on real tokens), `completion_mask` (1 on completion tokens).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        sequences, completion = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for item in items:
+                prompt, answer = list(item["prompt_ids"]), list(item[key])
+                sequences.append(prompt + answer)
+                completion.append([0] * len(prompt) + [1] * len(answer))
+        width = max(len(s) for s in sequences)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return {
+            "input_ids": _pad(sequences, self.pad_token_id, width),
+            "attention_mask": _pad([[1] * len(s) for s in sequences], 0, width),
+            "completion_mask": _pad(completion, 0, width),
+        }

@@ -1,0 +1,70 @@
+"""LightningDataModule over tokenized preference pairs."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from dpo_lightning.config import DPOConfig
+from dpo_lightning.data.collate import PairCollator
+from dpo_lightning.data.pipeline import PreparedPairs, prepare_pairs
+from dpo_lightning.data.sampler import ResumableSampler
+
+
+class DPODataModule(L.LightningDataModule):
+    """Tokenizes once (`prepare`, callable before the models load so that data errors come first).
+
+    Samplers are our own, not Lightning's DistributedSampler (the Trainer runs with
+    `use_distributed_sampler=False`), so that the training position can be saved and restored mid-epoch.
+    """
+
+    def __init__(self, cfg: DPOConfig, tokenizer) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.pairs: PreparedPairs | None = None
+        self.collate = PairCollator(tokenizer.pad_token_id)
+        self.train_sampler: ResumableSampler | None = None
+
+    def prepare(self) -> PreparedPairs:
+        if self.pairs is None:
+            self.pairs = prepare_pairs(self.cfg, self.tokenizer)
+        return self.pairs
+
+    @property
+    def has_validation(self) -> bool:
+        return self.prepare().val is not None
+
+    def setup(self, stage: str) -> None:
+        self.prepare()
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_dataloader(self) -> DataLoader:
+        world_size, rank = self._world()
+        data = self.prepare().train
+        if self.train_sampler is None:
+            self.train_sampler = ResumableSampler(
+                len(data), seed=self.cfg.seed, shuffle=True, num_replicas=world_size, rank=rank
+            )
+        return self._loader(data, self.train_sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        world_size, rank = self._world()
+        data = self.prepare().val
+        if data is None:
+            return []
+        sampler = ResumableSampler(len(data), seed=self.cfg.seed, shuffle=False, num_replicas=world_size, rank=rank)
+        return self._loader(data, sampler)
+
+    def _loader(self, data, sampler: ResumableSampler) -> DataLoader:
+        return DataLoader(
+            data,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0,
+        )

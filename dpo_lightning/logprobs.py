@@ -1,0 +1,63 @@
+"""Per-sequence log-probabilities of completions under a causal LM.
+
+A causal LM's logits at position t predict token t+1 (the one-token shift), so the completion token at t+1
+is scored by logits[t] and the mask that selects scored tokens is the completion mask shifted left by one.
+Masks come from lengths in the collator, never from comparing ids with the pad id: pad may equal EOS, and
+the EOS that ends a completion must be scored.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class SequenceLogps(NamedTuple):
+    logps: torch.Tensor  # (N,) sum of completion-token log-probs
+    num_tokens: torch.Tensor  # (N,) completion tokens scored
+    logits_sum: torch.Tensor  # (N,) sum over completion tokens of the vocabulary-mean logit, detached
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] for each position, computed row by row in fp32.
+
+    logits: (N, T, V); labels: (N, T) -> (N, T) fp32.
+    One row at a time bounds the fp32 temporary at T x V instead of N x T x V, which for a 150k vocabulary
+    is the difference between hundreds of MB and many GB.
+    """
+    rows = []
+    for row_logits, row_labels in zip(logits, labels, strict=True):
+        row_logits = row_logits.float()
+        picked = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> SequenceLogps:
+    """Summed completion log-probs of each sequence.
+
+    logits: (N, T, V) from the model on input_ids; input_ids, completion_mask: (N, T), mask 1 on completion
+    tokens (prompt and padding 0). Returns per-sequence sums (N,).
+    """
+    scored = completion_mask[:, 1:].to(torch.float32)
+    shifted_logits = logits[:, :-1]
+    per_token = token_logps(shifted_logits, input_ids[:, 1:])
+    with torch.no_grad():
+        mean_logit = shifted_logits.detach().mean(dim=-1, dtype=torch.float32)
+        logits_sum = (mean_logit * scored).sum(dim=-1)
+    return SequenceLogps(
+        logps=(per_token * scored).sum(dim=-1),
+        num_tokens=scored.sum(dim=-1),
+        logits_sum=logits_sum,
+    )
+
+
+def forward_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+    """One forward pass over a collated batch of 2B rows (chosen first, then rejected)."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        use_cache=False,
+    ).logits
+    return sequence_logps(logits, batch["input_ids"], batch["completion_mask"])

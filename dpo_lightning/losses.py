@@ -1,0 +1,239 @@
+"""Preference losses for DPO and its close relatives, as pure functions of sequence log-probs.
+
+Every loss takes the summed log-probabilities of the chosen and rejected completions under the policy and
+the frozen reference model, each of shape (B,), and returns a per-pair loss of shape (B,) together with the
+implicit rewards. Reduction over the batch is left to the caller so that it can weight or mask pairs.
+
+The formulas agree with eric-mitchell/direct-preference-optimization and TRL 1.16's ``DPOTrainer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from dpo_lightning.errors import ConfigError
+
+
+class LossOutput(NamedTuple):
+    losses: torch.Tensor  # (B,) per-pair loss, not reduced
+    chosen_rewards: torch.Tensor  # (B,) beta * (policy_chosen_logps - ref_chosen_logps), detached
+    rejected_rewards: torch.Tensor  # (B,) beta * (policy_rejected_logps - ref_rejected_logps), detached
+
+
+def _log_ratios(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+
+
+def _rewards(
+    chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Rewards are metrics only; detaching keeps a caller from back-propagating through them by accident.
+    # They use the summed (not length-averaged) log-ratios for every loss so that logs are comparable.
+    return beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def sigmoid_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """The DPO loss, optionally conservative (cDPO) via label smoothing.
+
+    Args:
+        policy_chosen_logps: (B,) summed log-probs of the chosen completions under the policy.
+        policy_rejected_logps: (B,) summed log-probs of the rejected completions under the policy.
+        ref_chosen_logps: (B,) summed log-probs of the chosen completions under the reference model.
+        ref_rejected_logps: (B,) summed log-probs of the rejected completions under the reference model.
+        beta: temperature of the implicit reward; smaller means a looser tie to the reference model.
+        label_smoothing: assumed probability eps that a preference label is flipped.
+
+    Returns:
+        LossOutput with (B,) losses, chosen rewards and rejected rewards.
+    """
+    chosen_logratios, rejected_logratios = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    logits = chosen_logratios - rejected_logratios
+    # Eq. 7 of Rafailov et al. (2023). With eps > 0 this is the cross-entropy against soft labels
+    # (1 - eps, eps), as in the reference implementation; its optimum is then a finite margin.
+    # logsigmoid rather than log(sigmoid(.)): a large |beta * h| would otherwise give log(0) = -inf.
+    clean_term = -(1 - label_smoothing) * F.logsigmoid(beta * logits)
+    flipped_term = -label_smoothing * F.logsigmoid(-beta * logits)
+    losses = clean_term + flipped_term
+    return LossOutput(losses, *_rewards(chosen_logratios, rejected_logratios, beta))
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+) -> LossOutput:
+    """The IPO loss of Azar et al. (2023) on per-token averaged log-ratios.
+
+    Args:
+        policy_chosen_logps: (B,) summed log-probs of the chosen completions under the policy.
+        policy_rejected_logps: (B,) summed log-probs of the rejected completions under the policy.
+        ref_chosen_logps: (B,) summed log-probs of the chosen completions under the reference model.
+        ref_rejected_logps: (B,) summed log-probs of the rejected completions under the reference model.
+        beta: the regularisation parameter tau of the paper; the target margin is 1 / (2 * beta).
+        chosen_lengths: (B,) number of completion tokens of each chosen completion (int or float).
+        rejected_lengths: (B,) number of completion tokens of each rejected completion (int or float).
+
+    Returns:
+        LossOutput with (B,) losses, chosen rewards and rejected rewards.
+    """
+    chosen_logratios, rejected_logratios = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    # The squared loss would otherwise grow with completion length, tying a good beta to the data's lengths;
+    # TRL averages per token too, on the IPO authors' word that the paper's results used this form.
+    # clamp(min=1) keeps an empty completion from dividing by zero; the cast keeps the inputs' dtype.
+    chosen_avg = chosen_logratios / chosen_lengths.to(chosen_logratios.dtype).clamp(min=1)
+    rejected_avg = rejected_logratios / rejected_lengths.to(rejected_logratios.dtype).clamp(min=1)
+    # Eq. 17 of Azar et al. (2023), with tau = beta.
+    losses = (chosen_avg - rejected_avg - 1 / (2 * beta)) ** 2
+    return LossOutput(losses, *_rewards(chosen_logratios, rejected_logratios, beta))
+
+
+def hinge_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> LossOutput:
+    """The SLiC hinge loss (Zhao et al., 2023) on the DPO logits.
+
+    Args:
+        policy_chosen_logps: (B,) summed log-probs of the chosen completions under the policy.
+        policy_rejected_logps: (B,) summed log-probs of the rejected completions under the policy.
+        ref_chosen_logps: (B,) summed log-probs of the chosen completions under the reference model.
+        ref_rejected_logps: (B,) summed log-probs of the rejected completions under the reference model.
+        beta: scales the logits; the margin is reached at a log-ratio gap of 1 / beta.
+
+    Returns:
+        LossOutput with (B,) losses, chosen rewards and rejected rewards.
+    """
+    chosen_logratios, rejected_logratios = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    logits = chosen_logratios - rejected_logratios
+    # Pairs already past the margin contribute no gradient, unlike the sigmoid loss which never saturates.
+    losses = torch.relu(1 - beta * logits)
+    return LossOutput(losses, *_rewards(chosen_logratios, rejected_logratios, beta))
+
+
+def robust_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> LossOutput:
+    """The robust DPO loss (rDPO, Chowdhury et al., 2024) for labels flipped with probability eps.
+
+    Args:
+        policy_chosen_logps: (B,) summed log-probs of the chosen completions under the policy.
+        policy_rejected_logps: (B,) summed log-probs of the rejected completions under the policy.
+        ref_chosen_logps: (B,) summed log-probs of the chosen completions under the reference model.
+        ref_rejected_logps: (B,) summed log-probs of the rejected completions under the reference model.
+        beta: temperature of the implicit reward.
+        label_smoothing: the label-flip rate eps, in [0, 0.5).
+
+    Returns:
+        LossOutput with (B,) losses, chosen rewards and rejected rewards.
+    """
+    # At eps = 0.5 the labels carry no information and the normaliser below divides by zero; past it the
+    # loss would reward preferring the rejected completion.
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing for the robust loss must lie in [0, 0.5), got {label_smoothing}")
+    chosen_logratios, rejected_logratios = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    logits = chosen_logratios - rejected_logratios
+    # Chowdhury et al. (2024), arXiv 2403.00409: subtracting the flipped-label term and dividing by
+    # (1 - 2 eps) makes the loss an unbiased estimate of the clean-label DPO loss; cDPO's soft labels bias it.
+    clean_term = -(1 - label_smoothing) * F.logsigmoid(beta * logits)
+    flipped_term = -label_smoothing * F.logsigmoid(-beta * logits)
+    losses = (clean_term - flipped_term) / (1 - 2 * label_smoothing)
+    return LossOutput(losses, *_rewards(chosen_logratios, rejected_logratios, beta))
+
+
+class _LossSpec(NamedTuple):
+    fn: Callable[..., LossOutput]
+    uses_label_smoothing: bool = False
+    uses_lengths: bool = False
+
+
+# Insertion order is the order shown to users in error messages and CLI choices.
+_REGISTRY: dict[str, _LossSpec] = {
+    "sigmoid": _LossSpec(sigmoid_loss, uses_label_smoothing=True),
+    "ipo": _LossSpec(ipo_loss, uses_lengths=True),
+    "hinge": _LossSpec(hinge_loss),
+    "robust": _LossSpec(robust_loss, uses_label_smoothing=True),
+}
+
+LOSS_TYPES: tuple[str, ...] = tuple(_REGISTRY)
+USES_LABEL_SMOOTHING: frozenset[str] = frozenset(
+    name for name, spec in _REGISTRY.items() if spec.uses_label_smoothing
+)
+
+
+def _spec(name: str) -> _LossSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown loss_type {name!r}; valid choices: {', '.join(LOSS_TYPES)}") from None
+
+
+def get_loss_fn(name: str) -> Callable[..., LossOutput]:
+    """Return the loss function registered under ``name``; raise ConfigError for an unknown name."""
+    return _spec(name).fn
+
+
+def compute_loss(
+    loss_type: str,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> LossOutput:
+    """Compute the loss named ``loss_type`` on (B,) log-prob tensors.
+
+    ``label_smoothing`` reaches only the losses in USES_LABEL_SMOOTHING and is ignored by the others, so one
+    config can switch loss types freely; ``chosen_lengths`` and ``rejected_lengths`` ((B,) token counts) are
+    required by ``ipo`` and ignored otherwise.
+    """
+    spec = _spec(loss_type)
+    kwargs: dict[str, object] = {"beta": beta}
+    if spec.uses_label_smoothing:
+        kwargs["label_smoothing"] = label_smoothing
+    if spec.uses_lengths:
+        # A silent default length would change the loss's scale, so refuse rather than guess.
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(f"loss_type {loss_type!r} needs chosen_lengths and rejected_lengths")
+        kwargs["chosen_lengths"] = chosen_lengths
+        kwargs["rejected_lengths"] = rejected_lengths
+    return spec.fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **kwargs)

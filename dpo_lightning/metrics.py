@@ -1,0 +1,95 @@
+"""Preference metrics with TRL's names, accumulated between reports and synchronised across ranks.
+
+A report is the pair-weighted mean over every micro-batch and rank since the previous report (logits/* are
+token-weighted, as TRL defines them). torchmetrics does the cross-rank reduction when `compute` is called,
+which every rank does at the same optimizer step.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+from torchmetrics import MeanMetric, SumMetric
+
+from dpo_lightning.logprobs import SequenceLogps
+from dpo_lightning.losses import LossOutput
+
+PAIR_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+TOKEN_METRICS = ("logits/chosen", "logits/rejected")
+
+
+def _key(name: str) -> str:
+    return name.replace("/", "__")  # ModuleDict keys cannot hold "/"
+
+
+def pair_values(out: LossOutput, policy: SequenceLogps) -> dict[str, torch.Tensor]:
+    """Per-pair values (B,) of the pair-weighted metrics for one micro-batch."""
+    chosen_logps, rejected_logps = policy.logps.detach().chunk(2)
+    return {
+        "loss": out.losses.detach(),
+        "rewards/chosen": out.chosen_rewards,
+        "rewards/rejected": out.rejected_rewards,
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+        "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+        "logps/chosen": chosen_logps,
+        "logps/rejected": rejected_logps,
+    }
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated, or the process's peak resident memory on CPU (GB = 1e9 bytes)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+class PreferenceMetrics(torch.nn.Module):
+    """Accumulates one group's (training or validation) metrics until `report` is called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.means = torch.nn.ModuleDict({_key(n): MeanMetric(sync_on_compute=True) for n in PAIR_METRICS})
+        self.token_means = torch.nn.ModuleDict({_key(n): MeanMetric() for n in TOKEN_METRICS})
+        self.pairs = SumMetric()
+        self.tokens = SumMetric()
+        self.updates = 0
+        self._started = time.perf_counter()
+
+    def update(self, out: LossOutput, policy: SequenceLogps, attention_mask: torch.Tensor) -> None:
+        for name, values in pair_values(out, policy).items():
+            self.means[_key(name)].update(values)
+        for name, logits_sum, num_tokens in zip(
+            TOKEN_METRICS, policy.logits_sum.chunk(2), policy.num_tokens.chunk(2), strict=True
+        ):
+            total = num_tokens.sum()
+            # the token-weighted mean: each micro-batch weighs in by its completion tokens
+            self.token_means[_key(name)].update(logits_sum.sum() / total.clamp(min=1), weight=total)
+        self.pairs.update(torch.tensor(float(out.losses.numel()), device=out.losses.device))
+        self.tokens.update(attention_mask.sum().float())
+        self.updates += 1
+
+    def report(self) -> dict[str, float]:
+        """Means since the last report, as plain floats (all ranks must call this together); then reset."""
+        values = {name: self.means[_key(name)].compute().item() for name in PAIR_METRICS}
+        values.update({name: self.token_means[_key(name)].compute().item() for name in TOKEN_METRICS})
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        values["samples_per_second"] = self.pairs.compute().item() / elapsed
+        values["tokens_per_second"] = self.tokens.compute().item() / elapsed
+        self.reset()
+        return values
+
+    def reset(self) -> None:
+        for metric in [*self.means.values(), *self.token_means.values(), self.pairs, self.tokens]:
+            metric.reset()
+        self.updates = 0
+        self._started = time.perf_counter()

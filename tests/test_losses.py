@@ -1,0 +1,233 @@
+"""Tests for dpo_lightning.losses against values worked out by hand with plain `math`.
+
+The main batch below has, per pair, chosen log-ratio (pc - rc) = [2, -2, 0, -100] and rejected log-ratio
+(pr - rr) = [-1, 1, -100, 0], so the DPO logits are h = [3, -3, 100, -100] and, with beta = 0.5,
+beta * h = [1.5, -1.5, 50, -50]: both signs, and |beta * h| = 50 where a naive log(sigmoid(.)) breaks.
+"""
+
+import math
+
+import pytest
+import torch
+
+from dpo_lightning.errors import ConfigError, UserError
+from dpo_lightning.losses import (
+    LOSS_TYPES,
+    USES_LABEL_SMOOTHING,
+    LossOutput,
+    compute_loss,
+    get_loss_fn,
+    hinge_loss,
+    ipo_loss,
+    robust_loss,
+    sigmoid_loss,
+)
+
+BETA = 0.5
+PC, RC = [-10.0, -20.0, -5.0, -100.0], [-12.0, -18.0, -5.0, 0.0]
+PR, RR = [-15.0, -16.0, -105.0, -3.0], [-14.0, -17.0, -5.0, -3.0]
+CHOSEN_LR, REJECTED_LR = [2.0, -2.0, 0.0, -100.0], [-1.0, 1.0, -100.0, 0.0]
+BETA_H = [1.5, -1.5, 50.0, -50.0]
+
+
+def nls(x: float) -> float:
+    """-logsigmoid(x) = log(1 + exp(-x)), by hand."""
+    return math.log1p(math.exp(-x))
+
+
+def t(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def batch() -> tuple[torch.Tensor, ...]:
+    return t(PC), t(PR), t(RC), t(RR)
+
+
+def check(actual: torch.Tensor, expected, atol: float = 1e-6) -> None:
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, t(expected), rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.25])
+def test_sigmoid_values_with_label_smoothing(eps):
+    out = sigmoid_loss(*batch(), beta=BETA, label_smoothing=eps)
+    # -(1 - eps) logsigmoid(x) - eps logsigmoid(-x) = (1 - eps) nls(x) + eps nls(-x)
+    check(out.losses, [(1 - eps) * nls(x) + eps * nls(-x) for x in BETA_H])
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.25])
+def test_robust_values(eps):
+    out = robust_loss(*batch(), beta=BETA, label_smoothing=eps)
+    # (-(1 - eps) logsigmoid(x) + eps logsigmoid(-x)) / (1 - 2 eps)
+    #   = ((1 - eps) nls(x) - eps nls(-x)) / (1 - 2 eps)
+    check(out.losses, [((1 - eps) * nls(x) - eps * nls(-x)) / (1 - 2 * eps) for x in BETA_H], atol=1e-5)
+
+
+def test_robust_without_smoothing_is_plain_dpo():
+    check(robust_loss(*batch(), beta=BETA).losses, [nls(x) for x in BETA_H])
+    torch.testing.assert_close(
+        robust_loss(*batch(), beta=BETA, label_smoothing=0.0).losses, sigmoid_loss(*batch(), beta=BETA).losses
+    )
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.7, -0.1])
+def test_robust_rejects_label_smoothing_outside_range(eps):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        robust_loss(*batch(), beta=BETA, label_smoothing=eps)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "robust"])
+def test_extreme_logits_stay_finite(name):
+    # beta * h = +-500: sigmoid(-500) underflows fp32 to 0, so a naive log(sigmoid(.)) would give inf here.
+    pc, pr = t([0.0, -1000.0]).requires_grad_(True), t([-1000.0, 0.0]).requires_grad_(True)
+    zeros = torch.zeros(2)
+    out = get_loss_fn(name)(pc, pr, zeros, zeros, beta=0.5)
+    out.losses.sum().backward()
+    check(out.losses, [nls(500.0), 500.0])  # nls(500) ~ 7e-218, 0 in fp32
+    check(pc.grad, [-0.0, -0.5])
+    check(pr.grad, [0.0, 0.5])
+
+
+def test_hinge_values():
+    # relu(1 - beta * h) for beta * h = [1.5, -1.5, 50, -50]
+    check(hinge_loss(*batch(), beta=BETA).losses, [0.0, 2.5, 0.0, 51.0])
+
+
+def test_ipo_values():
+    beta = 0.25  # target margin 1 / (2 beta) = 2
+    lc, lr = torch.tensor([2, 4, 50, 10]), torch.tensor([1, 2, 25, 4])
+    out = ipo_loss(*batch(), beta=beta, chosen_lengths=lc, rejected_lengths=lr)
+    # (2/2 - -1/1 - 2)^2 = 0, (-2/4 - 1/2 - 2)^2 = 9, (0/50 - -100/25 - 2)^2 = 4, (-100/10 - 0/4 - 2)^2 = 144
+    check(out.losses, [0.0, 9.0, 4.0, 144.0])
+    assert out.losses.dtype == torch.float32
+
+
+def test_ipo_length_averaging():
+    kw = dict(beta=0.1)
+    lengths = t([3.0, 5.0, 8.0, 1.0])
+    base = ipo_loss(*batch(), chosen_lengths=lengths, rejected_lengths=lengths + 1, **kw).losses
+    pc, pr, rc, rr = batch()
+    doubled = ipo_loss(
+        2 * pc, 2 * pr, 2 * rc, 2 * rr, chosen_lengths=2 * lengths, rejected_lengths=2 * lengths + 2, **kw
+    ).losses
+    torch.testing.assert_close(doubled, base, rtol=1e-5, atol=1e-5)
+    # Not a no-op: changing the lengths alone changes the loss.
+    other = ipo_loss(*batch(), chosen_lengths=2 * lengths, rejected_lengths=lengths, **kw).losses
+    assert not torch.allclose(other, base)
+
+
+def test_ipo_zero_lengths_are_clamped_to_one():
+    zeros, ones = torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
+    out = ipo_loss(*batch(), beta=0.5, chosen_lengths=zeros, rejected_lengths=zeros)
+    # lengths 1: (lr_c - lr_r - 1)^2 with lr_c - lr_r = h = [3, -3, 100, -100]
+    check(out.losses, [4.0, 16.0, 99.0**2, 101.0**2])
+    ones_out = ipo_loss(*batch(), beta=0.5, chosen_lengths=ones, rejected_lengths=ones)
+    torch.testing.assert_close(out.losses, ones_out.losses)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "hinge", "robust"])
+def test_rewards_are_summed_log_ratios_and_detached(name):
+    pc, pr, rc, rr = batch()
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    lengths = {"chosen_lengths": t([4.0] * 4), "rejected_lengths": t([2.0] * 4)}
+    out = compute_loss(name, pc, pr, rc, rr, beta=BETA, label_smoothing=0.1, **lengths)
+    assert isinstance(out, LossOutput)
+    check(out.chosen_rewards, [BETA * x for x in CHOSEN_LR])
+    check(out.rejected_rewards, [BETA * x for x in REJECTED_LR])
+    assert out.losses.grad_fn is not None
+    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("sigmoid", math.log(2)), ("robust", math.log(2)), ("hinge", 1.0), ("ipo", 25.0)]
+)
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.25])
+def test_loss_at_reference_policy(name, expected, eps):
+    # Policy == reference: h = 0, so -logsigmoid(0) = ln 2 whatever eps, relu(1) = 1, (0 - 1/(2*0.1))^2 = 25.
+    logps_c, logps_r = t([-3.0, -40.0, -7.5]), t([-9.0, -1.0, -7.5])
+    lengths = t([5.0, 1.0, 12.0])
+    out = compute_loss(
+        name, logps_c, logps_r, logps_c.clone(), logps_r.clone(),
+        beta=0.1, label_smoothing=eps, chosen_lengths=lengths, rejected_lengths=lengths,
+    )  # fmt: skip
+    check(out.losses, [expected] * 3)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "hinge", "robust"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_gradient_signs_and_no_gradient_into_reference(name, eps):
+    # beta * h = [0, 0.25, -0.5]: inside the hinge margin, and below IPO's target margin of 1 / (2 beta) = 1.
+    pc = t([-5.0, -4.5, -6.0]).requires_grad_(True)
+    pr = t([-7.0, -7.0, -6.0]).requires_grad_(True)
+    rc, rr = t([-5.0, -5.0, -5.0]), t([-7.0, -7.0, -7.0])
+    lengths = torch.ones(3, dtype=torch.long)
+    out = compute_loss(
+        name, pc, pr, rc, rr, beta=BETA, label_smoothing=eps, chosen_lengths=lengths, rejected_lengths=lengths
+    )
+    out.losses.sum().backward()
+    assert (pc.grad < 0).all(), pc.grad
+    assert (pr.grad > 0).all(), pr.grad
+    assert rc.grad is None and rr.grad is None
+
+
+def test_sigmoid_gradient_matches_paper():
+    # d/d pc of -logsigmoid(beta * h) = -beta * sigmoid(-beta * h) = -beta / (1 + exp(beta * h)),
+    # the gradient of Eq. 7 given in Sec. 4 of the DPO paper; d/d pr is its negation.
+    pc, pr, rc, rr = batch()
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    sigmoid_loss(pc, pr, rc, rr, beta=BETA).losses.sum().backward()
+    magnitude = [BETA / (1 + math.exp(x)) for x in BETA_H]
+    check(pc.grad, [-m for m in magnitude], atol=1e-7)
+    check(pr.grad, magnitude, atol=1e-7)
+
+
+def test_output_dtype_follows_inputs():
+    pc, pr, rc, rr = (x.double() for x in batch())
+    out = ipo_loss(pc, pr, rc, rr, beta=BETA, chosen_lengths=t([2.0] * 4), rejected_lengths=t([1.0] * 4))
+    assert out.losses.dtype == out.chosen_rewards.dtype == torch.float64
+    # fp64 lengths must not promote an fp32 loss.
+    lengths = torch.tensor([2.0] * 4, dtype=torch.float64)
+    fp32_out = ipo_loss(*batch(), beta=BETA, chosen_lengths=lengths, rejected_lengths=lengths)
+    assert fp32_out.losses.dtype == torch.float32
+
+
+def test_registry_contents():
+    assert LOSS_TYPES == ("sigmoid", "ipo", "hinge", "robust")
+    assert USES_LABEL_SMOOTHING == frozenset({"sigmoid", "robust"})
+    fns = {"sigmoid": sigmoid_loss, "ipo": ipo_loss, "hinge": hinge_loss, "robust": robust_loss}
+    assert {name: get_loss_fn(name) for name in LOSS_TYPES} == fns
+
+
+def test_compute_loss_dispatches_like_direct_calls():
+    lc, lr = t([3.0, 1.0, 2.0, 7.0]), t([2.0, 4.0, 0.0, 1.0])
+    kw = dict(beta=BETA, label_smoothing=0.2, chosen_lengths=lc, rejected_lengths=lr)
+    expected = {
+        "sigmoid": sigmoid_loss(*batch(), beta=BETA, label_smoothing=0.2),
+        "robust": robust_loss(*batch(), beta=BETA, label_smoothing=0.2),
+        # label_smoothing must not reach the losses that do not use it
+        "hinge": hinge_loss(*batch(), beta=BETA),
+        "ipo": ipo_loss(*batch(), beta=BETA, chosen_lengths=lc, rejected_lengths=lr),
+    }
+    for name, want in expected.items():
+        got = compute_loss(name, *batch(), **kw)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    # Smoothing does reach sigmoid: a different eps gives a different loss.
+    assert not torch.equal(compute_loss("sigmoid", *batch(), beta=BETA).losses, expected["sigmoid"].losses)
+
+
+@pytest.mark.parametrize("call", [lambda: get_loss_fn("x"), lambda: compute_loss("x", *batch(), beta=BETA)])
+def test_unknown_loss_type_raises_config_error(call):
+    with pytest.raises(ConfigError) as info:
+        call()
+    assert isinstance(info.value, UserError)
+    assert str(info.value) == "unknown loss_type 'x'; valid choices: sigmoid, ipo, hinge, robust"
+
+
+def test_ipo_without_lengths_raises_value_error():
+    with pytest.raises(ValueError, match="lengths"):
+        compute_loss("ipo", *batch(), beta=BETA)
+    with pytest.raises(ValueError, match="lengths"):
+        compute_loss("ipo", *batch(), beta=BETA, chosen_lengths=t([1.0] * 4))
