@@ -1,0 +1,117 @@
+"""The same inputs through TRL 1.16's DPOTrainer and through ours give the same tokens, loss and metrics.
+
+TRL is a test-only dependency (requirements-dev.txt); without it these tests skip.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpo_lightning.builtin import build_tiny_model
+from dpo_lightning.config import make_config
+from dpo_lightning.data.collate import PairCollator
+from dpo_lightning.data.tokenize import tokenize_pair
+from dpo_lightning.module import DPOModule
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+ROWS = [
+    {"prompt": "Describe the garden.\n", "chosen": "The garden is warm.", "rejected": "The garden is cold and dark."},
+    {"prompt": "Describe the river.\n", "chosen": "The river is calm and kind.", "rejected": "The river is grim."},
+    {"prompt": "Q: 2 + 2?\nA:", "chosen": " 4", "rejected": " 5, or maybe 22."},
+    {"prompt": "Say something nice about the bakery", "chosen": ", it smells sweet!", "rejected": "."},
+]
+CHAT_ROWS = [
+    {
+        "prompt": [{"role": "user", "content": "Describe the harbor."}],
+        "chosen": [{"role": "assistant", "content": "The harbor is bright and calm."}],
+        "rejected": [{"role": "assistant", "content": "The harbor is grim."}],
+    },
+    {
+        "prompt": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! What should I describe?"},
+            {"role": "user", "content": "The meadow."},
+        ],
+        "chosen": [{"role": "assistant", "content": "The meadow is sunny."}],
+        "rejected": [{"role": "assistant", "content": "The meadow is cold and noisy."}],
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("parity-model"), seed=3)
+
+
+def _perturbed_policy(model_dir) -> torch.nn.Module:
+    """A policy that differs from its reference, so that the loss is not just ln 2."""
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return policy
+
+
+def _trl_trainer(model_dir, rows, tmp_path, loss_type: str, label_smoothing: float):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=len(rows),
+        report_to=[],
+        beta=0.2,
+        loss_type=[loss_type],
+        label_smoothing=label_smoothing,
+        max_length=None,
+        use_cpu=True,
+        bf16=False,  # TRL defaults to bf16 autocast; the comparison is in fp32
+    )
+    return trl.DPOTrainer(
+        model=_perturbed_policy(model_dir),
+        ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+
+
+@pytest.mark.parametrize("rows", [ROWS, CHAT_ROWS], ids=["text", "chat"])
+def test_tokenization_matches_trl(model_dir, tmp_path, rows):
+    trainer = _trl_trainer(model_dir, rows, tmp_path, "sigmoid", 0.0)
+    tokenizer = trainer.processing_class
+    for row, theirs in zip(rows, trainer.train_dataset, strict=True):
+        ours = tokenize_pair(
+            tokenizer, row["prompt"], row["chosen"], row["rejected"], max_prompt_length=None, max_length=None
+        )
+        assert ours == {k: theirs[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+
+
+# TRL's sigmoid has no label smoothing, so conservative DPO is checked against the reference formula in
+# test_losses.py; here every loss runs at a setting TRL implements.
+@pytest.mark.parametrize(
+    ("loss_type", "label_smoothing"), [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)]
+)
+def test_loss_and_metrics_match_trl(model_dir, tmp_path, loss_type, label_smoothing):
+    trainer = _trl_trainer(model_dir, ROWS, tmp_path, loss_type, label_smoothing)
+    trainer.model.train()
+    trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
+    trl_loss = trainer.compute_loss(trainer.model, trl_batch)
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    cfg = make_config({"loss_type": loss_type, "beta": 0.2, "label_smoothing": label_smoothing})
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    module = DPOModule(cfg, _perturbed_policy(model_dir), reference)
+    items = [{k: trainer.train_dataset[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(4)]
+    batch = PairCollator(trainer.processing_class.pad_token_id)(items)
+    loss = module.shared_step(batch, module.train_metrics)
+    ours = module.train_metrics.report()
+
+    assert abs(trl_loss.item() - 0.6931) > 1e-3 or loss_type != "sigmoid"  # the policy really differs
+    torch.testing.assert_close(loss.detach(), trl_loss.detach(), rtol=1e-4, atol=1e-6)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
+        assert ours[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-6), name
