@@ -9,40 +9,20 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import socket
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import urlparse
 
 import torch
 
 from dpo_lightning.builtin import BUILTIN_MODEL, builtin_model_dir
 from dpo_lightning.errors import UserError
+from dpo_lightning.hub import hub_reachable, offline_env
 
 log = logging.getLogger(__name__)
-
-_TRUE = ("1", "true", "yes", "on")
-
 
 class ModelSource(NamedTuple):
     name_or_path: str
     local_files_only: bool
-
-
-def _offline_env() -> bool:
-    return any(os.environ.get(k, "").lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A TCP connect to the Hub endpoint: seconds at worst, where a failed download retries for much longer."""
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _cached_on_hub(name: str) -> bool:
@@ -70,10 +50,11 @@ def resolve_model(name: str, key: str = "model_name") -> ModelSource:
         return ModelSource(str(path), True)
     if _looks_like_path(name):
         raise UserError(f"{key}: model folder not found: {name}")
-    if _cached_on_hub(name) and (_offline_env() or not hub_reachable()):
+    usable = not offline_env() and hub_reachable()
+    if not usable and _cached_on_hub(name):
         return ModelSource(name, True)
-    if _offline_env() or not hub_reachable():
-        why = "HF_HUB_OFFLINE is set" if _offline_env() else "the Hub is unreachable"
+    if not usable:
+        why = "HF_HUB_OFFLINE is set" if offline_env() else "the Hub is unreachable"
         raise UserError(
             f"{key}: could not fetch model '{name}' from the Hugging Face Hub ({why}) and it is not cached; "
             f"download it where there is network or point {key} at a local folder, e.g. --{key} ./my-model"

@@ -125,34 +125,36 @@ class DPOModule(L.LightningModule):
             return
         self._seen_step = step
         if step % self.cfg.log_every_n_steps == 0:
-            self._report_training()
+            self._report_training(in_step_hook=True)
 
     def on_train_epoch_end(self) -> None:
         if self.train_metrics.updates and self._grad_norms:  # the steps since the last report
-            self._report_training()
+            self._report_training(in_step_hook=False)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self.val_metrics.updates:
             return
         self.last_validated_step = self.global_step
-        self._emit("validation", self.val_metrics.report())
+        self._emit("validation", self.val_metrics.report(), in_step_hook=False)
 
-    def _report_training(self) -> None:
+    def _report_training(self, in_step_hook: bool) -> None:
         metrics = self.train_metrics.report()
         grad_norms = torch.tensor(self._grad_norms or [float("nan")], device=self.device)
         metrics["grad_norm"] = self.trainer.strategy.reduce(grad_norms.mean(), reduce_op="mean").item()
         metrics["learning_rate"] = self.lr_schedulers().get_last_lr()[0]
         metrics["peak_memory_gb"] = peak_memory_gb(self.device)
         self._grad_norms.clear()
-        self._emit("training", metrics)
+        self._emit("training", metrics, in_step_hook)
 
-    def _emit(self, group: str, metrics: dict[str, float]) -> None:
+    def _emit(self, group: str, metrics: dict[str, float], in_step_hook: bool) -> None:
+        """Hand a report to Lightning's logger and progress bar and, on rank 0, to the reporters."""
         prefix = "train" if group == "training" else "val"
-        on_step = group == "training"
-        self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, on_step=on_step, on_epoch=False)
+        # Lightning accepts only epoch-level logs from epoch hooks; either way the value is logged once, as is.
+        on_step = in_step_hook
+        self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, on_step=on_step, on_epoch=not on_step)
         # short names for the progress bar only; the logger already has them under prefix/
         bar = {f"{prefix}_loss": metrics["loss"], f"{prefix}_acc": metrics["rewards/accuracies"]}
-        self.log_dict(bar, on_step=on_step, on_epoch=False, prog_bar=True, logger=False)
+        self.log_dict(bar, on_step=on_step, on_epoch=not on_step, prog_bar=True, logger=False)
         if self.trainer.is_global_zero:
             for reporter in self.reporters:
                 reporter(group, self.global_step, metrics)

@@ -1,0 +1,242 @@
+"""Detect a preference dataset's layout and normalise every row to {prompt, chosen, rejected}.
+
+Layouts (after `columns` maps role -> column name):
+- explicit: prompt, chosen, rejected (all text, or a message-list prompt with message or text completions);
+- implicit: chosen, rejected only; the prompt is what the two share (Anthropic HH transcripts end it at the
+  last shared "\\n\\nAssistant:"; other text at the last shared whitespace; conversations at the last shared
+  message);
+- messages: a `messages` column holds the conversational prompt, chosen/rejected are text or messages.
+
+Text rows come out as three strings; conversational rows as a message-list prompt and assistant message
+lists for chosen/rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from dpo_lightning.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+HH_MARKER = "\n\nAssistant:"
+ROLES = ("prompt", "messages", "chosen", "rejected")
+LAYOUTS_HELP = (
+    "accepted layouts: prompt+chosen+rejected, chosen+rejected (prompt implicit, e.g. Anthropic HH), "
+    'messages+chosen+rejected; map other column names with columns, e.g. {"prompt": "question"}'
+)
+
+Messages = list[dict[str, str]]
+
+
+class NormalizedPairs(NamedTuple):
+    rows: list[dict]  # each {"prompt": str | Messages, "chosen": str | Messages, "rejected": str | Messages}
+    skipped: int  # bad rows skipped (on_bad_rows="skip")
+
+
+class BadRow(ValueError):
+    """One row's problem; the caller adds the source and row number."""
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def common_prefix_len(a, b) -> int:
+    """Length of the longest common prefix of two strings or lists.
+
+    A binary search on slice equality, which runs in C: HH transcripts are long and there are 160k of them.
+    """
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _type_name(value: Any) -> str:
+    return "a list" if isinstance(value, list) else type(value).__name__
+
+
+def _present(row: dict, role: str) -> Any:
+    value = row.get(role)
+    if value is None:
+        raise BadRow(f"'{role}' is missing")
+    return value
+
+
+def _messages(value: Any, role: str) -> Messages:
+    """A list of {role, content} dicts with string values, reduced to those two keys."""
+    if not isinstance(value, list):
+        raise BadRow(f"'{role}' is {_type_name(value)}, expected a list of {{role, content}} messages")
+    out = []
+    for k, message in enumerate(value, 1):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise BadRow(f"'{role}' message {k} is not a {{role, content}} message with string values")
+        out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+def _text_or_messages(value: Any, role: str) -> str | Messages:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _messages(value, role)
+    raise BadRow(f"'{role}' is {_type_name(value)}, expected a string or a list of {{role, content}} messages")
+
+
+def _as_assistant(value: str | Messages) -> Messages:
+    return [{"role": "assistant", "content": value}] if isinstance(value, str) else value
+
+
+def _is_blank(value: str | Messages) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    return all(not m["content"].strip() for m in value)
+
+
+def _check_completions(pair: dict, implicit: bool = False) -> dict:
+    """Reject empty completions and identical pairs; returns the pair unchanged."""
+    for role in ("chosen", "rejected"):
+        if _is_blank(pair[role]):
+            raise BadRow(f"'{role}' has nothing after the shared prompt" if implicit else f"'{role}' is empty")
+    if pair["chosen"] == pair["rejected"]:
+        raise BadRow("'chosen' and 'rejected' are identical")
+    return pair
+
+
+# ----------------------------------------------------------------------------- implicit prompts
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Anthropic HH: the prompt ends at (and includes) the last "\\n\\nAssistant:" both transcripts share."""
+    shared = common_prefix_len(chosen, rejected)
+    cut = chosen.rfind(HH_MARKER, 0, shared)
+    if cut < 0:
+        raise BadRow("'chosen' and 'rejected' differ before their first '\\n\\nAssistant:', so they share no prompt")
+    end = cut + len(HH_MARKER)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def split_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Generic text: the shared prefix cut back to its last whitespace, which starts the completions.
+
+    TRL moves a space before the divergence to the completions; cutting at a word boundary also keeps
+    "blue"/"black" from being split into a prompt ending in "bl".
+    """
+    shared = chosen[: common_prefix_len(chosen, rejected)]
+    cut = max(shared.rfind(ws) for ws in " \n\t\r")
+    cut = max(cut, 0)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def split_messages(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
+    """Conversations: the shared leading messages are the prompt, the rest are the completions."""
+    n = common_prefix_len(chosen, rejected)
+    if n == 0:
+        raise BadRow("'chosen' and 'rejected' share no leading messages to use as the prompt")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+# ----------------------------------------------------------------------------- one row per layout
+
+
+def explicit_row(row: dict) -> dict:
+    prompt = _text_or_messages(_present(row, "prompt"), "prompt")
+    chosen = _text_or_messages(_present(row, "chosen"), "chosen")
+    rejected = _text_or_messages(_present(row, "rejected"), "rejected")
+    if isinstance(prompt, str):
+        for role, value in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(value, str):
+                raise BadRow(f"'prompt' is text but '{role}' is a list of messages; use text or messages for all three")
+        return _check_completions({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if not prompt:
+        raise BadRow("'prompt' has no messages")
+    return _check_completions({"prompt": prompt, "chosen": _as_assistant(chosen), "rejected": _as_assistant(rejected)})
+
+
+def messages_row(row: dict) -> dict:
+    prompt = _messages(_present(row, "messages"), "messages")
+    if not prompt:
+        raise BadRow("'messages' has no messages")
+    chosen = _as_assistant(_text_or_messages(_present(row, "chosen"), "chosen"))
+    rejected = _as_assistant(_text_or_messages(_present(row, "rejected"), "rejected"))
+    return _check_completions({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+
+
+def implicit_row(row: dict) -> dict:
+    chosen = _text_or_messages(_present(row, "chosen"), "chosen")
+    rejected = _text_or_messages(_present(row, "rejected"), "rejected")
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise BadRow("one of 'chosen' and 'rejected' is text and the other a list of messages")
+    if chosen == rejected:
+        raise BadRow("'chosen' and 'rejected' are identical")
+    if isinstance(chosen, list):
+        split = split_messages(chosen, rejected)
+    elif HH_MARKER in chosen and HH_MARKER in rejected:
+        split = split_hh(chosen, rejected)
+    else:
+        split = split_text(chosen, rejected)
+    return _check_completions(dict(zip(("prompt", "chosen", "rejected"), split, strict=True)), implicit=True)
+
+
+LAYOUTS = {"explicit": explicit_row, "messages": messages_row, "implicit": implicit_row}
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+
+def role_columns(column_names: list[str], columns: dict[str, str], label: str) -> dict[str, str]:
+    """Role -> column present in the data, after applying the `columns` mapping."""
+    for role, column in columns.items():
+        if column not in column_names:
+            raise UserError(
+                f"{label}: column '{column}' (columns.{role}) not found; available columns: {', '.join(column_names)}"
+            )
+    found = {}
+    for role in ROLES:
+        column = columns.get(role, role)
+        if column in column_names:
+            found[role] = column
+    return found
+
+
+def detect_layout(found: dict[str, str], column_names: list[str], label: str) -> str:
+    """'explicit', 'messages' or 'implicit' from the roles present."""
+    if "chosen" not in found or "rejected" not in found:
+        raise UserError(
+            f"{label}: no preference pairs in columns {', '.join(column_names) or '(none)'}; {LAYOUTS_HELP}"
+        )
+    if "prompt" in found:
+        return "explicit"
+    return "messages" if "messages" in found else "implicit"
+
+
+def normalize(dataset: datasets.Dataset, *, columns: dict[str, str], on_bad_rows: str, label: str) -> NormalizedPairs:
+    """Every row as {prompt, chosen, rejected}; a bad row raises UserError or, with "skip", is counted."""
+    found = role_columns(list(dataset.column_names), dict(columns), label)
+    convert = LAYOUTS[detect_layout(found, list(dataset.column_names), label)]
+    data = dataset.select_columns(list(found.values())).to_dict()
+    values = [data[column] for column in found.values()]
+    rows, skipped, first = [], 0, ""
+    for i, record in enumerate(zip(*values, strict=True), 1):
+        try:
+            rows.append(convert(dict(zip(found, record, strict=True))))
+        except BadRow as problem:
+            if on_bad_rows != "skip":
+                raise UserError(f"{label} row {i}: {problem}") from None
+            skipped += 1
+            first = first or f"row {i}: {problem}"
+    if skipped:
+        logger.warning("%s: skipped %d bad rows (first: %s)", label, skipped, first)
+    return NormalizedPairs(rows, skipped)

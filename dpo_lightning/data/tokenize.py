@@ -1,0 +1,143 @@
+"""Tokenize normalised pairs exactly as DESIGN.md's contract (and TRL 1.16's DPOTrainer) does.
+
+Per pair: tokenize the prompt alone and prompt + completion together; the completion's tokens are the joint
+sequence after the prompt's length, where that length is the common prefix of the prompt's ids with both
+joint sequences (a chat template or a BPE merge across the boundary can make the prompt alone render
+differently). A text completion gets EOS appended once; a chat completion is whatever the template renders
+after the generation prompt. Then keep the last `max_prompt_length` prompt tokens and cut prompt + completion
+to `max_length` keeping the start of the completion; pairs left without a completion token are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, NamedTuple
+
+from dpo_lightning.data.formats import common_prefix_len as common_prefix_length
+from dpo_lightning.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 512  # pairs per tokenizer call: big enough for the fast tokenizer's batching, small enough for memory
+COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+class TokenizedPairs(NamedTuple):
+    dataset: datasets.Dataset  # columns prompt_ids, chosen_ids, rejected_ids: variable-length int lists
+    dropped: int  # pairs left without a completion token after truncation
+
+
+def with_eos(text: str, eos: str) -> str:
+    return text if text.endswith(eos) else text + eos
+
+
+def split_and_truncate(
+    prompt_ids: list[int],
+    joint_chosen: list[int],
+    joint_rejected: list[int],
+    *,
+    max_prompt_length: int | None,
+    max_length: int | None,
+) -> dict | None:
+    """Completion ids after the shared prompt, then the truncation; None when a completion is left empty."""
+    prompt_len = min(common_prefix_length(prompt_ids, joint_chosen), common_prefix_length(prompt_ids, joint_rejected))
+    prompt = prompt_ids[:prompt_len]
+    chosen, rejected = joint_chosen[prompt_len:], joint_rejected[prompt_len:]
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt = prompt[len(prompt) - max_prompt_length :]  # the end of the prompt is what the answer follows
+    if max_length is not None:
+        room = max(max_length - len(prompt), 0)
+        chosen, rejected = chosen[:room], rejected[:room]
+    if not chosen or not rejected:
+        return None
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+
+
+def _chat_ids(tokenizer, conversations: list[list[dict]], generation_prompt: bool) -> list[list[int]]:
+    """Token ids of each rendered conversation; always passed as a batch so that the output is (N, T_i)."""
+    out = tokenizer.apply_chat_template(
+        conversations, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
+    )
+    return [list(ids) for ids in out["input_ids"]]
+
+
+def _joint_ids(tokenizer, rows: list[dict]) -> tuple[list, list, list]:
+    """(prompt ids, prompt+chosen ids, prompt+rejected ids) for rows all text or all conversational."""
+    if isinstance(rows[0]["prompt"], str):
+        eos = tokenizer.eos_token
+        if not eos:
+            raise UserError("the tokenizer has no eos_token, which text completions end with; set one in its files")
+        prompts = [r["prompt"] for r in rows]
+        chosen = [r["prompt"] + with_eos(r["chosen"], eos) for r in rows]
+        rejected = [r["prompt"] + with_eos(r["rejected"], eos) for r in rows]
+        ids = tokenizer(text=prompts + chosen + rejected, return_attention_mask=False)["input_ids"]
+        n = len(rows)
+        return ids[:n], ids[n : 2 * n], ids[2 * n :]
+    return (
+        _chat_ids(tokenizer, [r["prompt"] for r in rows], True),
+        _chat_ids(tokenizer, [r["prompt"] + r["chosen"] for r in rows], False),
+        _chat_ids(tokenizer, [r["prompt"] + r["rejected"] for r in rows], False),
+    )
+
+
+def tokenize_pair(
+    tokenizer, prompt, chosen, rejected, *, max_prompt_length: int | None, max_length: int | None
+) -> dict | None:
+    """{"prompt_ids", "chosen_ids", "rejected_ids"} (int lists) for one pair, or None when it is dropped.
+
+    `prompt` is a string (then chosen/rejected are strings) or a list of {role, content} messages (then
+    chosen/rejected are lists of assistant messages).
+    """
+    ids = _joint_ids(tokenizer, [{"prompt": prompt, "chosen": chosen, "rejected": rejected}])
+    return split_and_truncate(
+        ids[0][0], ids[1][0], ids[2][0], max_prompt_length=max_prompt_length, max_length=max_length
+    )
+
+
+def _chunks(rows: list[dict]):
+    """Consecutive runs of at most CHUNK rows of one kind (text or conversational), with their start index."""
+    start = 0
+    while start < len(rows):
+        kind = isinstance(rows[start]["prompt"], str)
+        end = start + 1
+        while end < len(rows) and end - start < CHUNK and isinstance(rows[end]["prompt"], str) == kind:
+            end += 1
+        yield rows[start:end]
+        start = end
+
+
+def tokenize_rows(
+    rows: list[dict], tokenizer, *, max_prompt_length: int | None, max_length: int | None
+) -> TokenizedPairs:
+    """Tokenize normalised rows in batches; returns the kept pairs as a Dataset and the number dropped."""
+    import datasets
+
+    columns: dict[str, list[list[int]]] = {name: [] for name in COLUMNS}
+    dropped = 0
+    for chunk in _chunks(rows):
+        for prompt_ids, chosen_ids, rejected_ids in zip(*_joint_ids(tokenizer, chunk), strict=True):
+            pair = split_and_truncate(
+                prompt_ids,
+                chosen_ids,
+                rejected_ids,
+                max_prompt_length=max_prompt_length,
+                max_length=max_length,
+            )
+            if pair is None:
+                dropped += 1
+                continue
+            for name in COLUMNS:
+                columns[name].append(pair[name])
+    features = datasets.Features({name: datasets.List(datasets.Value("int32")) for name in COLUMNS})
+    if dropped:
+        logger.info(
+            "tokenized %d pairs, dropped %d left without a completion token (max_length=%s, max_prompt_length=%s)",
+            len(rows) - dropped,
+            dropped,
+            max_length,
+            max_prompt_length,
+        )
+    return TokenizedPairs(datasets.Dataset.from_dict(columns, features=features), dropped)

@@ -1,0 +1,29 @@
+"""Is the Hugging Face Hub usable right now? Asked before any download, so that a machine without network
+fails in seconds with one clear line instead of after the Hub client's retries (about 25 s per file)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+_TRUE = ("1", "true", "yes", "on")
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def offline_env() -> bool:
+    """The user asked for offline mode."""
+    return any(os.environ.get(k, "").lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A TCP connect to the Hub endpoint (HF_ENDPOINT), seconds at worst."""
+    if any(os.environ.get(v) for v in _PROXIES):
+        return True  # a proxy may reach what a direct connection cannot; let the download decide
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True

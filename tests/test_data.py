@@ -1,0 +1,432 @@
+"""Data: sources, formats, bad rows, tokenization (TRL 1.16's contract), prompt-level split, pipeline.
+
+Expected values are written out by hand or computed independently with the tokenizer's own calls.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+from transformers import AutoTokenizer
+
+from dpo_lightning import builtin
+from dpo_lightning.config import DPOConfig
+from dpo_lightning.data import check_source, prepare_pairs
+from dpo_lightning.data.formats import normalize
+from dpo_lightning.data.sources import load_splits
+from dpo_lightning.data.split import prompt_key, split_by_prompt
+from dpo_lightning.data.tokenize import split_and_truncate, tokenize_pair, tokenize_rows
+from dpo_lightning.errors import UserError
+
+HH_CHOSEN = (
+    "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit.\n\nAssistant: Sure, an apple."
+)
+HH_REJECTED = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit.\n\nAssistant: Sure, no."
+TEXTS = builtin.corpus(0) + [HH_CHOSEN, HH_REJECTED, "The sky is blue. The sky is green. 0123456789 ,.;:!?"]
+ROWS = [
+    {"prompt": "Describe the garden.\n", "chosen": "It is lovely.", "rejected": "It is grim."},
+    {"prompt": "Describe the river.\n", "chosen": "It is calm.", "rejected": "It is cold."},
+    {"prompt": "Describe the bridge.\n", "chosen": "It is bright.", "rejected": "It is broken."},
+]
+U = {"role": "user", "content": "Name a fruit."}
+A_GOOD, A_BAD = {"role": "assistant", "content": "An apple."}, {"role": "assistant", "content": "A rock."}
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    folder = builtin.build_tiny_model(tmp_path_factory.mktemp("tiny"), texts=TEXTS)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def cfg(name, **overrides) -> DPOConfig:
+    return DPOConfig(dataset_name=str(name), **{"val_fraction": 0.0, **overrides})
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def norm(rows, columns=None, on_bad_rows="error", label="pairs"):
+    return normalize(datasets.Dataset.from_list(rows), columns=columns or {}, on_bad_rows=on_bad_rows, label=label)
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_explicit_text_passes_through():
+    assert norm(ROWS).rows == ROWS
+
+
+def test_explicit_conversational_wraps_text_completions():
+    rows = norm([{"prompt": [U], "chosen": [A_GOOD], "rejected": "A rock."}]).rows
+    assert rows == [{"prompt": [U], "chosen": [A_GOOD], "rejected": [A_BAD]}]
+
+
+@pytest.mark.parametrize(
+    "chosen, rejected, expected",
+    [
+        ("The sky is blue.", "The sky is green.", ("The sky is", " blue.", " green.")),
+        ("The sky is blue.", "The sky is black.", ("The sky is", " blue.", " black.")),  # cut mid-word
+        ("Yes.", "No.", ("", "Yes.", "No.")),
+    ],
+)
+def test_implicit_text_prompt_ends_at_shared_whitespace(chosen, rejected, expected):
+    row = norm([{"chosen": chosen, "rejected": rejected}]).rows[0]
+    assert (row["prompt"], row["chosen"], row["rejected"]) == expected
+
+
+def test_hh_multi_turn_prompt_ends_at_last_shared_assistant_marker():
+    row = norm([{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}]).rows[0]
+    # The replies share " Sure," but the prompt must stop at the marker, with the earlier turns in it.
+    assert row["prompt"] == HH_CHOSEN[: HH_CHOSEN.rindex("\n\nAssistant:") + len("\n\nAssistant:")]
+    assert row["prompt"].startswith("\n\nHuman: Hi there\n\nAssistant: Hello!")
+    assert (row["chosen"], row["rejected"]) == (" Sure, an apple.", " Sure, no.")
+
+
+def test_implicit_conversational_shared_messages_are_the_prompt():
+    first = {"role": "assistant", "content": "Hi!"}
+    rows = norm([{"chosen": [U, first, U, A_GOOD], "rejected": [U, first, U, A_BAD]}]).rows
+    assert rows == [{"prompt": [U, first, U], "chosen": [A_GOOD], "rejected": [A_BAD]}]
+
+
+def test_messages_column_is_the_prompt():
+    rows = norm([{"messages": [U], "chosen": "An apple.", "rejected": [A_BAD]}]).rows
+    assert rows == [{"prompt": [U], "chosen": [A_GOOD], "rejected": [A_BAD]}]
+
+
+def test_columns_remap_and_missing_mapped_column():
+    data = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in ROWS]
+    mapping = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+    assert norm(data, columns=mapping).rows == ROWS
+    with pytest.raises(UserError, match=r"column 'answer' \(columns.chosen\) not found; available columns: question"):
+        norm(data, columns={"chosen": "answer"})
+
+
+def test_unknown_layout_names_the_columns():
+    with pytest.raises(UserError, match=r"no preference pairs in columns text, label; accepted layouts"):
+        norm([{"text": "a", "label": 1}])
+
+
+GOOD = {"prompt": "p", "chosen": "yes", "rejected": "no"}
+BAD_ROWS = [
+    ([GOOD, {**GOOD, "chosen": None}], "pairs row 2: 'chosen' is missing"),
+    ([{**GOOD, "chosen": 5}], "pairs row 1: 'chosen' is int, expected a string or a list of {role, content}"),
+    ([GOOD, {**GOOD, "rejected": "  \n"}], "pairs row 2: 'rejected' is empty"),
+    ([GOOD, {**GOOD, "rejected": "yes"}], "pairs row 2: 'chosen' and 'rejected' are identical"),
+    (
+        [
+            {"prompt": [U], "chosen": "a", "rejected": "b"},
+            {"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"},
+        ],
+        "pairs row 2: 'prompt' message 1 is not a {role, content} message with string values",
+    ),
+    ([{**GOOD, "prompt": 3}], "pairs row 1: 'prompt' is int, expected a string"),
+    (
+        [
+            {"chosen": "x\n\nAssistant: a", "rejected": "x\n\nAssistant: b"},
+            {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: yo"},
+        ],
+        "pairs row 2: 'chosen' has nothing after the shared prompt",
+    ),
+    (
+        [{"chosen": [U, A_GOOD], "rejected": [U, A_GOOD, U, A_BAD]}],
+        "pairs row 1: 'chosen' has nothing after the shared",
+    ),
+]
+
+
+@pytest.mark.parametrize("rows, message", BAD_ROWS)
+def test_bad_row_error_and_skip(rows, message):
+    with pytest.raises(UserError) as err:
+        norm(rows)
+    assert str(err.value).startswith(message)
+    skipped = norm(rows, on_bad_rows="skip")
+    assert (len(skipped.rows), skipped.skipped) == (len(rows) - 1, 1)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _write(path: Path, rows) -> Path:
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, rows)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=2))
+    elif path.suffix == ".parquet":
+        datasets.Dataset.from_list(rows).to_parquet(path)
+    else:
+        datasets.Dataset.from_list(rows).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".json", ".parquet", ".csv"])
+def test_local_files_load(tmp_path, ext):
+    raw = load_splits(cfg(_write(tmp_path / f"pairs{ext}", ROWS)))
+    assert raw.eval is None and raw.label.endswith(f"pairs{ext}")
+    assert norm_raw(raw.train) == ROWS
+
+
+def norm_raw(dataset):
+    return normalize(dataset, columns={}, on_bad_rows="error", label="x").rows
+
+
+def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
+    datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "ds")
+    raw = load_splits(cfg(tmp_path / "ds"))
+    assert norm_raw(raw.train) == ROWS and raw.eval is None
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])})
+    dd.save_to_disk(tmp_path / "dd")
+    raw = load_splits(cfg(tmp_path / "dd"))
+    assert (len(raw.train), len(raw.eval)) == (3, 1)
+    with pytest.raises(UserError, match=r"split 'dev' not found; available splits: test, train; set eval_split"):
+        load_splits(cfg(tmp_path / "dd", eval_split="dev"))
+    with pytest.raises(UserError, match=r"split 'all' not found; available splits: test, train; set train_split"):
+        load_splits(cfg(tmp_path / "dd", train_split="all"))
+
+
+def test_builtin_uses_its_test_split_as_eval():
+    raw = load_splits(cfg(builtin.BUILTIN_DATASET, seed=3))
+    expected = builtin.preference_rows(3)
+    assert raw.train.to_list() == expected["train"] and raw.eval.to_list() == expected["test"]
+
+
+@pytest.mark.parametrize("name", ["./nope.jsonl", "data/pairs.parquet", "~/missing/file.csv"])
+def test_missing_local_path(name):
+    with pytest.raises(UserError, match=f"^dataset file not found: {name}$"):
+        check_source(cfg(name))
+    with pytest.raises(UserError, match="dataset file not found"):
+        load_splits(cfg(name))
+
+
+def test_hub_dataset_offline_fails_fast_with_one_line(tmp_path):
+    code = (
+        "from dpo_lightning.config import DPOConfig\nfrom dpo_lightning.data.sources import load_splits\n"
+        "from dpo_lightning.errors import UserError\ntry:\n"
+        "    load_splits(DPOConfig(dataset_name='someone/no-such-dataset'))\nexcept UserError as e:\n"
+        "    print('USERERROR', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PYTHONPATH": str(Path.cwd())}
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - start < 30
+    line = [x for x in out.stdout.splitlines() if x.startswith("USERERROR")]
+    assert len(line) == 1, out.stdout + out.stderr
+    assert "could not load dataset 'someone/no-such-dataset' from the Hugging Face Hub (" in line[0]
+    assert "point dataset_name at a local .jsonl/.parquet/.csv file" in line[0]
+
+
+def test_hub_unreachable_uses_cache_only_and_restores_flags(monkeypatch):
+    from dpo_lightning.data import sources
+
+    monkeypatch.setattr(sources, "hub_reachable", lambda: False)  # as on a machine with no network
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as when HF_HUB_OFFLINE is not set
+    start = time.monotonic()
+    with pytest.raises(UserError, match="Hub is unreachable from this machine, so only the local cache was tried"):
+        load_splits(cfg("someone/no-such-dataset"))
+    assert time.monotonic() - start < 30 and datasets.config.HF_HUB_OFFLINE is False
+
+
+# ----------------------------------------------------------------------------- JSON pre-scan
+
+LINE = json.dumps(GOOD) + "\n"
+PRESCAN = [
+    (
+        [LINE, LINE, '{"prompt": "a" "chosen": "b"}\n'],
+        r"pairs.jsonl line 3, column 16: invalid JSON \(Expecting ',' delimiter\)",
+    ),
+    ([LINE, "[1, 2]\n"], r"pairs.jsonl line 2: expected a JSON object, got list"),
+    (["\n", "  \n"], r"pairs.jsonl has no rows"),
+    (
+        [LINE, '{"prompt": "p", "chosen": "c"}\n'],
+        r"line 2: missing column 'rejected'; this row has columns: prompt, chosen",
+    ),
+    (
+        [LINE, LINE, LINE, LINE, '{"prompt": "p", "chosen": 7, "rejected": "r"}\n'],
+        r"line 5: column 'chosen' is int, expected a string or a list of \{role, content\} messages",
+    ),
+    (
+        [LINE, '{"prompt": "p", "chosen": [{"role": "assistant"}], "rejected": "r"}\n'],
+        r"line 2: column 'chosen' is a list",
+    ),
+]
+
+
+@pytest.mark.parametrize("lines, message", PRESCAN)
+def test_prescan_reports_line_and_problem(tmp_path, lines, message):
+    path = write_jsonl(tmp_path / "pairs.jsonl", lines)
+    with pytest.raises(UserError, match=message):
+        load_splits(cfg(path))
+
+
+def test_prescan_json_list_reports_absolute_line(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(
+        '[\n  {"prompt": "p", "chosen": "c", "rejected": "r"},\n  {"prompt": "p", "chosen": 1, "rejected": "r"}\n]'
+    )
+    with pytest.raises(UserError, match=r"pairs.json line 3: column 'chosen' is int"):
+        load_splits(cfg(path))
+    path.write_text('[\n  {"prompt": "p", "chosen": "c", "rejected": "r"},\n  {"prompt": "p" "chosen": 1}\n]')
+    with pytest.raises(UserError, match=r"pairs.json line 3, column 18: invalid JSON"):
+        load_splits(cfg(path))
+
+
+def test_prescan_skip_mode_counts_and_keeps_good_lines(tmp_path, caplog):
+    bad = ['{"prompt": "p", "chosen": "c"}\n', '{"prompt": "p", "chosen": 7, "rejected": "r"}\n']
+    path = write_jsonl(tmp_path / "pairs.jsonl", [ROWS[0], bad[0], ROWS[1], bad[1], ROWS[2]])
+    with caplog.at_level(logging.WARNING):
+        raw = load_splits(cfg(path, on_bad_rows="skip"))
+    assert norm_raw(raw.train) == ROWS
+    assert raw.skipped == 2 and "skipped 2 bad lines (first: line 2: missing column 'rejected'" in caplog.text
+    write_jsonl(path, [LINE, "{broken\n"])
+    with pytest.raises(UserError, match="line 2, column 2: invalid JSON"):  # broken JSON stays fatal
+        load_splits(cfg(path, on_bad_rows="skip"))
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def ids(tok, text):
+    return tok(text=text)["input_ids"]
+
+
+def test_text_pair_matches_direct_tokenization(tok):
+    for row in ROWS:
+        out = tokenize_pair(tok, **row, max_prompt_length=None, max_length=None)
+        prompt = ids(tok, row["prompt"])
+        joint = ids(tok, row["prompt"] + row["chosen"] + tok.eos_token)
+        assert joint[: len(prompt)] == prompt  # the prompt ends on a token boundary ("\n")
+        assert out["prompt_ids"] == prompt and out["chosen_ids"] == joint[len(prompt) :]
+        assert out["rejected_ids"] == ids(tok, row["prompt"] + row["rejected"] + tok.eos_token)[len(prompt) :]
+
+
+def test_eos_appended_once(tok):
+    plain = tokenize_pair(tok, "Q\n", "It is calm.", "It is cold.", max_prompt_length=None, max_length=None)
+    with_eos = tokenize_pair(
+        tok, "Q\n", "It is calm." + tok.eos_token, "It is cold.", max_prompt_length=None, max_length=None
+    )
+    assert plain == with_eos
+    assert plain["chosen_ids"][-1] == tok.eos_token_id and plain["chosen_ids"][-2] != tok.eos_token_id
+
+
+def test_chat_pair_matches_chat_template(tok):
+    out = tokenize_pair(tok, [U], [A_GOOD], [A_BAD], max_prompt_length=None, max_length=None)
+    gen = tok.apply_chat_template([U], tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"]
+    full = tok.apply_chat_template([U, A_GOOD], tokenize=True, return_dict=True)["input_ids"]
+    assert out["prompt_ids"] == list(gen) and out["prompt_ids"] + out["chosen_ids"] == list(full)
+    assert tok.decode(out["chosen_ids"]) == "An apple.<|im_end|>\n"
+
+
+def test_completion_starts_where_prompt_and_joint_diverge():
+    out = split_and_truncate([1, 2, 3], [1, 2, 9, 9], [1, 2, 3, 7], max_prompt_length=None, max_length=None)
+    assert out == {"prompt_ids": [1, 2], "chosen_ids": [9, 9], "rejected_ids": [3, 7]}
+
+
+def test_truncation_edge_cases():
+    prompt, chosen, rejected = list(range(10)), list(range(10)) + [50, 51, 52], list(range(10)) + [60]
+
+    def cut(mpl, ml):
+        return split_and_truncate(prompt, chosen, rejected, max_prompt_length=mpl, max_length=ml)
+
+    assert cut(4, None)["prompt_ids"] == [6, 7, 8, 9]  # the last prompt tokens
+    assert cut(None, None)["prompt_ids"] == prompt
+    assert cut(4, 6) == {"prompt_ids": [6, 7, 8, 9], "chosen_ids": [50, 51], "rejected_ids": [60]}
+    assert cut(None, 11) == {"prompt_ids": prompt, "chosen_ids": [50], "rejected_ids": [60]}  # exactly 1 left
+    assert cut(None, 10) is None and cut(None, 3) is None
+
+
+def test_tokenize_rows_drops_and_counts(tok, caplog):
+    long_prompt = {**ROWS[0], "prompt": "Describe the garden and the river and the bridge at length.\n"}
+    max_length = len(ids(tok, long_prompt["prompt"]))
+    with caplog.at_level(logging.INFO):
+        out = tokenize_rows([long_prompt, *ROWS], tok, max_prompt_length=None, max_length=max_length)
+    assert (
+        out.dropped == 1
+        and len(out.dataset) == 3
+        and out.dataset.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]
+    )
+    assert "dropped 1" in caplog.text
+    direct = [tokenize_pair(tok, **r, max_prompt_length=None, max_length=max_length) for r in ROWS]
+    assert out.dataset.to_list() == direct
+
+
+def test_tokenize_rows_mixes_text_and_chat(tok):
+    rows = [ROWS[0], {"prompt": [U], "chosen": [A_GOOD], "rejected": [A_BAD]}, ROWS[1]]
+    out = tokenize_rows(rows, tok, max_prompt_length=None, max_length=None)
+    assert out.dataset.to_list() == [tokenize_pair(tok, **r, max_prompt_length=None, max_length=None) for r in rows]
+
+
+def test_matches_trl_tokenization(tok):
+    trl_data = pytest.importorskip("trl.data_utils")
+    rows = [
+        *ROWS,
+        {"prompt": [U], "chosen": [A_GOOD], "rejected": [A_BAD]},
+        {"prompt": "Hello wor", "chosen": "ld", "rejected": "m"},
+    ]
+    for row in rows:  # TRL 1.16 DPOTrainer._prepare_dataset: add_eos (text only), then tokenize_fn
+        chat = isinstance(row["prompt"], list)
+        chosen, rejected = (
+            (row["chosen"], row["rejected"])
+            if chat
+            else (row["chosen"] + "<|endoftext|>", row["rejected"] + "<|endoftext|>")
+        )
+        p = trl_data._tokenize(tok, row["prompt"], **({"add_generation_prompt": True} if chat else {}))["input_ids"]
+        c = trl_data._tokenize(tok, row["prompt"] + chosen)["input_ids"]
+        r = trl_data._tokenize(tok, row["prompt"] + rejected)["input_ids"]
+        n = min(trl_data.common_prefix_length(p, c), trl_data.common_prefix_length(p, r))
+        expected = {"prompt_ids": p[:n], "chosen_ids": c[n:], "rejected_ids": r[n:]}
+        assert tokenize_pair(tok, **row, max_prompt_length=None, max_length=None) == expected
+
+
+def test_tokenizer_round_trip(tok):
+    """The `tokenizers`-trained tokenizer and the Qwen2Tokenizer AutoTokenizer rebuilds from its folder agree."""
+    trained = builtin.train_tokenizer(TEXTS)
+    assert type(tok).__name__ == "Qwen2Tokenizer" and trained.get_vocab() == tok.get_vocab()
+    samples = [
+        "Hello, world!\n\nHuman: 42 apples?",
+        "naïve café — 東京\n\tend  ",
+        "3.14159 + 2,718 = ?!",
+        "a\r\nb\n\n\nc",
+    ]
+    for text in samples:
+        assert tok(text=text)["input_ids"] == trained(text=text)["input_ids"], text
+        assert tok.decode(tok(text=text)["input_ids"]) == text
+
+
+# ----------------------------------------------------------------------------- split and pipeline
+
+
+def test_split_by_prompt_has_no_shared_prompt_and_is_seeded():
+    rows = [{"prompt": f"prompt {i}", "chosen": "a", "rejected": f"b{j}"} for i in range(10) for j in range(3)]
+    rows.append({"prompt": [U], "chosen": [A_GOOD], "rejected": [A_BAD]})
+    train, val = split_by_prompt(rows, 0.3, seed=7)
+    train_keys, val_keys = {prompt_key(r["prompt"]) for r in train}, {prompt_key(r["prompt"]) for r in val}
+    assert not train_keys & val_keys and len(val_keys) == 3 and len(train) + len(val) == len(rows)
+    assert split_by_prompt(rows, 0.3, seed=7) == (train, val)
+    assert split_by_prompt(rows, 0.0, seed=7) == (rows, [])
+    assert len(split_by_prompt(rows[:6], 0.01, seed=0)[1]) == 3  # at least one prompt (of 2) held out
+
+
+def test_prepare_pairs_builtin_and_validation_skip(tok, tmp_path, caplog):
+    pairs = prepare_pairs(cfg(builtin.BUILTIN_DATASET), tok)
+    expected = builtin.preference_rows(DPOConfig().seed)  # its test split is the eval split
+    assert (len(pairs.train), len(pairs.val)) == (len(expected["train"]), len(expected["test"]))
+    path = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    with caplog.at_level(logging.INFO):
+        pairs = prepare_pairs(cfg(path, val_fraction=0.0), tok)
+    assert pairs.val is None and len(pairs.train) == 3
+    assert "3 rows read, 0 bad rows skipped" in caplog.text and "validation skipped" in caplog.text
+    held = prepare_pairs(cfg(path, val_fraction=0.3), tok)
+    assert (len(held.train), len(held.val)) == (2, 1)
+
+
+def test_prepare_pairs_empty_training_set(tok, tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    with pytest.raises(UserError, match="no training pairs left .*3 dropped by truncation"):
+        prepare_pairs(cfg(path, max_length=2, max_prompt_length=None), tok)
