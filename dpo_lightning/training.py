@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,6 +59,8 @@ class TrainOutcome(NamedTuple):
 
 def train(cfg: DPOConfig, *, fast_dev_run: bool = False) -> TrainOutcome:
     """Train on this machine (or under torchrun), validate at the end and export the final policy."""
+    # The frozen reference is in eval mode on purpose; Lightning would warn about it at every fit.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     policy_source, ref_source = resolve_sources(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = load_tokenizer(policy_source, cfg.trust_remote_code)

@@ -126,7 +126,8 @@ def test_hub_model_without_network_fails_fast_with_one_line(tmp_path):
     assert "Qwen/Qwen2.5-0.5B-Instruct" in lines[0] and "--model_name" in lines[0]
 
 
-def test_sigint_saves_a_checkpoint_and_exits_zero(tiny_model, pairs_file, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_exits_zero(tiny_model, pairs_file, tmp_path, signum):
     output_dir = tmp_path / "run"
     proc = _entrypoint(
         "--config", "experiments/local-tiny.yaml", "--model_name", str(tiny_model),
@@ -140,7 +141,7 @@ def test_sigint_saves_a_checkpoint_and_exits_zero(tiny_model, pairs_file, tmp_pa
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     checkpoints = sorted((output_dir / "checkpoints").glob("step-*"))

@@ -1,0 +1,82 @@
+"""The Lightning module's optimisation pieces: schedule, weight-decay groups, accumulation, precision."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dpo_lightning.builtin import build_tiny_model, preference_rows
+from dpo_lightning.config import make_config
+from dpo_lightning.module import decay_groups, lr_lambda, warmup_steps_for
+from dpo_lightning.training import train
+
+
+def test_schedules_by_hand():
+    """warmup 2 of 10 steps: factors 0, 0.5, then 1 (constant); 1 - (s-2)/8 (linear); (1 + cos(pi (s-2)/8)) / 2."""
+    constant, linear, cosine = (lr_lambda(name, 2, 10) for name in ("constant", "linear", "cosine"))
+    assert [constant(s) for s in (0, 1, 2, 9)] == [0.0, 0.5, 1.0, 1.0]
+    assert [linear(s) for s in (0, 1, 2, 6, 10)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    assert cosine(2) == pytest.approx(1.0) and cosine(10) == pytest.approx(0.0, abs=1e-12)
+    assert cosine(4) == pytest.approx((1 + math.cos(math.pi * 2 / 8)) / 2)
+    assert lr_lambda("cosine", 0, 10)(0) == pytest.approx(1.0)  # no warmup: the first step runs at the peak
+
+
+def test_warmup_steps_override_ratio():
+    assert warmup_steps_for(make_config({"warmup_ratio": 0.1}), 95) == 10  # ceil(9.5)
+    assert warmup_steps_for(make_config({"warmup_ratio": 0.1, "warmup_steps": 3}), 95) == 3
+
+
+def test_weight_decay_only_on_matrices():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decayed, plain = decay_groups(model, 0.1)
+    assert decayed["weight_decay"] == 0.1 and [p.shape for p in decayed["params"]] == [torch.Size([4, 3])]
+    assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3  # bias, norm weight, norm bias
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("module")
+    model = build_tiny_model(root / "model", seed=0)
+    rows = preference_rows(seed=2)["train"][:64]
+    data = root / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model, data
+
+
+def _run(setup, tmp_path, **overrides):
+    model, data = setup
+    values = dict(model_name=str(model), dataset_name=str(data), val_fraction=0.0, batch_size=4, max_length=48,
+                  max_prompt_length=16, learning_rate=1e-3, log_every_n_steps=1, output_dir=str(tmp_path))
+    values.update(overrides)
+    outcome = train(make_config(values))
+    reports = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return outcome, reports
+
+
+def test_gradient_accumulation_counts_optimizer_steps(setup, tmp_path):
+    outcome, reports = _run(setup, tmp_path, gradient_accumulation_steps=3, max_steps=4, lr_scheduler="linear",
+                            warmup_steps=1)
+    assert outcome.trainer.global_step == 4
+    assert outcome.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 12  # 3 micro-batches a step
+    training = [r for r in reports if r["group"] == "training"]
+    assert [r["step"] for r in training] == [1, 2, 3, 4]
+    # each report averages the 3 micro-batches (12 pairs) of its step; the lr is the one for the next step
+    lrs = [r["metrics"]["learning_rate"] for r in training]
+    assert lrs == pytest.approx([1e-3, 1e-3 * 2 / 3, 1e-3 / 3, 0.0])
+    assert all(r["metrics"]["grad_norm"] > 0 for r in training)
+
+
+def test_no_validation_when_fraction_is_zero(setup, tmp_path):
+    outcome, reports = _run(setup, tmp_path, max_steps=2)
+    assert {r["group"] for r in reports} == {"training"}
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_bf16_mixed_keeps_fp32_master_weights(setup, tmp_path):
+    outcome, reports = _run(setup, tmp_path, precision="bf16-mixed", dtype="bfloat16", max_steps=2)
+    assert all(p.dtype == torch.float32 for p in outcome.module.policy.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in outcome.module.reference.parameters())
+    assert all(math.isfinite(r["metrics"]["loss"]) for r in reports)
