@@ -21,11 +21,22 @@ from dpo_lightning.module import DPOModule
 log = logging.getLogger(__name__)
 
 
+def launcher_layout() -> tuple[int | str, int]:
+    """(devices, num_nodes) from a torchrun-style launcher's environment, else Lightning's defaults."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        local = int(os.environ["LOCAL_WORLD_SIZE"])
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", int(os.environ["WORLD_SIZE"]) // local))
+        return local, nodes
+    return "auto", 1
+
+
 def build_trainer(cfg: DPOConfig, *, has_validation: bool, callbacks: list, fast_dev_run: bool) -> L.Trainer:
     """Lightning counts validation intervals in batches; the config counts optimizer steps."""
+    devices, num_nodes = launcher_layout()
     return L.Trainer(
         accelerator="auto",
-        devices="auto",
+        devices=devices,
+        num_nodes=num_nodes,
         precision=cfg.precision,
         max_steps=cfg.max_steps,
         max_epochs=cfg.num_epochs if cfg.max_steps < 0 else None,
