@@ -20,6 +20,7 @@ from dpo_lightning.hub import hub_reachable, offline_env
 
 log = logging.getLogger(__name__)
 
+
 class ModelSource(NamedTuple):
     name_or_path: str
     local_files_only: bool
