@@ -7,6 +7,9 @@ planned as its own piece of work. This script says so plainly instead of pretend
 import sys
 
 if __name__ == "__main__":
-    print("error: evaluate.py is not implemented yet; validation metrics of a training run are in "
-          "<output_dir>/metrics.jsonl (group 'validation')", file=sys.stderr)
+    print(
+        "error: evaluate.py is not implemented yet; validation metrics of a training run are in "
+        "<output_dir>/metrics.jsonl (group 'validation')",
+        file=sys.stderr,
+    )
     sys.exit(2)

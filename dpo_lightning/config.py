@@ -42,9 +42,7 @@ class DPOConfig:
     """Reference model; None means a frozen copy of the initial policy."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the frozen models (reference). The trained policy always keeps fp32 master weights."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = (
-        "sdpa"
-    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "sdpa"
     """Attention kernel passed to `from_pretrained`."""
     trust_remote_code: bool = False
     """Allow model/tokenizer code from the Hub; off because it runs arbitrary code."""
@@ -285,7 +283,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
-                raise ConfigError(f"{key}: expected a JSON object such as '{{\"prompt\": \"question\"}}'") from None
+                raise ConfigError(f'{key}: expected a JSON object such as \'{{"prompt": "question"}}\'') from None
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)  # value types are checked by _check_columns

@@ -191,9 +191,7 @@ _REGISTRY: dict[str, _LossSpec] = {
 }
 
 LOSS_TYPES: tuple[str, ...] = tuple(_REGISTRY)
-USES_LABEL_SMOOTHING: frozenset[str] = frozenset(
-    name for name, spec in _REGISTRY.items() if spec.uses_label_smoothing
-)
+USES_LABEL_SMOOTHING: frozenset[str] = frozenset(name for name, spec in _REGISTRY.items() if spec.uses_label_smoothing)
 
 
 def _spec(name: str) -> _LossSpec:

@@ -48,8 +48,17 @@ def setup(tmp_path_factory):
 
 def _run(setup, tmp_path, **overrides):
     model, data = setup
-    values = dict(model_name=str(model), dataset_name=str(data), val_fraction=0.0, batch_size=4, max_length=48,
-                  max_prompt_length=16, learning_rate=1e-3, log_every_n_steps=1, output_dir=str(tmp_path))
+    values = dict(
+        model_name=str(model),
+        dataset_name=str(data),
+        val_fraction=0.0,
+        batch_size=4,
+        max_length=48,
+        max_prompt_length=16,
+        learning_rate=1e-3,
+        log_every_n_steps=1,
+        output_dir=str(tmp_path),
+    )
     values.update(overrides)
     outcome = train(make_config(values))
     reports = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -57,8 +66,9 @@ def _run(setup, tmp_path, **overrides):
 
 
 def test_gradient_accumulation_counts_optimizer_steps(setup, tmp_path):
-    outcome, reports = _run(setup, tmp_path, gradient_accumulation_steps=3, max_steps=4, lr_scheduler="linear",
-                            warmup_steps=1)
+    outcome, reports = _run(
+        setup, tmp_path, gradient_accumulation_steps=3, max_steps=4, lr_scheduler="linear", warmup_steps=1
+    )
     assert outcome.trainer.global_step == 4
     assert outcome.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 12  # 3 micro-batches a step
     training = [r for r in reports if r["group"] == "training"]

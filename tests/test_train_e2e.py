@@ -80,9 +80,22 @@ def test_training_learns_the_preference_and_exports(tiny_model, pairs_file, tmp_
     assert validation[-1]["metrics"]["rewards/accuracies"] >= 0.9
     assert validation[-1]["metrics"]["rewards/margins"] > 0
     assert training[0]["step"] == 5 and [r["step"] for r in training] == sorted(r["step"] for r in training)
-    expected = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "learning_rate",
-                "grad_norm", "samples_per_second", "tokens_per_second", "peak_memory_gb"}
+    expected = {
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "learning_rate",
+        "grad_norm",
+        "samples_per_second",
+        "tokens_per_second",
+        "peak_memory_gb",
+    }
     assert expected <= set(training[0]["metrics"])
     assert all(isinstance(v, float) for v in training[0]["metrics"].values())
     assert training[-1]["metrics"]["loss"] < training[0]["metrics"]["loss"]
@@ -100,14 +113,26 @@ def _entrypoint(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "entrypoint.py"), *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
     )
 
 
 def test_fast_dev_run_runs_one_train_and_one_validation_batch(tiny_model, pairs_file, tmp_path):
     proc = _entrypoint(
-        "--fast-dev-run", "--model_name", str(tiny_model), "--dataset_name", str(pairs_file),
-        "--output_dir", str(tmp_path / "out"), "--batch_size", "4",
+        "--fast-dev-run",
+        "--model_name",
+        str(tiny_model),
+        "--dataset_name",
+        str(pairs_file),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "4",
     )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
@@ -130,10 +155,24 @@ def test_hub_model_without_network_fails_fast_with_one_line(tmp_path):
 def test_signal_saves_a_checkpoint_and_exits_zero(tiny_model, pairs_file, tmp_path, signum):
     output_dir = tmp_path / "run"
     proc = _entrypoint(
-        "--config", "experiments/local-tiny.yaml", "--model_name", str(tiny_model),
-        "--dataset_name", str(pairs_file), "--output_dir", str(output_dir), "--num_epochs", "50",
-        "--batch_size", "2", "--log_every_n_steps", "1", "--checkpoint_every_n_steps", "0",
-        "--val_check_interval", "100000",
+        "--config",
+        "experiments/local-tiny.yaml",
+        "--model_name",
+        str(tiny_model),
+        "--dataset_name",
+        str(pairs_file),
+        "--output_dir",
+        str(output_dir),
+        "--num_epochs",
+        "50",
+        "--batch_size",
+        "2",
+        "--log_every_n_steps",
+        "1",
+        "--checkpoint_every_n_steps",
+        "0",
+        "--val_check_interval",
+        "100000",
     )
     metrics = output_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
