@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
+from contract import tiny_run_values, write_jsonl
 
-from dpo_lightning.builtin import build_tiny_model, preference_rows
+from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
 from dpo_lightning.module import decay_groups, lr_lambda, warmup_steps_for
 from dpo_lightning.training import train
@@ -37,29 +38,15 @@ def test_weight_decay_only_on_matrices():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("module")
-    model = build_tiny_model(root / "model", seed=0)
+def setup(tiny_model, tmp_path_factory):
     rows = preference_rows(seed=2)["train"][:64]
-    data = root / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return model, data
+    return tiny_model, write_jsonl(tmp_path_factory.mktemp("module") / "pairs.jsonl", rows)
 
 
 def _run(setup, tmp_path, **overrides):
     model, data = setup
-    values = dict(
-        model_name=str(model),
-        dataset_name=str(data),
-        val_fraction=0.0,
-        batch_size=4,
-        max_length=48,
-        max_prompt_length=16,
-        learning_rate=1e-3,
-        log_every_n_steps=1,
-        output_dir=str(tmp_path),
-    )
-    values.update(overrides)
+    base = dict(val_fraction=0.0, batch_size=4, max_prompt_length=16, log_every_n_steps=1)
+    values = tiny_run_values(model, data, tmp_path, **{**base, **overrides})
     outcome = train(make_config(values))
     reports = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return outcome, reports

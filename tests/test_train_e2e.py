@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from contract import TRAINING_METRICS, tiny_run_values, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from dpo_lightning.builtin import build_tiny_model, preference_rows
+from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
 from dpo_lightning.training import train
 
@@ -23,36 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
-
-
-@pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory) -> Path:
     """The built-in task as a JSONL file: pleasant (chosen) vs unpleasant (rejected) descriptions."""
     rows = preference_rows(seed=1)
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows["train"] + rows["test"]))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", rows["train"] + rows["test"])
 
 
 def _config(tiny_model: Path, pairs_file: Path, output_dir: Path, **overrides):
-    values = dict(
-        model_name=str(tiny_model),
-        dataset_name=str(pairs_file),
-        val_fraction=0.2,
-        max_length=48,
-        max_prompt_length=24,
-        batch_size=8,
-        num_epochs=2,
-        learning_rate=1e-3,
-        warmup_ratio=0.1,
-        log_every_n_steps=5,
-        val_check_interval=1000,
-        output_dir=str(output_dir),
-    )
-    values.update(overrides)
-    return make_config(values)
+    values = dict(val_fraction=0.2, max_prompt_length=24, batch_size=8, num_epochs=2, warmup_ratio=0.1)
+    values.update(log_every_n_steps=5, val_check_interval=1000)
+    return make_config(tiny_run_values(tiny_model, pairs_file, output_dir, **{**values, **overrides}))
 
 
 def _read_metrics(output_dir: Path) -> list[dict]:
@@ -80,23 +61,7 @@ def test_training_learns_the_preference_and_exports(tiny_model, pairs_file, tmp_
     assert validation[-1]["metrics"]["rewards/accuracies"] >= 0.9
     assert validation[-1]["metrics"]["rewards/margins"] > 0
     assert training[0]["step"] == 5 and [r["step"] for r in training] == sorted(r["step"] for r in training)
-    expected = {
-        "loss",
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/accuracies",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-        "logits/chosen",
-        "logits/rejected",
-        "learning_rate",
-        "grad_norm",
-        "samples_per_second",
-        "tokens_per_second",
-        "peak_memory_gb",
-    }
-    assert expected <= set(training[0]["metrics"])
+    assert TRAINING_METRICS <= set(training[0]["metrics"])
     assert all(isinstance(v, float) for v in training[0]["metrics"].values())
     assert training[-1]["metrics"]["loss"] < training[0]["metrics"]["loss"]
 

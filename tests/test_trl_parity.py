@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from contract import PREFERENCE_METRICS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lightning.builtin import build_tiny_model
@@ -112,14 +113,5 @@ def test_loss_and_metrics_match_trl(model_dir, tmp_path, loss_type, label_smooth
 
     assert abs(trl_loss.item() - 0.6931) > 1e-3 or loss_type != "sigmoid"  # the policy really differs
     torch.testing.assert_close(loss.detach(), trl_loss.detach(), rtol=1e-4, atol=1e-6)
-    for name in (
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/accuracies",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-        "logits/chosen",
-        "logits/rejected",
-    ):
+    for name in PREFERENCE_METRICS:
         assert ours[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-6), name

@@ -1,0 +1,45 @@
+"""What the tests hold the code to, spelled out here rather than imported from the code under test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# DESIGN.md's metric names (TRL's); a rename in the code must fail the tests.
+PREFERENCE_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
+TRAINING_METRICS = {
+    "loss",
+    *PREFERENCE_METRICS,
+    "learning_rate",
+    "grad_norm",
+    "samples_per_second",
+    "tokens_per_second",
+    "peak_memory_gb",
+}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_run_values(model: Path, data: Path, output_dir: Path, **overrides) -> dict:
+    """Hyperparameters for a seconds-long CPU run of the tiny model."""
+    values = dict(
+        model_name=str(model),
+        dataset_name=str(data),
+        max_length=48,
+        learning_rate=1e-3,
+        output_dir=str(output_dir),
+    )
+    values.update(overrides)
+    return values
