@@ -1,7 +1,11 @@
-"""Train with DPO: `python entrypoint.py [--config FILE] [--fast-dev-run] [--print_config] [--name value ...]`.
+"""Train with DPO: `python entrypoint.py [--config FILE] [--fast-dev-run] [--print_config] [--resume PATH]
+[--name value ...]`.
 
 The configuration is the `hyperparameters:` block of the experiment file (default experiment.yaml); any
-key can be overridden on the command line. Under `torchrun` every process runs this same script.
+key can be overridden on the command line. A run resumes from the newest complete checkpoint in its
+output_dir, or from `--resume PATH` (a checkpoint folder or an output folder). Under `torchrun` or
+Determined's launcher every process runs this same script; on a Determined cluster the trial's
+hyperparameters are the configuration.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from dpo_lightning.errors import UserError
 
@@ -16,9 +21,27 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "experiment.yaml"
 USAGE = __doc__.strip().splitlines()[0]
 
 
-def parse_args(argv: list[str]) -> tuple[Path, bool, bool, list[str]]:
+class Args(NamedTuple):
+    config: Path
+    fast_dev_run: bool
+    print_config: bool
+    resume: str | None
+    overrides: list[str]
+
+
+def _value(argv: list[str], i: int, flag: str) -> tuple[str, int]:
+    """The value of `--flag=value` or `--flag value` at argv[i], and the index of its last token."""
+    arg = argv[i]
+    if "=" in arg:
+        return arg.split("=", 1)[1], i
+    if i + 1 < len(argv):
+        return argv[i + 1], i + 1
+    raise UserError(f"{flag} needs a value")
+
+
+def parse_args(argv: list[str]) -> Args:
     """Split the script's own flags from hyperparameter overrides."""
-    config, fast_dev_run, print_config, rest = DEFAULT_CONFIG, False, False, []
+    config, fast_dev_run, print_config, resume, rest = DEFAULT_CONFIG, False, False, None, []
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -31,32 +54,30 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, bool, list[str]]:
         elif arg in ("--print_config", "--print-config"):
             print_config = True
         elif arg == "--config" or arg.startswith("--config="):
-            if "=" in arg:
-                value = arg.split("=", 1)[1]
-            elif i + 1 < len(argv):
-                value, i = argv[i + 1], i + 1
-            else:
-                raise UserError("--config needs a path to an experiment file")
+            value, i = _value(argv, i, "--config")
             config = Path(value)
+        elif arg == "--resume" or arg.startswith("--resume="):
+            resume, i = _value(argv, i, "--resume")
         else:
             rest.append(arg)
         i += 1
-    return config, fast_dev_run, print_config, rest
+    return Args(config, fast_dev_run, print_config, resume, rest)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        config_path, fast_dev_run, print_config, rest = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(sys.argv[1:] if argv is None else argv)
         from dpo_lightning.config import load_config, parse_overrides
 
-        cfg = load_config(config_path, parse_overrides(rest))
-        if print_config:
-            print(json.dumps(cfg.to_dict(), indent=2))
+        overrides = parse_overrides(args.overrides)
+        if args.print_config:
+            print(json.dumps(load_config(args.config, overrides).to_dict(), indent=2))
             return 0
-        from dpo_lightning.training import configure_logging, run_local
+        from dpo_lightning.determined_bridge import run
+        from dpo_lightning.training import configure_logging
 
         configure_logging()
-        return run_local(cfg, fast_dev_run=fast_dev_run)
+        return run(args.config, overrides, fast_dev_run=args.fast_dev_run, resume=args.resume)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,8 +2,10 @@
 
 A checkpoint is a directory: the policy in Hugging Face format at its root, `run_config.json`, `trainer/`
 with what exact resume needs, and `metadata.json` written last. A directory without `metadata.json` is
-incomplete and never resumed from; local checkpoints are staged under a temporary name and renamed into
-place so that an interruption never leaves a half-written directory under a real name.
+incomplete and never resumed from. Checkpoints are written through Determined's sharded `store_path`
+protocol (determined_bridge.py): every rank writes its part into the directory, then Determined writes
+metadata.json; on a cluster the directory is named by the checkpoint's uuid, off-cluster too (under
+`<output_dir>/checkpoints/`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,15 @@ import torch
 
 from dpo_lightning import __version__
 from dpo_lightning.config import DPOConfig
+from dpo_lightning.strategies import full_policy_state, is_fsdp
 
 RUN_CONFIG = "run_config.json"
 METADATA = "metadata.json"
-TRAINER_STATE = "trainer/state.pt"
+CHECKPOINTS = "checkpoints"
+LIGHTNING_STATE = "trainer/lightning.pt"
+FSDP_STATE = "trainer/fsdp"
+RANK_STATE = "trainer/rank-{rank:05d}.pt"
+FORMAT = 1
 _LIBRARIES = ("torch", "lightning", "transformers", "datasets", "tokenizers", "torchmetrics", "determined")
 
 
@@ -61,12 +68,6 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def save_pretrained(folder: Path, policy: torch.nn.Module, tokenizer, record: dict[str, Any]) -> None:
-    policy.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    write_json(folder / RUN_CONFIG, record)
-
-
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -80,53 +81,107 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def trainer_state(trainer, datamodule) -> dict[str, Any]:
-    """Optimizer, scheduler, loop progress, data position and RNG: everything but the weights.
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
 
-    The policy's weights are stored once, as safetensors at the checkpoint root; the reference is rebuilt
-    from the run's configuration, so neither goes into this file.
+        np.random.set_state(state["numpy"])
+
+
+def checkpoint_metadata(step: int, trial_id: int | None) -> dict[str, Any]:
+    """What every rank passes to `store_path`; Determined writes it to metadata.json once all ranks are done."""
+    return {"steps_completed": int(step), "trial_id": trial_id, "format": FORMAT}
+
+
+def write_checkpoint(folder: Path, *, trainer, module, tokenizer, record: dict[str, Any]) -> None:
+    """This rank's part of a checkpoint into `folder`; every rank calls it, in step (FSDP gathers inside).
+
+    Rank 0 writes the policy in Hugging Face format, the tokenizer and run_config.json at the root, and the
+    Lightning state (optimizer, scheduler, loops, data position) without weights; every rank writes its own
+    RNG state. Under FSDP every rank also writes its shard of the weights and optimizer state.
     """
+    folder = Path(folder)
+    policy_state = full_policy_state(trainer, module)
     state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-    state.pop("state_dict", None)
-    sampler = getattr(datamodule, "train_sampler", None)
-    state["data_sampler"] = sampler.state_dict() if sampler is not None else None
-    state["rng"] = rng_state()
-    return state
+    (folder / "trainer").mkdir(parents=True, exist_ok=True)
+    if is_fsdp(trainer):
+        trainer.strategy.save_checkpoint(state, folder / FSDP_STATE)
+    elif trainer.is_global_zero:
+        state["state_dict"] = {}  # the weights are at the checkpoint root, once
+        torch.save(state, folder / LIGHTNING_STATE)
+    if trainer.is_global_zero:
+        module.policy.save_pretrained(folder, state_dict=policy_state, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        write_json(folder / RUN_CONFIG, record)
+    torch.save({"rng": rng_state()}, folder / RANK_STATE.format(rank=trainer.global_rank))
 
 
-def save_checkpoint(root: Path, step: int, trainer, module, tokenizer, record: dict[str, Any]) -> Path:
-    """A complete local checkpoint at `root/step-<step>`; returns its path."""
-    final = root / f"step-{step:08d}"
-    staging = root / f".step-{step:08d}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    save_pretrained(staging, module.policy, tokenizer, record)
-    (staging / "trainer").mkdir(parents=True, exist_ok=True)
-    torch.save(trainer_state(trainer, trainer.datamodule), staging / TRAINER_STATE)
-    write_json(staging / METADATA, {"steps_completed": step, "trial_id": None, "format": 1})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    return final
+def lightning_state_path(folder: Path) -> Path:
+    """What `Trainer.fit(ckpt_path=...)` restores from: a file, or FSDP's sharded directory."""
+    sharded = folder / FSDP_STATE
+    return sharded if sharded.is_dir() else folder / LIGHTNING_STATE
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories under `root` that have metadata.json, oldest step first."""
+def restore_rank_state(folder: Path, rank: int) -> bool:
+    """Put back this rank's RNG state; False when the checkpoint has none for this rank."""
+    path = folder / RANK_STATE.format(rank=rank)
+    if not path.is_file():
+        return False
+    set_rng_state(torch.load(path, weights_only=False)["rng"])
+    return True
+
+
+def read_metadata(folder: Path) -> dict[str, Any] | None:
+    """A checkpoint's metadata, or None when the checkpoint is incomplete (metadata.json missing or torn)."""
+    try:
+        metadata = json.loads((folder / METADATA).read_text())
+    except (OSError, ValueError):
+        return None
+    return metadata if isinstance(metadata, dict) and isinstance(metadata.get("steps_completed"), int) else None
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(steps_completed, folder) of every complete checkpoint directly under `root`, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if (p / METADATA).is_file()]
-    return sorted(found, key=lambda p: json.loads((p / METADATA).read_text())["steps_completed"])
+    found = []
+    for folder in root.iterdir():
+        metadata = read_metadata(folder) if folder.is_dir() else None
+        if metadata is not None:
+            found.append((metadata["steps_completed"], folder))
+    return sorted(found, key=lambda item: (item[0], item[1].stat().st_mtime))
 
 
-def prune_checkpoints(root: Path, keep: int) -> None:
-    for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def find_resume_checkpoint(path: Path) -> Path | None:
+    """The checkpoint to resume from: `path` itself, or the newest complete one under `path` or its
+    `checkpoints/` folder (so an output directory works too)."""
+    if read_metadata(path) is not None:
+        return path
+    for root in (path / CHECKPOINTS, path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1][1]
+    return None
 
 
-def export_final(output_dir: Path, policy: torch.nn.Module, tokenizer, record: dict[str, Any]) -> Path:
-    """The trained policy at `output_dir/final/`, replaced atomically."""
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints; returns what was deleted."""
+    old = [folder for _, folder in complete_checkpoints(root)[:-keep]]
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    return old
+
+
+def export_final(output_dir: Path, checkpoint: Path) -> Path:
+    """`output_dir/final/`: the policy, tokenizer and run_config.json of `checkpoint`, replaced atomically."""
     final = output_dir / "final"
     staging = output_dir / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    save_pretrained(staging, policy, tokenizer, record)
+    shutil.copytree(checkpoint, staging, ignore=shutil.ignore_patterns("trainer", METADATA))
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)

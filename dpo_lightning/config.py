@@ -25,6 +25,10 @@ from dpo_lightning.losses import LOSS_TYPES, USES_LABEL_SMOOTHING
 
 COLUMN_ROLES = ("prompt", "chosen", "rejected", "messages")
 MODES = ("auto", "offline")
+STRATEGIES = ("ddp", "fsdp")
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
+# Keys a resumed run may change: how long it trains and where it writes, never what it trains.
+RESUMABLE_CHANGES = ("max_steps", "num_epochs", "output_dir")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("32", "bf16-mixed")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -111,15 +115,23 @@ class DPOConfig:
     seed: int = 42
     """Seed for weights init (built-in model), data order, splits and dropout-free sampling."""
 
+    # --- distribution ---
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Multi-device strategy: `ddp` replicates the model; `fsdp` shards it (needs GPUs)."""
+    fsdp_sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"] = "FULL_SHARD"
+    """What FSDP shards: everything, gradients and optimizer state only, or full sharding within a node."""
+
     # --- cadence (all counted in optimizer steps) ---
-    log_every_n_steps: int = 10
+    report_every_n_steps: int = 10
     """Report training metrics every this many optimizer steps."""
     val_check_interval: int = 100
     """Validate every this many optimizer steps (and at the end of training)."""
     checkpoint_every_n_steps: int = 0
-    """Save a resumable checkpoint every this many optimizer steps; 0 saves only on interrupt."""
+    """Save a resumable checkpoint every this many optimizer steps; 0 saves only at the end and on interrupt."""
     keep_last_n_checkpoints: int = 2
-    """Local runs keep only the newest this many checkpoints."""
+    """Local runs keep only the newest this many checkpoints (on a cluster, checkpoint_storage decides)."""
+    preempt_check_every_n_steps: int = 10
+    """Ask Determined whether to stop (preemption, pause, early stop) every this many optimizer steps."""
     output_dir: str = "outputs/run"
     """Where metrics.jsonl, run_config.json, checkpoints/ and final/ go."""
 
@@ -215,7 +227,8 @@ def _check_text(cfg: DPOConfig) -> str | None:
 _CHECKS = (
     _check_text,
     _positive("beta", "batch_size", "gradient_accumulation_steps", "num_epochs", "max_length", "learning_rate"),
-    _positive("log_every_n_steps", "val_check_interval", "keep_last_n_checkpoints", "adam_epsilon"),
+    _positive("report_every_n_steps", "val_check_interval", "keep_last_n_checkpoints", "adam_epsilon"),
+    _positive("preempt_check_every_n_steps"),
     _non_negative("weight_decay", "max_grad_norm", "warmup_steps", "checkpoint_every_n_steps", "num_workers"),
     _check_loss,
     _check_lengths,
@@ -338,15 +351,30 @@ def read_experiment_hparams(path: str | Path) -> dict[str, Any]:
     return dict(document["hyperparameters"])
 
 
+def resolve_hparams(raw: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameter values with `{type: const}` resolved; a search space left unresolved is an error."""
+    return {key: _resolve_hparam(key, value) for key, value in raw.items()}
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DPOConfig:
     """The experiment file's hyperparameters with command-line overrides on top."""
     raw = read_experiment_hparams(path)
     raw.update(overrides or {})  # an override may stand in for a search space
-    values = {key: _resolve_hparam(key, value) for key, value in raw.items()}
+    values = resolve_hparams(raw)
     try:
         return make_config(values)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def config_changes(saved: dict[str, Any], cfg: DPOConfig) -> list[str]:
+    """Keys whose value differs between a checkpoint's configuration and this run's, run length excepted."""
+    current = cfg.to_dict()
+    keys = sorted(set(saved) | set(current))
+    return [k for k in keys if k not in RESUMABLE_CHANGES and saved.get(k, _MISSING) != current.get(k, _MISSING)]
+
+
+_MISSING = object()
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:

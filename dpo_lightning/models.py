@@ -130,13 +130,14 @@ def load_policy(cfg, source: ModelSource):
     )
 
 
-def load_reference(cfg, policy: torch.nn.Module, ref_source: ModelSource | None):
-    """The frozen reference: a copy of the initial policy unless `ref_model_name` names another model."""
-    if ref_source is None:
-        reference = copy.deepcopy(policy).to(cfg.frozen_dtype)
+def load_reference(cfg, source: ModelSource, initial_policy: torch.nn.Module | None = None):
+    """The frozen reference: a copy of `initial_policy` when it is the freshly loaded policy (no second
+    read from disk), else the model at `source` (`ref_model_name`, or the initial policy when resuming)."""
+    if initial_policy is not None:
+        reference = copy.deepcopy(initial_policy).to(cfg.frozen_dtype)
     else:
         reference = load_causal_lm(
-            ref_source,
+            source,
             dtype=cfg.frozen_dtype,
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,

@@ -12,6 +12,7 @@ from dpo_lightning.config import DPOConfig
 from dpo_lightning.logprobs import forward_logps
 from dpo_lightning.losses import LossOutput, compute_loss
 from dpo_lightning.metrics import PreferenceMetrics, peak_memory_gb
+from dpo_lightning.strategies import clip_gradients
 
 # A reporter receives (group, step, metrics) on global rank 0: metrics.jsonl, stdout, Determined.
 Reporter = Callable[[str, int, dict[str, float]], None]
@@ -64,6 +65,9 @@ class DPOModule(L.LightningModule):
         self.last_validated_step = -1
         self._grad_norms: list[float] = []
         self._seen_step = 0
+        # Checkpoints keep the policy's weights once, in Hugging Face format beside the trainer state, and the
+        # reference is rebuilt from the configuration: the Lightning state restored on resume holds no weights.
+        self.strict_loading = False
 
     # ------------------------------------------------------------------ step
 
@@ -114,17 +118,20 @@ class DPOModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Clip here rather than through the Trainer so that the pre-clip norm is measured once and reported.
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+        norm = clip_gradients(self._trainer, self, max_norm)
         self._grad_norms.append(float(norm))
 
     # ------------------------------------------------------------------ reporting
+
+    def on_train_start(self) -> None:
+        self._seen_step = self.global_step  # a resumed run starts past step 0
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         step = self.global_step
         if step == self._seen_step:  # mid-accumulation: no optimizer step finished
             return
         self._seen_step = step
-        if step % self.cfg.log_every_n_steps == 0:
+        if step % self.cfg.report_every_n_steps == 0:
             self._report_training(in_step_hook=True)
 
     def on_train_epoch_end(self) -> None:

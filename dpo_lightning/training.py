@@ -1,40 +1,69 @@
-"""A local run, top to bottom: check -> data -> models -> Trainer -> fit -> validate -> export."""
+"""One run, top to bottom: check -> data -> models -> Trainer -> fit (or resume) -> validate -> finish.
+
+What happens around the run (metrics sinks, checkpoint storage, preemption) comes in through a `Session`:
+`determined_bridge.CoreSession` on a cluster and off it, or none for a fast dev run, which writes nothing.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import lightning as L
 
-from dpo_lightning.callbacks import JsonlReporter, LocalCheckpointing, TrainingInterrupted, print_reporter
-from dpo_lightning.checkpoints import RUN_CONFIG, export_final, run_record, write_json
+from dpo_lightning.callbacks import JsonlReporter, print_reporter
+from dpo_lightning.checkpoints import RUN_CONFIG, lightning_state_path, run_record, write_json
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
-from dpo_lightning.models import load_policy, load_reference, load_tokenizer, resolve_model
-from dpo_lightning.module import DPOModule
+from dpo_lightning.models import ModelSource, load_policy, load_reference, load_tokenizer, resolve_model
+from dpo_lightning.module import DPOModule, Reporter
+from dpo_lightning.strategies import build_strategy, launcher_layout
 
 log = logging.getLogger(__name__)
 
 
-def launcher_layout() -> tuple[int | str, int]:
-    """(devices, num_nodes) from a torchrun-style launcher's environment, else Lightning's defaults."""
-    if "LOCAL_WORLD_SIZE" in os.environ:
-        local = int(os.environ["LOCAL_WORLD_SIZE"])
-        nodes = int(os.environ.get("GROUP_WORLD_SIZE", int(os.environ["WORLD_SIZE"]) // local))
-        return local, nodes
-    return "auto", 1
+class TrainingInterrupted(Exception):
+    """Raised after the interrupt checkpoint is written, to leave `fit` without another validation."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"{reason} at step {step}; checkpoint saved")
+        self.step = step
+        self.reason = reason
 
 
-def build_trainer(cfg: DPOConfig, *, has_validation: bool, callbacks: list, fast_dev_run: bool) -> L.Trainer:
+@dataclass(frozen=True)
+class StartPoint:
+    """A checkpoint to start from: all of its state (resume) or only its policy weights (warm start)."""
+
+    path: Path
+    step: int
+    weights_only: bool = False
+
+
+class Session(Protocol):
+    """What a run reports to and checkpoints through."""
+
+    reporters: list[Reporter]
+    callbacks: list[L.Callback]
+    write_files: bool  # metrics.jsonl, run_config.json, final/ under output_dir
+
+    def finish(self, trainer: L.Trainer, module: DPOModule) -> Path | None:
+        """After the last step: the final checkpoint (all ranks call it); returns its folder."""
+
+
+def build_trainer(
+    cfg: DPOConfig, policy, *, has_validation: bool, callbacks: list, fast_dev_run: bool, logger: bool = True
+) -> L.Trainer:
     """Lightning counts validation intervals in batches; the config counts optimizer steps."""
     devices, num_nodes = launcher_layout()
     return L.Trainer(
         accelerator="auto",
+        strategy=build_strategy(cfg, policy),
         devices=devices,
         num_nodes=num_nodes,
         precision=cfg.precision,
@@ -47,19 +76,36 @@ def build_trainer(cfg: DPOConfig, *, has_validation: bool, callbacks: list, fast
         num_sanity_val_steps=0,
         log_every_n_steps=1,  # the module decides when to report; Lightning must not drop those logs
         use_distributed_sampler=False,  # our sampler shards by rank and can resume mid-epoch
-        enable_checkpointing=False,  # checkpoints follow our layout (callbacks.LocalCheckpointing)
+        enable_checkpointing=False,  # checkpoints follow our layout, through the session
+        logger=logger,
         default_root_dir=cfg.output_dir,
         callbacks=callbacks,
         fast_dev_run=fast_dev_run,
     )
 
 
-def resolve_sources(cfg: DPOConfig):
+def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
     """Cheap checks of every path and model name, before anything is loaded."""
     check_source(cfg)
     policy_source = resolve_model(cfg.model_name, "model_name")
     ref_source = resolve_model(cfg.ref_model_name, "ref_model_name") if cfg.ref_model_name else None
     return policy_source, ref_source
+
+
+def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSource | None, start: StartPoint | None):
+    """The policy (from the checkpoint when starting from one) and the frozen reference.
+
+    The reference is always the configured one: `ref_model_name`, else the initial policy `model_name`,
+    never the checkpoint's trained weights.
+    """
+    if start is None:
+        policy = load_policy(cfg, policy_source)
+        initial = policy if ref_source is None else None
+    else:
+        policy = load_policy(cfg, ModelSource(str(start.path), True))
+        initial = None
+    reference = load_reference(cfg, ref_source or policy_source, initial_policy=initial)
+    return policy, reference
 
 
 class TrainOutcome(NamedTuple):
@@ -68,10 +114,14 @@ class TrainOutcome(NamedTuple):
     interrupted: bool
 
 
-def train(cfg: DPOConfig, *, fast_dev_run: bool = False) -> TrainOutcome:
-    """Train on this machine (or under torchrun), validate at the end and export the final policy."""
-    # The frozen reference is in eval mode on purpose; Lightning would warn about it at every fit.
+def train(
+    cfg: DPOConfig, *, session: Session | None = None, start: StartPoint | None = None, fast_dev_run: bool = False
+) -> TrainOutcome:
+    """Train, validate at the end and hand the final state to the session."""
+    # The frozen reference is in eval mode on purpose; Lightning would warn about it at every fit. Our sampler
+    # restores the data position itself, which Lightning cannot see when it warns about mid-epoch resumes.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     policy_source, ref_source = resolve_sources(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = load_tokenizer(policy_source, cfg.trust_remote_code)
@@ -79,42 +129,37 @@ def train(cfg: DPOConfig, *, fast_dev_run: bool = False) -> TrainOutcome:
     datamodule.prepare()  # data errors surface before the models load
 
     output_dir = Path(cfg.output_dir)
-    record = run_record(cfg)
-    policy = load_policy(cfg, policy_source)
-    reference = load_reference(cfg, policy, ref_source)
-    reporters = [print_reporter] if fast_dev_run else [JsonlReporter(output_dir / "metrics.jsonl")]
+    write_files = session is not None and session.write_files and not fast_dev_run
+    policy, reference = load_models(cfg, policy_source, ref_source, start)
+    reporters = list(session.reporters) if session is not None else []
+    if write_files:
+        reporters.append(JsonlReporter(output_dir / "metrics.jsonl"))
+    if fast_dev_run:
+        reporters.append(print_reporter)
     module = DPOModule(cfg, policy, reference, reporters=reporters)
-    callbacks = []
-    if not fast_dev_run:
-        callbacks.append(
-            LocalCheckpointing(
-                output_dir / "checkpoints", tokenizer, record, cfg.checkpoint_every_n_steps, cfg.keep_last_n_checkpoints
-            )
-        )
     trainer = build_trainer(
-        cfg, has_validation=datamodule.has_validation, callbacks=callbacks, fast_dev_run=fast_dev_run
+        cfg,
+        policy,
+        has_validation=datamodule.has_validation,
+        callbacks=list(session.callbacks) if session is not None else [],
+        fast_dev_run=fast_dev_run,
+        logger=not fast_dev_run and (session is None or session.write_files),
     )
-    if trainer.is_global_zero and not fast_dev_run:
-        write_json(output_dir / RUN_CONFIG, record)
+    if write_files and trainer.is_global_zero:
+        write_json(output_dir / RUN_CONFIG, run_record(cfg))
 
+    resume_from = None if start is None or start.weights_only else str(lightning_state_path(start.path))
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     except TrainingInterrupted as stop:
         log.warning("%s; exiting", stop)
         return TrainOutcome(module, trainer, interrupted=True)
 
     if datamodule.has_validation and not fast_dev_run and module.last_validated_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    if trainer.is_global_zero and not fast_dev_run:
-        final = export_final(output_dir, module.policy, tokenizer, record)
-        log.info("final policy saved to %s", final)
+    if session is not None and not fast_dev_run:
+        session.finish(trainer, module)
     return TrainOutcome(module, trainer, interrupted=False)
-
-
-def run_local(cfg: DPOConfig, *, fast_dev_run: bool = False) -> int:
-    """The process exit status of a local run: 0 when finished or interrupted with a checkpoint saved."""
-    train(cfg, fast_dev_run=fast_dev_run)
-    return 0
 
 
 def configure_logging() -> None:

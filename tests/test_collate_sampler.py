@@ -135,7 +135,7 @@ def test_resume_mid_epoch_gives_the_exact_tail(num_replicas, rank, k):
     it = iter(sampler)
     head = [next(it) for _ in range(k)]
     state = sampler.state_dict()
-    assert state == {"epoch": 5, "position": k, "seed": 3}
+    assert state == {"epoch": 5, "position": k, "seed": 3, "num_replicas": num_replicas}
 
     fresh = ResumableSampler(30, **kwargs)
     fresh.load_state_dict(state)

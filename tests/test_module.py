@@ -11,8 +11,8 @@ from contract import tiny_run_values, write_jsonl
 
 from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
+from dpo_lightning.determined_bridge import run_local
 from dpo_lightning.module import decay_groups, lr_lambda, warmup_steps_for
-from dpo_lightning.training import train
 
 
 def test_schedules_by_hand():
@@ -45,9 +45,9 @@ def setup(tiny_model, tmp_path_factory):
 
 def _run(setup, tmp_path, **overrides):
     model, data = setup
-    base = dict(val_fraction=0.0, batch_size=4, max_prompt_length=16, log_every_n_steps=1)
+    base = dict(val_fraction=0.0, batch_size=4, max_prompt_length=16, report_every_n_steps=1)
     values = tiny_run_values(model, data, tmp_path, **{**base, **overrides})
-    outcome = train(make_config(values))
+    outcome = run_local(make_config(values))
     reports = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return outcome, reports
 

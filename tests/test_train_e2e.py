@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
-from dpo_lightning.training import train
+from dpo_lightning.determined_bridge import run_local
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def pairs_file(tmp_path_factory) -> Path:
 
 def _config(tiny_model: Path, pairs_file: Path, output_dir: Path, **overrides):
     values = dict(val_fraction=0.2, max_prompt_length=24, batch_size=8, num_epochs=2, warmup_ratio=0.1)
-    values.update(log_every_n_steps=5, val_check_interval=1000)
+    values.update(report_every_n_steps=5, val_check_interval=1000)
     return make_config(tiny_run_values(tiny_model, pairs_file, output_dir, **{**values, **overrides}))
 
 
@@ -43,7 +43,7 @@ def _read_metrics(output_dir: Path) -> list[dict]:
 def test_training_learns_the_preference_and_exports(tiny_model, pairs_file, tmp_path):
     cfg = _config(tiny_model, pairs_file, tmp_path / "run")
     initial = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
-    outcome = train(cfg)
+    outcome = run_local(cfg)
 
     assert not outcome.interrupted
     module = outcome.module
@@ -132,7 +132,7 @@ def test_signal_saves_a_checkpoint_and_exits_zero(tiny_model, pairs_file, tmp_pa
         "50",
         "--batch_size",
         "2",
-        "--log_every_n_steps",
+        "--report_every_n_steps",
         "1",
         "--checkpoint_every_n_steps",
         "0",
@@ -148,14 +148,16 @@ def test_signal_saves_a_checkpoint_and_exits_zero(tiny_model, pairs_file, tmp_pa
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    checkpoints = sorted((output_dir / "checkpoints").glob("step-*"))
+    checkpoints = [p for p in (output_dir / "checkpoints").iterdir() if p.is_dir()]
     assert len(checkpoints) == 1
     ckpt = checkpoints[0]
     meta = json.loads((ckpt / "metadata.json").read_text())
-    assert ckpt.name == f"step-{meta['steps_completed']:08d}" and meta["steps_completed"] >= 2
-    state = torch.load(ckpt / "trainer" / "state.pt", weights_only=False)
-    assert state["global_step"] == meta["steps_completed"] and "state_dict" not in state
-    assert state["optimizer_states"] and state["data_sampler"]["position"] > 0
+    assert meta["steps_completed"] >= 2 and meta["trial_id"] is None
+    state = torch.load(ckpt / "trainer" / "lightning.pt", weights_only=False)
+    assert state["global_step"] == meta["steps_completed"] and state["state_dict"] == {}  # weights live once
+    sampler = state["DPODataModule"]["train_sampler"]
+    assert state["optimizer_states"] and sampler["position"] == meta["steps_completed"] * 2  # batch_size 2
+    assert (ckpt / "trainer" / "rank-00000.pt").is_file()
     AutoModelForCausalLM.from_pretrained(ckpt)  # the policy loads from the checkpoint root
     assert not (output_dir / "final").exists()  # interrupted: no export, no extra validation
     steps = [r["step"] for r in _read_metrics(output_dir) if r["group"] == "validation"]

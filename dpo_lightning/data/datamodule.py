@@ -25,6 +25,7 @@ class DPODataModule(L.LightningDataModule):
         self.pairs: PreparedPairs | None = None
         self.collate = PairCollator(tokenizer.pad_token_id)
         self.train_sampler: ResumableSampler | None = None
+        self._sampler_state: dict | None = None  # restored before the sampler exists
 
     def prepare(self) -> PreparedPairs:
         if self.pairs is None:
@@ -49,6 +50,8 @@ class DPODataModule(L.LightningDataModule):
             self.train_sampler = ResumableSampler(
                 len(data), seed=self.cfg.seed, shuffle=True, num_replicas=world_size, rank=rank
             )
+            if self._sampler_state is not None:
+                self.train_sampler.load_state_dict(self._sampler_state)
         return self._loader(data, self.train_sampler)
 
     def val_dataloader(self) -> DataLoader:
@@ -58,6 +61,27 @@ class DPODataModule(L.LightningDataModule):
             return []
         sampler = ResumableSampler(len(data), seed=self.cfg.seed, shuffle=False, num_replicas=world_size, rank=rank)
         return self._loader(data, sampler)
+
+    def state_dict(self) -> dict:
+        """The training data position, saved with every checkpoint (Lightning calls this on rank 0).
+
+        The position counts the micro-batches this epoch whose step has run, from Lightning's loop progress
+        rather than from the sampler, which the DataLoader has already read ahead of the step.
+        """
+        if self.train_sampler is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        consumed = progress.processed * self.cfg.batch_size
+        return {"train_sampler": self.train_sampler.state_dict(consumed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        sampler_state = state.get("train_sampler")
+        if sampler_state is None:
+            return
+        if self.train_sampler is not None:
+            self.train_sampler.load_state_dict(sampler_state)
+        else:
+            self._sampler_state = sampler_state
 
     def _loader(self, data, sampler: ResumableSampler) -> DataLoader:
         return DataLoader(

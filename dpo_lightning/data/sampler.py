@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
+
+log = logging.getLogger(__name__)
 
 
 class ResumableSampler(Sampler[int]):
@@ -56,11 +59,29 @@ class ResumableSampler(Sampler[int]):
             self.position += 1
             yield index
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
+        """The position after `consumed` of this epoch's indices (default: as many as were handed out).
+
+        Pass `consumed` when the consumer reads ahead (Lightning prefetches a batch, DataLoader workers more),
+        so that a restored run starts at the first index not yet trained on, not the first not yet fetched.
+        """
+        position = self.position if consumed is None else min(consumed, len(self))
+        return {"epoch": self.epoch, "position": position, "seed": self.seed, "num_replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"sampler state was saved with seed {state['seed']}, this run uses {self.seed}")
+        position = state["position"]
+        saved_replicas = state.get("num_replicas", self.num_replicas)
+        if saved_replicas != self.num_replicas:
+            # Another world size deals the permutation out differently: keep the share of the epoch done,
+            # which repeats or skips at most a few samples of this epoch.
+            position = position * saved_replicas // self.num_replicas
+            log.warning(
+                "resuming on %d processes from a checkpoint written by %d: the rest of this epoch's data order "
+                "is approximate",
+                self.num_replicas,
+                saved_replicas,
+            )
         self.epoch = state["epoch"]
-        self.position = self._resume_from = state["position"]
+        self.position = self._resume_from = min(position, len(self))

@@ -1,0 +1,174 @@
+"""A run's link to a Determined Core API context: metrics, progress, checkpoints, preemption.
+
+The context is duck-typed (`.train`, `.checkpoint`, `.preempt`): Determined's real one on a cluster, its
+dummy one off-cluster (checkpoints under `<output_dir>/checkpoints/`), a strict fake in the tests. Only
+`determined_bridge.py` builds one, so only that module imports `determined`.
+
+Rules the Core API sets, and where they are kept here:
+- metrics go out from rank 0 only, as plain finite floats, `steps_completed` = optimizer steps (`report`);
+- `store_path(metadata, shard=True)` is entered by every rank in step, `steps_completed` increasing, never
+  twice for one step (`save`);
+- `should_preempt()` is asked by every rank at the same steps (`CoreCallback._stop_reason`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+
+from dpo_lightning.callbacks import StopSignals
+from dpo_lightning.checkpoints import (
+    CHECKPOINTS,
+    checkpoint_metadata,
+    export_final,
+    prune_checkpoints,
+    restore_rank_state,
+    run_record,
+    write_checkpoint,
+)
+from dpo_lightning.config import DPOConfig
+from dpo_lightning.training import StartPoint, TrainingInterrupted
+
+log = logging.getLogger(__name__)
+
+# The validation metric adaptive_asha's `time_metric` names: how far a trial has trained.
+TIME_METRIC = "steps_completed"
+PROGRESS_EVERY_S = 30.0
+
+
+def plain_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Finite Python floats only: the master stores JSON, which has no NaN or infinity."""
+    plain = {}
+    for name, value in metrics.items():
+        value = float(value)
+        if math.isfinite(value):
+            plain[name] = value
+        else:
+            log.warning("metric %s is %s; not reported to Determined", name, value)
+    return plain
+
+
+class CoreSession:
+    """Reports, checkpoints and the final state of one run (one trial), through a Core API context."""
+
+    def __init__(
+        self,
+        core,
+        cfg: DPOConfig,
+        *,
+        trial_id: int | None = None,
+        on_cluster: bool = False,
+        start: StartPoint | None = None,
+    ) -> None:
+        self.core = core
+        self.cfg = cfg
+        self.trial_id = trial_id
+        self.on_cluster = on_cluster
+        self.start = start
+        self.write_files = not on_cluster  # in a task container those files would vanish with it
+        self.record = run_record(cfg)
+        resumed = start is not None and not start.weights_only
+        self.last_saved: tuple[int, Path] | None = (start.step, start.path) if resumed else None
+        self.reporters = [self.report]
+        self.callbacks: list[L.Callback] = [CoreCallback(self)]
+        self._last_progress = -math.inf
+
+    # ------------------------------------------------------------------ metrics
+
+    def report(self, group: str, step: int, metrics: dict[str, float]) -> None:
+        """A reporter (the module calls it on global rank 0 only)."""
+        values = plain_metrics(metrics)
+        if group == "training":
+            self.core.train.report_training_metrics(steps_completed=step, metrics=values)
+        else:
+            values[TIME_METRIC] = float(step)
+            self.core.train.report_validation_metrics(steps_completed=step, metrics=values)
+
+    def progress(self, trainer: L.Trainer, *, force: bool = False) -> None:
+        """The share of training done, at most every PROGRESS_EVERY_S seconds (the WebUI's progress bar)."""
+        now = time.monotonic()
+        if not trainer.is_global_zero or (not force and now - self._last_progress < PROGRESS_EVERY_S):
+            return
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        self.core.train.report_progress(min(1.0, trainer.global_step / max(1, total)))
+        self._last_progress = now
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, trainer: L.Trainer, module, step: int) -> Path:
+        """A checkpoint of `step` through the sharded protocol; every rank calls it. Never two per step."""
+        if self.last_saved is not None and self.last_saved[0] == step:
+            return self.last_saved[1]
+        metadata = checkpoint_metadata(step, self.trial_id)
+        with self.core.checkpoint.store_path(metadata, shard=True) as (path, storage_id):
+            write_checkpoint(
+                Path(path), trainer=trainer, module=module, tokenizer=trainer.datamodule.tokenizer, record=self.record
+            )
+        self.last_saved = (step, Path(path))
+        if trainer.is_global_zero:
+            log.info("checkpoint %s saved at step %d (%s)", storage_id, step, path)
+            if not self.on_cluster:  # on a cluster, checkpoint_storage's retention policy decides
+                for old in prune_checkpoints(Path(self.cfg.output_dir) / CHECKPOINTS, self.cfg.keep_last_n_checkpoints):
+                    log.info("removed old checkpoint %s", old)
+        return Path(path)
+
+    def finish(self, trainer: L.Trainer, module) -> Path:
+        """The final checkpoint and, off-cluster, a copy of its policy in `<output_dir>/final/`."""
+        path = self.save(trainer, module, trainer.global_step)
+        if self.write_files and trainer.is_global_zero:
+            final = export_final(Path(self.cfg.output_dir), path)
+            log.info("final policy saved to %s", final)
+        self.progress(trainer, force=True)
+        return path
+
+
+class CoreCallback(L.Callback):
+    """Per optimizer step: progress, the stop decision, periodic checkpoints; on resume, the RNG state."""
+
+    def __init__(self, session: CoreSession) -> None:
+        self.session = session
+        self.signals = StopSignals()
+        self._seen_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._seen_step = trainer.global_step
+        self.signals.install()
+        start = self.session.start
+        if start is not None and not start.weights_only:
+            if not restore_rank_state(start.path, trainer.global_rank):
+                log.warning("rank %d: checkpoint has no RNG state for this rank; continuing", trainer.global_rank)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.signals.restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        self.signals.restore()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._seen_step:  # mid-accumulation: no optimizer step finished
+            return
+        self._seen_step = step
+        self.session.progress(trainer)
+        reason = self._stop_reason(trainer, step)
+        every = self.session.cfg.checkpoint_every_n_steps
+        # The last step is saved here, not after `fit`: once `fit` returns, Lightning's loop state marks the
+        # epoch finished, and a run resumed from there with a larger max_steps would skip the rest of it.
+        last = 0 < trainer.max_steps <= step
+        if reason or last or (every > 0 and step % every == 0):
+            self.session.save(trainer, pl_module, step)
+        if reason:
+            self.session.progress(trainer, force=True)
+            raise TrainingInterrupted(step, reason)
+
+    def _stop_reason(self, trainer: L.Trainer, step: int) -> str | None:
+        # Every rank must agree, or one rank would enter the checkpoint while another trains on.
+        if trainer.strategy.reduce_boolean_decision(self.signals.received is not None, all=False):
+            return "stopped by a signal"
+        if step % self.session.cfg.preempt_check_every_n_steps == 0 and self.session.core.preempt.should_preempt():
+            return "preempted"
+        return None

@@ -1,0 +1,161 @@
+"""The bridge to Determined's Core API, and the only module that imports `determined`.
+
+On a cluster the trial's hyperparameters are the configuration, checkpoints go to the experiment's
+checkpoint storage and the master may preempt the run; off-cluster `det.core.init()` falls back to its dummy
+context, so the same code stores checkpoints under `<output_dir>/checkpoints/` and resumes from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from dpo_lightning.checkpoints import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, read_metadata
+from dpo_lightning.config import (
+    RESUMABLE_CHANGES,
+    DPOConfig,
+    config_changes,
+    load_config,
+    make_config,
+    resolve_hparams,
+)
+from dpo_lightning.core_session import CoreSession
+from dpo_lightning.errors import ConfigError, UserError
+from dpo_lightning.training import StartPoint, TrainOutcome, train
+
+log = logging.getLogger(__name__)
+
+
+def trial_info():
+    """The cluster's trial info, or None off-cluster (and in non-trial tasks such as notebooks)."""
+    import determined as det
+
+    info = det.get_cluster_info()
+    return info if info is not None and info.task_type == "TRIAL" else None
+
+
+def distributed_context():
+    """Determined's view of the launcher's processes; None for a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from determined.core import DistributedContext
+
+    return DistributedContext.from_torch_distributed()
+
+
+def cluster_config(hparams: dict, overrides: dict) -> DPOConfig:
+    """The trial's hyperparameters (command-line overrides on top) through the same checks as local runs."""
+    values = dict(hparams)
+    values.update(overrides)
+    return make_config(resolve_hparams(values))
+
+
+# ----------------------------------------------------------------------------- where to start
+
+
+def start_point(folder: Path, *, trial_id: int | None) -> StartPoint:
+    """A full resume when the checkpoint is this trial's own; weights only when another trial wrote it."""
+    metadata = read_metadata(folder)
+    if metadata is None:
+        raise UserError(f"{folder} is not a complete checkpoint (no readable metadata.json)")
+    same_trial = metadata.get("trial_id") == trial_id
+    if not same_trial:
+        log.info("warm start from checkpoint of trial %s: policy weights only", metadata.get("trial_id"))
+    return StartPoint(folder, metadata["steps_completed"], weights_only=not same_trial)
+
+
+def check_same_run(folder: Path, cfg: DPOConfig) -> None:
+    """A resumed run must train what the checkpoint trained; only the run length may change."""
+    try:
+        saved = json.loads((folder / RUN_CONFIG).read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"cannot resume from {folder}: its {RUN_CONFIG} is missing or unreadable") from None
+    changed = config_changes(saved, cfg)
+    if changed:
+        current = cfg.to_dict()
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed)
+        raise UserError(
+            f"cannot resume from {folder}: the configuration differs in {shown}; only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change on resume; restore those values or pick a new output_dir"
+        )
+
+
+def local_start_point(cfg: DPOConfig, resume: str | None) -> StartPoint | None:
+    """`--resume PATH` (a checkpoint or an output folder), else the newest complete checkpoint in output_dir."""
+    if resume is not None:
+        folder = find_resume_checkpoint(Path(resume).expanduser())
+        if folder is None:
+            raise UserError(f"--resume: no complete checkpoint at {resume} (a checkpoint has metadata.json)")
+    else:
+        folder = find_resume_checkpoint(Path(cfg.output_dir))
+        if folder is None:
+            return None
+    check_same_run(folder, cfg)
+    start = start_point(folder, trial_id=None)
+    log.info("resuming from %s (step %d)", folder, start.step)
+    return start
+
+
+def cluster_start_point(core, latest_checkpoint: str | None, trial_id: int, stack: contextlib.ExitStack):
+    """The trial's latest checkpoint, made local on every rank for as long as `stack` is open."""
+    if latest_checkpoint is None:
+        return None
+    folder = Path(stack.enter_context(core.checkpoint.restore_path(latest_checkpoint)))
+    return start_point(folder, trial_id=trial_id)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_trial(
+    core, cfg: DPOConfig, *, start: StartPoint | None, trial_id: int | None, on_cluster: bool
+) -> TrainOutcome:
+    """Train through a Core API context (real, dummy or fake)."""
+    session = CoreSession(core, cfg, trial_id=trial_id, on_cluster=on_cluster, start=start)
+    outcome = train(cfg, session=session, start=start)
+    if outcome.interrupted:
+        log.info("stopped at step %d with a checkpoint; run again to resume", outcome.trainer.global_step)
+    return outcome
+
+
+def run_local(cfg: DPOConfig, *, resume: str | None = None) -> TrainOutcome:
+    """Off-cluster: Determined's dummy context, checkpoints under `<output_dir>/checkpoints/`, resumed from
+    `resume` or else from the newest complete checkpoint there."""
+    start = local_start_point(cfg, resume)  # a mismatched resume fails here, before anything loads
+
+    import determined as det
+
+    # the dummy context logs every report at INFO; the progress bar and metrics.jsonl already show them
+    logging.getLogger("determined").setLevel(logging.WARNING)
+    storage = str((Path(cfg.output_dir) / CHECKPOINTS).resolve())
+    with det.core.init(distributed=distributed_context(), checkpoint_storage=storage) as core:
+        return run_trial(core, cfg, start=start, trial_id=None, on_cluster=False)
+
+
+def run(config_path: Path, overrides: dict, *, fast_dev_run: bool = False, resume: str | None = None) -> int:
+    """The entrypoint's whole job: pick the configuration and the start point, then train."""
+    info = trial_info()
+    if info is None:
+        cfg = load_config(config_path, overrides)
+        if fast_dev_run:  # one batch each way, nothing written, nothing resumed
+            train(cfg, fast_dev_run=True)
+        else:
+            run_local(cfg, resume=resume)
+        return 0  # finished, or stopped with a checkpoint saved
+    if resume is not None or fast_dev_run:
+        raise UserError("--resume and --fast-dev-run are for local runs; on a cluster the trial resumes itself")
+
+    import determined as det
+
+    with det.core.init(distributed=distributed_context()) as core:
+        try:
+            cfg = cluster_config(info.trial.hparams, overrides)
+        except ConfigError as exc:  # inside the block: Determined ends the trial early rather than retrying
+            raise det.InvalidHP(str(exc)) from None
+        with contextlib.ExitStack() as stack:
+            start = cluster_start_point(core, info.latest_checkpoint, info.trial.trial_id, stack)
+            run_trial(core, cfg, start=start, trial_id=info.trial.trial_id, on_cluster=True)
+    return 0
