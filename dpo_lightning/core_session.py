@@ -162,6 +162,7 @@ class CoreCallback(L.Callback):
         if reason or last or (every > 0 and step % every == 0):
             self.session.save(trainer, pl_module, step)
         if reason:
+            pl_module.flush_training_report()  # its own hook, which would report this step, will not run
             self.session.progress(trainer, force=True)
             raise TrainingInterrupted(step, reason)
 

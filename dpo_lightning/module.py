@@ -135,8 +135,12 @@ class DPOModule(L.LightningModule):
             self._report_training(in_step_hook=True)
 
     def on_train_epoch_end(self) -> None:
-        if self.train_metrics.updates and self._grad_norms:  # the steps since the last report
-            self._report_training(in_step_hook=False)
+        self.flush_training_report(in_step_hook=False)
+
+    def flush_training_report(self, in_step_hook: bool = True) -> None:
+        """Report the optimizer steps since the last report, if any (before a stop, at epoch end)."""
+        if self.train_metrics.updates and self._grad_norms:
+            self._report_training(in_step_hook=in_step_hook)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self.val_metrics.updates:
