@@ -65,17 +65,25 @@ class PreferenceMetrics(torch.nn.Module):
         self.updates = 0
         self._started = time.perf_counter()
 
-    def update(self, out: LossOutput, policy: SequenceLogps, attention_mask: torch.Tensor) -> None:
+    def update(
+        self,
+        out: LossOutput,
+        policy: SequenceLogps,
+        attention_mask: torch.Tensor,
+        pair_weight: torch.Tensor | None = None,
+    ) -> None:
+        """One micro-batch. `pair_weight` (B,) is 0 for rows that only even out the ranks' shares."""
+        weight = torch.ones_like(out.losses) if pair_weight is None else pair_weight.to(out.losses)
         for name, values in pair_values(out, policy).items():
-            self.means[_key(name)].update(values)
+            self.means[_key(name)].update(values, weight=weight)
         for name, logits_sum, num_tokens in zip(
             TOKEN_METRICS, policy.logits_sum.chunk(2), policy.num_tokens.chunk(2), strict=True
         ):
-            total = num_tokens.sum()
+            total = (num_tokens * weight).sum()
             # the token-weighted mean: each micro-batch weighs in by its completion tokens
-            self.token_means[_key(name)].update(logits_sum.sum() / total.clamp(min=1), weight=total)
-        self.pairs.update(torch.tensor(float(out.losses.numel()), device=out.losses.device))
-        self.tokens.update(attention_mask.sum().float())
+            self.token_means[_key(name)].update((logits_sum * weight).sum() / total.clamp(min=1), weight=total)
+        self.pairs.update(weight.sum())
+        self.tokens.update((attention_mask.sum(dim=1).float() * weight.repeat(2)).sum())
         self.updates += 1
 
     def report(self) -> dict[str, float]:

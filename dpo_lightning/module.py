@@ -91,7 +91,7 @@ class DPOModule(L.LightningModule):
             chosen_lengths=policy.num_tokens.chunk(2)[0],
             rejected_lengths=policy.num_tokens.chunk(2)[1],
         )
-        metrics.update(out, policy, batch["attention_mask"])
+        metrics.update(out, policy, batch["attention_mask"], batch.get("pair_weight"))
         return out.losses.mean()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

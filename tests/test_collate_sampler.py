@@ -5,7 +5,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpo_lightning.data.collate import PairCollator
-from dpo_lightning.data.sampler import ResumableSampler
+from dpo_lightning.data.sampler import EvalShard, ResumableSampler
+from dpo_lightning.logprobs import SequenceLogps
+from dpo_lightning.losses import compute_loss
+from dpo_lightning.metrics import PreferenceMetrics
 
 EOS = 0
 
@@ -185,3 +188,35 @@ def test_dataloader_resumed_at_a_batch_boundary():
     assert seen == full[:3]
     assert rest == full[3:]
     assert sorted(x for b in seen + rest for x in b) == data
+
+
+def test_eval_shards_cover_every_row_once_and_weigh_padding_zero():
+    data = [{"i": i} for i in range(5)]
+    shards = [EvalShard(data, num_replicas=2, rank=r) for r in (0, 1)]
+    assert [len(s) for s in shards] == [3, 3]  # equal lengths keep collective forwards in step
+    real = [item["i"] for s in shards for item in (s[j] for j in range(len(s))) if item["weight"] == 1.0]
+    assert sorted(real) == [0, 1, 2, 3, 4]
+    assert [s[2]["weight"] for s in shards] == [1.0, 0.0]
+    batch = PairCollator(0)([{**s, "prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]} for s in shards[1]])
+    assert batch["pair_weight"].tolist() == [1.0, 1.0, 0.0]
+
+
+def _metrics_of(logps: torch.Tensor, ref: torch.Tensor, weight=None) -> dict[str, float]:
+    """Metrics of pairs given as (2B,) policy and reference log-probs, chosen rows first."""
+    b = logps.numel() // 2
+    out = compute_loss("sigmoid", *logps.chunk(2), *ref.chunk(2), beta=0.1)
+    policy = SequenceLogps(logps, torch.full((2 * b,), 3.0), 2 * logps)  # logits sums follow their rows
+    metrics = PreferenceMetrics()
+    metrics.update(out, policy, torch.ones(2 * b, 4), weight)
+    values = metrics.report()
+    values.pop("samples_per_second"), values.pop("tokens_per_second")
+    return values
+
+
+def test_zero_weight_pairs_count_in_no_metric():
+    logps = torch.tensor([-1.0, -2.0, -9.0, -3.0, -1.5, -0.5])  # chosen: -1, -2, -9; rejected: -3, -1.5, -0.5
+    ref = torch.tensor([-2.0, -2.0, -2.0, -2.0, -2.0, -2.0])
+    padded = _metrics_of(logps, ref, torch.tensor([1.0, 1.0, 0.0]))
+    alone = _metrics_of(logps[[0, 1, 3, 4]], ref[[0, 1, 3, 4]])
+    assert padded == pytest.approx(alone, rel=1e-6)
+    assert padded != pytest.approx(_metrics_of(logps, ref), rel=1e-3)  # the third pair would change them

@@ -16,7 +16,8 @@ class PairCollator:
     """Right-pads prompt+completion sequences; masks are built from lengths, never from the pad id.
 
     Input: B items with `prompt_ids`, `chosen_ids`, `rejected_ids` (int lists). Output (2B, T) long tensors:
-    `input_ids`, `attention_mask` (1 on real tokens), `completion_mask` (1 on completion tokens).
+    `input_ids`, `attention_mask` (1 on real tokens), `completion_mask` (1 on completion tokens); and
+    `pair_weight` (B,) when the items carry a `weight` (evaluation shards, where padding rows weigh 0).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
@@ -33,8 +34,11 @@ class PairCollator:
         width = max(len(s) for s in sequences)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return {
+        batch = {
             "input_ids": _pad(sequences, self.pad_token_id, width),
             "attention_mask": _pad([[1] * len(s) for s in sequences], 0, width),
             "completion_mask": _pad(completion, 0, width),
         }
+        if "weight" in items[0]:
+            batch["pair_weight"] = torch.tensor([float(item["weight"]) for item in items])
+        return batch

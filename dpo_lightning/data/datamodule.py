@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.data.collate import PairCollator
 from dpo_lightning.data.pipeline import PreparedPairs, prepare_pairs
-from dpo_lightning.data.sampler import ResumableSampler
+from dpo_lightning.data.sampler import EvalShard, ResumableSampler
 
 
 class DPODataModule(L.LightningDataModule):
@@ -59,8 +59,8 @@ class DPODataModule(L.LightningDataModule):
         data = self.prepare().val
         if data is None:
             return []
-        sampler = ResumableSampler(len(data), seed=self.cfg.seed, shuffle=False, num_replicas=world_size, rank=rank)
-        return self._loader(data, sampler)
+        shard = EvalShard(data, num_replicas=world_size, rank=rank)
+        return self._loader(shard, SequentialSampler(shard))
 
     def state_dict(self) -> dict:
         """The training data position, saved with every checkpoint (Lightning calls this on rank 0).
@@ -83,7 +83,7 @@ class DPODataModule(L.LightningDataModule):
         else:
             self._sampler_state = sampler_state
 
-    def _loader(self, data, sampler: ResumableSampler) -> DataLoader:
+    def _loader(self, data, sampler) -> DataLoader:
         return DataLoader(
             data,
             batch_size=self.cfg.batch_size,

@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +85,21 @@ class ResumableSampler(Sampler[int]):
             )
         self.epoch = state["epoch"]
         self.position = self._resume_from = min(position, len(self))
+
+
+class EvalShard(Dataset):
+    """This rank's share of an evaluation set, every rank the same length so that collective forward
+    passes (FSDP) stay in step; the rows added to even the shares carry weight 0 and count in no metric."""
+
+    def __init__(self, data, *, num_replicas: int = 1, rank: int = 0):
+        self.data = data
+        own = list(range(rank, len(data), num_replicas))
+        length = math.ceil(len(data) / num_replicas)
+        self.items = [(i, 1.0) for i in own] + [(own[0] if own else 0, 0.0)] * (length - len(own))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j: int) -> dict:
+        index, weight = self.items[j]
+        return {**self.data[index], "weight": weight}
