@@ -12,6 +12,7 @@ import os
 import torch
 
 from dpo_lightning.config import DPOConfig
+from dpo_lightning.errors import UserError
 
 
 def launcher_layout() -> tuple[int | str, int]:
@@ -25,6 +26,15 @@ def launcher_layout() -> tuple[int | str, int]:
 
 def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_strategy(cfg: DPOConfig) -> None:
+    """Fail before anything loads when the strategy cannot run on this machine."""
+    if cfg.strategy == "fsdp" and not torch.cuda.is_available():
+        raise UserError(
+            "strategy: fsdp needs CUDA GPUs (Lightning's FSDP strategy does not run on CPU); "
+            "use --strategy ddp on this machine"
+        )
 
 
 def decoder_layer_classes(policy: torch.nn.Module) -> set[type[torch.nn.Module]]:

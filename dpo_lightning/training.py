@@ -22,7 +22,7 @@ from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.models import ModelSource, load_policy, load_reference, load_tokenizer, resolve_model
 from dpo_lightning.module import DPOModule, Reporter
-from dpo_lightning.strategies import build_strategy, launcher_layout
+from dpo_lightning.strategies import build_strategy, check_strategy, launcher_layout
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def build_trainer(
 
 def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
     """Cheap checks of every path and model name, before anything is loaded."""
+    check_strategy(cfg)
     check_source(cfg)
     policy_source = resolve_model(cfg.model_name, "model_name")
     ref_source = resolve_model(cfg.ref_model_name, "ref_model_name") if cfg.ref_model_name else None
