@@ -43,3 +43,9 @@ def tiny_run_values(model: Path, data: Path, output_dir: Path, **overrides) -> d
     )
     values.update(overrides)
     return values
+
+
+def stepwise_run_values(model: Path, data: Path, output_dir: Path, **overrides) -> dict:
+    """A tiny run that reports every optimizer step and validates every 3, for step-by-step checks."""
+    values = dict(batch_size=4, max_prompt_length=16, report_every_n_steps=1, val_check_interval=3)
+    return tiny_run_values(model, data, output_dir, **{**values, **overrides})

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import determined as det
 import pytest
 import torch
-from contract import PREFERENCE_METRICS, TRAINING_METRICS, tiny_run_values, write_jsonl
+from contract import PREFERENCE_METRICS, TRAINING_METRICS, stepwise_run_values, write_jsonl
 from fake_core import FakeCore
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -23,7 +23,7 @@ from dpo_lightning.config import make_config
 from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.models import load_tokenizer, resolve_model
 
-BATCH = 4
+BATCH = 4  # stepwise_run_values' batch_size
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +33,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def _values(tiny_model, data, output_dir, **overrides) -> dict:
-    values = dict(
-        batch_size=BATCH,
-        max_prompt_length=16,
-        val_fraction=0.2,
-        report_every_n_steps=1,
-        val_check_interval=3,
-        preempt_check_every_n_steps=1,
-        checkpoint_every_n_steps=0,
-        lr_scheduler="cosine",
-        warmup_steps=2,
-    )
-    return tiny_run_values(tiny_model, data, output_dir, **{**values, **overrides})
+    values = dict(val_fraction=0.2, preempt_check_every_n_steps=1, lr_scheduler="cosine", warmup_steps=2)
+    return stepwise_run_values(tiny_model, data, output_dir, **{**values, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from contract import tiny_run_values, write_jsonl
+from contract import stepwise_run_values, write_jsonl
 
 from dpo_lightning.builtin import preference_rows
 
@@ -37,20 +37,15 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
-def _args(tiny_model: Path, data: Path, output_dir: Path, max_steps: int) -> list[str]:
-    values = dict(
-        model_name=tiny_model,
-        dataset_name=data,
-        output_dir=output_dir,
-        max_steps=max_steps,
-        batch_size=4,
-        max_prompt_length=16,
-        max_length=48,
-        report_every_n_steps=1,
-        val_check_interval=3,
-        checkpoint_every_n_steps=2,
+def _values(tiny_model: Path, data: Path, output_dir: Path, max_steps: int, **overrides) -> dict:
+    values = stepwise_run_values(
+        tiny_model, data, output_dir, max_steps=max_steps, checkpoint_every_n_steps=2, **overrides
     )
-    return [f"--{k}={v}" for k, v in values.items()]
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+
+
+def _args(tiny_model: Path, data: Path, output_dir: Path, max_steps: int) -> list[str]:
+    return [f"--{k}={v}" for k, v in _values(tiny_model, data, output_dir, max_steps).items()]
 
 
 def _reports(output_dir: Path) -> list[tuple[str, int]]:
@@ -110,19 +105,7 @@ def test_determined_launcher_off_cluster(tiny_model, data, tmp_path):
 
 
 def test_fake_core_rank_rules_and_preemption_under_torchrun(tiny_model, data, tmp_path):
-    values = tiny_run_values(
-        tiny_model,
-        data,
-        tmp_path / "out",
-        max_steps=20,
-        batch_size=4,
-        max_prompt_length=16,
-        report_every_n_steps=1,
-        val_check_interval=3,
-        checkpoint_every_n_steps=2,
-        preempt_check_every_n_steps=5,
-    )
-    values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+    values = _values(tiny_model, data, tmp_path / "out", 20, preempt_check_every_n_steps=5)
     logs = tmp_path / "logs"
     logs.mkdir()
     script = str(ROOT / "tests" / "fake_trial.py")
