@@ -127,6 +127,11 @@ def test_interrupted_and_resumed_run_equals_a_straight_run(
         for name in ("loss", "logps/chosen", "rewards/margins", "learning_rate"):
             assert got[step][name] == pytest.approx(expected[step][name], rel=1e-6, abs=1e-9), (step, name)
     assert min(s for _, s, _ in second.train.reports[len(first.train.reports) :]) > stop_at - 1
+    # a validation due at the interrupted step runs on resume, so none is lost
+    expected_val, got_val = straight.train.group("validation"), second.train.group("validation")
+    assert sorted(got_val) == sorted(expected_val)
+    for step in expected_val:
+        assert got_val[step]["loss"] == pytest.approx(expected_val[step]["loss"], rel=1e-6), step
     expected_weights, got_weights = _weights(straight, tmp_path / "straight"), _weights(second, tmp_path / "resumed")
     for name, tensor in expected_weights.items():
         torch.testing.assert_close(got_weights[name], tensor, rtol=1e-6, atol=1e-7)
