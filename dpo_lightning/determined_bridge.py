@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from dpo_lightning.checkpoints import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, read_metadata
@@ -24,6 +23,7 @@ from dpo_lightning.config import (
 )
 from dpo_lightning.core_session import CoreSession
 from dpo_lightning.errors import ConfigError, UserError
+from dpo_lightning.strategies import launched_world_size
 from dpo_lightning.training import StartPoint, TrainOutcome, train
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def trial_info():
 
 def distributed_context():
     """Determined's view of the launcher's processes; None for a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_world_size() <= 1:
         return None
     from determined.core import DistributedContext
 

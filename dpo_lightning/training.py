@@ -1,7 +1,8 @@
 """One run, top to bottom: check -> data -> models -> Trainer -> fit (or resume) -> validate -> finish.
 
 What happens around the run (metrics sinks, checkpoint storage, preemption) comes in through a `Session`:
-`determined_bridge.CoreSession` on a cluster and off it, or none for a fast dev run, which writes nothing.
+`core_session.CoreSession` (built by determined_bridge) on a cluster and off it, or none for a fast dev
+run, which writes nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Session(Protocol):
     callbacks: list[L.Callback]
     write_files: bool  # metrics.jsonl, run_config.json, final/ under output_dir
 
-    def finish(self, trainer: L.Trainer, module: DPOModule) -> Path | None:
+    def finish(self, trainer: L.Trainer, module: DPOModule) -> Path:
         """After the last step: the final checkpoint (all ranks call it); returns its folder."""
 
 
