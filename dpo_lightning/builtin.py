@@ -5,6 +5,8 @@ here with Qwen2's own pre-tokenizer, so that `AutoTokenizer` rebuilds it as a Qw
 `builtin:sentiment-pairs` is a small learnable preference task: for a prompt naming a thing, the chosen answer
 describes it with pleasant words and the rejected one with unpleasant words. Train and test use different
 things, so held-out accuracy measures a preference that generalises, not memorised pairs.
+`builtin:describe-prompts` holds the same prompts alone, for online DPO judged by `sentiment_reward`
+(`reward_model: dpo_lightning.builtin:sentiment_reward`), a programmatic reward that needs no model.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 
 BUILTIN_MODEL = "builtin:tiny-qwen2"
 BUILTIN_DATASET = "builtin:sentiment-pairs"
+BUILTIN_PROMPTS = "builtin:describe-prompts"
+BUILTIN_DATASETS = (BUILTIN_DATASET, BUILTIN_PROMPTS)
 
 # The pre-tokenizer regex of Qwen2's tokenizer (transformers' Qwen2Tokenizer rebuilds tokenizers with it).
 QWEN2_SPLIT_PATTERN = (
@@ -61,6 +65,22 @@ def preference_rows(seed: int = 0, pairs_per_thing: int = 12) -> dict[str, list[
         "train": [_pair(t, rng) for t in train_things for _ in range(pairs_per_thing)],
         "test": [_pair(t, rng) for t in test_things for _ in range(pairs_per_thing)],
     }
+
+
+def prompt_rows(seed: int = 0, prompts_per_thing: int = 4) -> dict[str, list[dict[str, str]]]:
+    """The built-in prompts alone, split as `preference_rows` splits them (train and test share no thing)."""
+    splits = preference_rows(seed, pairs_per_thing=prompts_per_thing)
+    return {name: [{"prompt": row["prompt"]} for row in rows] for name, rows in splits.items()}
+
+
+def sentiment_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """Pleasant words minus unpleasant words in each completion: a reward a tiny model can learn to earn."""
+    good, bad = set(GOOD_WORDS), set(BAD_WORDS)
+    scores = []
+    for completion in completions:
+        words = [word.strip(".,;:!?").lower() for word in completion.split()]
+        scores.append(float(sum(word in good for word in words) - sum(word in bad for word in words)))
+    return scores
 
 
 def corpus(seed: int = 0) -> list[str]:

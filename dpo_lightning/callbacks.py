@@ -54,3 +54,16 @@ def print_reporter(group: str, step: int, metrics: dict[str, float]) -> None:
     """Reports on stdout, for runs that write nothing (fast dev runs)."""
     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
     print(f"[{group} step {step}] {shown}", flush=True)
+
+
+def validate_now(trainer) -> None:
+    """Run a full validation from inside `fit`, as Lightning's training loop runs one between two batches.
+
+    A fresh loop run, not a restart: on resume the restored state of the last validation before the
+    checkpoint would otherwise make Lightning skip it.
+    """
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    val_loop.restarting = False
+    trainer.validating = True
+    val_loop.run()
+    trainer.training = True

@@ -23,7 +23,7 @@ import torch
 
 from dpo_lightning import __version__
 from dpo_lightning.config import DPOConfig
-from dpo_lightning.strategies import full_policy_state, is_fsdp
+from dpo_lightning.strategies import full_trained_state, is_fsdp
 
 RUN_CONFIG = "run_config.json"
 METADATA = "metadata.json"
@@ -100,12 +100,13 @@ def checkpoint_metadata(step: int, trial_id: int | None) -> dict[str, Any]:
 def write_checkpoint(folder: Path, *, trainer, module, tokenizer, record: dict[str, Any]) -> None:
     """This rank's part of a checkpoint into `folder`; every rank calls it, in step (FSDP gathers inside).
 
-    Rank 0 writes the policy in Hugging Face format, the tokenizer and run_config.json at the root, and the
-    Lightning state (optimizer, scheduler, loops, data position) without weights; every rank writes its own
-    RNG state. Under FSDP every rank also writes its shard of the weights and optimizer state.
+    Rank 0 writes the trained model (the policy, or a RewardModel) in Hugging Face format, the tokenizer and
+    run_config.json at the root, and the Lightning state (optimizer, scheduler, loops, data position) without
+    weights; every rank writes its own RNG state and the module's per-rank state (its sampling stream). Under
+    FSDP every rank also writes its shard of the weights and optimizer state.
     """
     folder = Path(folder)
-    policy_state = full_policy_state(trainer, module)
+    trained_state = full_trained_state(trainer, module)
     state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
     (folder / "trainer").mkdir(parents=True, exist_ok=True)
     if is_fsdp(trainer):
@@ -114,10 +115,11 @@ def write_checkpoint(folder: Path, *, trainer, module, tokenizer, record: dict[s
         state["state_dict"] = {}  # the weights are at the checkpoint root, once
         torch.save(state, folder / LIGHTNING_STATE)
     if trainer.is_global_zero:
-        module.policy.save_pretrained(folder, state_dict=policy_state, safe_serialization=True)
+        module.save_pretrained(folder, trained_state)
         tokenizer.save_pretrained(folder)
         write_json(folder / RUN_CONFIG, record)
-    torch.save({"rng": rng_state()}, folder / RANK_STATE.format(rank=trainer.global_rank))
+    rank_state = {"rng": rng_state(), "module": module.rank_state_dict()}
+    torch.save(rank_state, folder / RANK_STATE.format(rank=trainer.global_rank))
 
 
 def lightning_state_path(folder: Path) -> Path:
@@ -126,12 +128,15 @@ def lightning_state_path(folder: Path) -> Path:
     return sharded if sharded.is_dir() else folder / LIGHTNING_STATE
 
 
-def restore_rank_state(folder: Path, rank: int) -> bool:
-    """Put back this rank's RNG state; False when the checkpoint has none for this rank."""
+def restore_rank_state(folder: Path, rank: int, module) -> bool:
+    """Put back this rank's RNG state and the module's per-rank state; False when the checkpoint has none for
+    this rank."""
     path = folder / RANK_STATE.format(rank=rank)
     if not path.is_file():
         return False
-    set_rng_state(torch.load(path, weights_only=False)["rng"])
+    state = torch.load(path, weights_only=False)
+    set_rng_state(state["rng"])
+    module.load_rank_state_dict(state.get("module", {}))
     return True
 
 

@@ -24,7 +24,7 @@ from dpo_lightning.errors import ConfigError
 from dpo_lightning.losses import LOSS_TYPES, USES_LABEL_SMOOTHING
 
 COLUMN_ROLES = ("prompt", "chosen", "rejected", "messages")
-MODES = ("auto", "offline")
+MODES = ("auto", "offline", "online", "reward")
 STRATEGIES = ("ddp", "fsdp")
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
 # Keys a resumed run may change: how long it trains and where it writes, never what it trains.
@@ -74,14 +74,34 @@ class DPOConfig:
     """DataLoader worker processes."""
 
     # --- objective ---
-    mode: Literal["auto", "offline"] = "auto"
-    """`auto` picks by the data (preference pairs train offline); `offline` forces pairs."""
+    mode: Literal["auto", "offline", "online", "reward"] = "auto"
+    """`auto` picks by the data: preference pairs train offline, prompts or plain text train online; `offline`
+    and `online` force one; `reward` trains a RewardModel on preference pairs with the Bradley-Terry loss."""
     loss_type: str = "sigmoid"
     """DPO loss variant: sigmoid, ipo, hinge, robust."""
     beta: float = 0.1
     """KL penalty strength: rewards are beta * (policy logp - reference logp)."""
     label_smoothing: float = 0.0
     """Assumed share of flipped labels, in [0, 0.5); used by the sigmoid (conservative DPO) and robust losses."""
+
+    # --- online DPO: sampling and scoring ---
+    reward_model: str | None = None
+    """Judge of online samples: a Hub name or folder of a sequence-classification reward model, a RewardModel
+    folder written by `mode: reward`, or a Python function `package.module:function`."""
+    max_new_tokens: int = 64
+    """Tokens sampled per completion at most; a completion ends at its first EOS."""
+    temperature: float = 0.9
+    """Sampling temperature of the policy's completions."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest token set whose probability reaches top_p; 1.0 disables it."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a completion that reached max_new_tokens without an EOS."""
+    reward_batch_size: int = 16
+    """Completions scored per reward-model forward pass."""
+    reward_max_length: int = 1024
+    """Tokens of prompt + completion the reward model sees at most (as it tokenizes them; keeps the start)."""
+    prompt_lines: int = 4
+    """Plain-text prompt sources (tiny_shakespeare, .txt files): lines of a block (speech) per prompt."""
 
     # --- optimisation ---
     batch_size: int = 4
@@ -126,6 +146,8 @@ class DPOConfig:
     """Report training metrics every this many optimizer steps."""
     val_check_interval: int = 100
     """Validate every this many optimizer steps (and at the end of training)."""
+    validate_at_start: bool = False
+    """Also validate before the first step (reported at step 0, where the policy still equals the reference)."""
     checkpoint_every_n_steps: int = 0
     """Save a resumable checkpoint every this many optimizer steps; 0 saves only at the end and on interrupt."""
     keep_last_n_checkpoints: int = 2
@@ -217,6 +239,33 @@ def _check_columns(cfg: DPOConfig) -> str | None:
     return None
 
 
+def _check_sampling(cfg: DPOConfig) -> str | None:
+    if not 0.0 < cfg.top_p <= 1.0:
+        return f"top_p must be in (0, 1], got {cfg.top_p}"
+    if cfg.reward_model is not None and not cfg.reward_model.strip():
+        return "reward_model must not be empty; leave it null for offline runs"
+    if cfg.mode == "online":
+        return online_problem(cfg)
+    return None
+
+
+def online_problem(cfg: DPOConfig) -> str | None:
+    """What keeps `cfg` from training online, or None (checked again once `mode: auto` has seen the data)."""
+    if cfg.reward_model is None:
+        return (
+            "online DPO needs a reward_model: a sequence-classification model (Hub name or folder), "
+            "a RewardModel folder from mode: reward, or a function package.module:function"
+        )
+    if cfg.max_prompt_length is None:
+        return "online DPO needs max_prompt_length (prompt tokens kept) so that prompt + max_new_tokens fits max_length"
+    if cfg.max_prompt_length + cfg.max_new_tokens > cfg.max_length:
+        return (
+            f"max_prompt_length ({cfg.max_prompt_length}) + max_new_tokens ({cfg.max_new_tokens}) must be <= "
+            f"max_length ({cfg.max_length}): sampled completions are trained on as they are, never cut"
+        )
+    return None
+
+
 def _check_text(cfg: DPOConfig) -> str | None:
     for name in ("model_name", "dataset_name", "output_dir", "train_split"):
         if not getattr(cfg, name).strip():
@@ -228,7 +277,10 @@ _CHECKS = (
     _check_text,
     _positive("beta", "batch_size", "gradient_accumulation_steps", "num_epochs", "max_length", "learning_rate"),
     _positive("report_every_n_steps", "val_check_interval", "keep_last_n_checkpoints", "adam_epsilon"),
-    _positive("preempt_check_every_n_steps"),
+    _positive("preempt_check_every_n_steps", "max_new_tokens", "reward_batch_size", "reward_max_length"),
+    _positive("temperature", "prompt_lines"),
+    _non_negative("missing_eos_penalty"),
+    _check_sampling,
     _non_negative("weight_decay", "max_grad_norm", "warmup_steps", "checkpoint_every_n_steps", "num_workers"),
     _check_loss,
     _check_lengths,

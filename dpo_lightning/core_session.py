@@ -20,7 +20,7 @@ from pathlib import Path
 
 import lightning as L
 
-from dpo_lightning.callbacks import StopSignals
+from dpo_lightning.callbacks import StopSignals, validate_now
 from dpo_lightning.checkpoints import (
     CHECKPOINTS,
     checkpoint_metadata,
@@ -139,25 +139,15 @@ class CoreCallback(L.Callback):
         self.signals.install()
         start = self.session.start
         if start is not None and not start.weights_only:
-            if not restore_rank_state(start.path, trainer.global_rank):
+            if not restore_rank_state(start.path, trainer.global_rank, pl_module):
                 log.warning("rank %d: checkpoint has no RNG state for this rank; continuing", trainer.global_rank)
             if self._validation_due(trainer, start.step):
-                self._validate(trainer)
+                validate_now(trainer)
 
     def _validation_due(self, trainer: L.Trainer, step: int) -> bool:
         """Checkpoints are written before their step's validation; Lightning skips that validation on resume."""
         has_validation = trainer.datamodule is not None and trainer.datamodule.has_validation
         return has_validation and step > 0 and step % self.session.cfg.val_check_interval == 0
-
-    @staticmethod
-    def _validate(trainer: L.Trainer) -> None:
-        # as Lightning's training loop runs a validation between two batches; a fresh one, not the restored
-        # state of the last validation before the checkpoint
-        val_loop = trainer.fit_loop.epoch_loop.val_loop
-        val_loop.restarting = False
-        trainer.validating = True
-        val_loop.run()
-        trainer.training = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         self.signals.restore()

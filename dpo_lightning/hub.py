@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 _TRUE = ("1", "true", "yes", "on")
@@ -27,3 +28,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     except OSError:
         return False
     return True
+
+
+def cache_root() -> Path:
+    """The user cache for downloads and built artefacts: $DPO_LIGHTNING_CACHE, else ~/.cache/dpo_lightning."""
+    env = os.environ.get("DPO_LIGHTNING_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dpo_lightning"

@@ -235,3 +235,12 @@ def compute_loss(
         kwargs["chosen_lengths"] = chosen_lengths
         kwargs["rejected_lengths"] = rejected_lengths
     return spec.fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **kwargs)
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """The reward model's pairwise loss, -log sigmoid(r(x, y_w) - r(x, y_l)).
+
+    Bradley-Terry: P(y_w > y_l | x) = sigmoid(r(x, y_w) - r(x, y_l)) (DPO paper eq. 1); the loss is its
+    negative log-likelihood (eq. 2). Shapes: (B,) scores in, (B,) per-pair losses out.
+    """
+    return -F.logsigmoid(chosen_scores.float() - rejected_scores.float())

@@ -53,17 +53,62 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
-class PreferenceMetrics(torch.nn.Module):
-    """Accumulates one group's (training or validation) metrics until `report` is called."""
+class PairMeans(torch.nn.Module):
+    """Pair-weighted means of named per-pair values, plus pairs and tokens per second, until `report`."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...]) -> None:
         super().__init__()
-        self.means = torch.nn.ModuleDict({_key(n): MeanMetric(sync_on_compute=True) for n in PAIR_METRICS})
-        self.token_means = torch.nn.ModuleDict({_key(n): MeanMetric() for n in TOKEN_METRICS})
+        self.names = names
+        self.means = torch.nn.ModuleDict({_key(n): MeanMetric(sync_on_compute=True) for n in names})
         self.pairs = SumMetric()
         self.tokens = SumMetric()
         self.updates = 0
         self._started = time.perf_counter()
+
+    def update_pairs(
+        self, values: dict[str, torch.Tensor], attention_mask: torch.Tensor, weight: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One micro-batch of per-pair values (B,) over a (2B, T) batch; returns the weight (B,) it used.
+        `weight` is 0 for pairs that count in no metric (evaluation padding, ties)."""
+        some = next(iter(values.values()))
+        weight = torch.ones_like(some, dtype=torch.float32) if weight is None else weight.to(some.device).float()
+        for name, value in values.items():
+            self.means[_key(name)].update(value.float(), weight=weight)
+        self.pairs.update(weight.sum())
+        self.tokens.update((attention_mask.sum(dim=1).float() * weight.repeat(2)).sum())
+        self.updates += 1
+        return weight
+
+    def report(self) -> dict[str, float]:
+        """Means since the last report, as plain floats (all ranks must call this together); then reset."""
+        values = {name: self.means[_key(name)].compute().item() for name in self.names}
+        values.update(self._extra_values())
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        values["samples_per_second"] = self.pairs.compute().item() / elapsed
+        values["tokens_per_second"] = self.tokens.compute().item() / elapsed
+        self.reset()
+        return values
+
+    def _extra_values(self) -> dict[str, float]:
+        return {}
+
+    def reset(self) -> None:
+        for metric in self.children():
+            if isinstance(metric, torch.nn.ModuleDict):
+                for inner in metric.values():
+                    inner.reset()
+            else:
+                metric.reset()
+        self.updates = 0
+        self._started = time.perf_counter()
+
+
+class PreferenceMetrics(PairMeans):
+    """Accumulates one group's (training or validation) DPO metrics until `report` is called."""
+
+    def __init__(self) -> None:
+        super().__init__(PAIR_METRICS)
+        self.token_means = torch.nn.ModuleDict({_key(n): MeanMetric() for n in TOKEN_METRICS})
 
     def update(
         self,
@@ -72,32 +117,42 @@ class PreferenceMetrics(torch.nn.Module):
         attention_mask: torch.Tensor,
         pair_weight: torch.Tensor | None = None,
     ) -> None:
-        """One micro-batch. `pair_weight` (B,) is 0 for rows that only even out the ranks' shares."""
-        weight = torch.ones_like(out.losses) if pair_weight is None else pair_weight.to(out.losses)
-        for name, values in pair_values(out, policy).items():
-            self.means[_key(name)].update(values, weight=weight)
+        """One micro-batch. `pair_weight` (B,) is 0 for rows that only even out the ranks' shares, or ties."""
+        weight = self.update_pairs(pair_values(out, policy), attention_mask, pair_weight)
         for name, logits_sum, num_tokens in zip(
             TOKEN_METRICS, policy.logits_sum.chunk(2), policy.num_tokens.chunk(2), strict=True
         ):
             total = (num_tokens * weight).sum()
             # the token-weighted mean: each micro-batch weighs in by its completion tokens
             self.token_means[_key(name)].update((logits_sum * weight).sum() / total.clamp(min=1), weight=total)
-        self.pairs.update(weight.sum())
-        self.tokens.update((attention_mask.sum(dim=1).float() * weight.repeat(2)).sum())
-        self.updates += 1
 
-    def report(self) -> dict[str, float]:
-        """Means since the last report, as plain floats (all ranks must call this together); then reset."""
-        values = {name: self.means[_key(name)].compute().item() for name in PAIR_METRICS}
-        values.update({name: self.token_means[_key(name)].compute().item() for name in TOKEN_METRICS})
-        elapsed = max(time.perf_counter() - self._started, 1e-9)
-        values["samples_per_second"] = self.pairs.compute().item() / elapsed
-        values["tokens_per_second"] = self.tokens.compute().item() / elapsed
-        self.reset()
-        return values
+    def _extra_values(self) -> dict[str, float]:
+        return {name: self.token_means[_key(name)].compute().item() for name in TOKEN_METRICS}
 
-    def reset(self) -> None:
-        for metric in [*self.means.values(), *self.token_means.values(), self.pairs, self.tokens]:
-            metric.reset()
-        self.updates = 0
-        self._started = time.perf_counter()
+
+REWARD_METRICS = ("loss", "accuracy", "margin", "scores/chosen", "scores/rejected")
+
+
+class RewardMetrics(PairMeans):
+    """Reward-model training: Bradley-Terry loss, accuracy (chosen scored strictly higher), mean margin."""
+
+    def __init__(self) -> None:
+        super().__init__(REWARD_METRICS)
+
+    def update(
+        self,
+        losses: torch.Tensor,
+        chosen: torch.Tensor,
+        rejected: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pair_weight: torch.Tensor | None = None,
+    ) -> None:
+        chosen, rejected = chosen.detach().float(), rejected.detach().float()
+        values = {
+            "loss": losses.detach(),
+            "accuracy": (chosen > rejected).float(),
+            "margin": chosen - rejected,
+            "scores/chosen": chosen,
+            "scores/rejected": rejected,
+        }
+        self.update_pairs(values, attention_mask, pair_weight)

@@ -79,10 +79,11 @@ def is_fsdp(trainer) -> bool:
     return isinstance(trainer.strategy, FSDPStrategy)
 
 
-def full_policy_state(trainer, module) -> dict[str, torch.Tensor] | None:
-    """The policy's complete weights on global rank 0 (None elsewhere); under FSDP every rank must call it."""
+def full_trained_state(trainer, module) -> dict[str, torch.Tensor] | None:
+    """The trained model's complete weights on global rank 0 (None elsewhere); under FSDP every rank must
+    call it."""
     if not is_fsdp(trainer):
-        return module.policy.state_dict() if trainer.is_global_zero else None
+        return module.trained.state_dict() if trainer.is_global_zero else None
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -92,15 +93,15 @@ def full_policy_state(trainer, module) -> dict[str, torch.Tensor] | None:
         full = root.state_dict()
     if not trainer.is_global_zero:
         return None
-    prefix = "policy."
+    prefix = f"{module.TRAINED}."
     return {key[len(prefix) :]: value for key, value in full.items() if key.startswith(prefix)}
 
 
 def clip_gradients(trainer, module, max_norm: float) -> torch.Tensor:
-    """Clip the policy's global gradient norm; returns the norm before clipping.
+    """Clip the trained model's global gradient norm; returns the norm before clipping.
 
     Under FSDP each rank holds a shard of every gradient, so the norm must come from FSDP's own collective.
     """
     if trainer is not None and is_fsdp(trainer):
         return trainer.strategy.model.clip_grad_norm_(max_norm)
-    return torch.nn.utils.clip_grad_norm_(module.policy.parameters(), max_norm)
+    return torch.nn.utils.clip_grad_norm_(module.trained.parameters(), max_norm)

@@ -1,4 +1,5 @@
-"""One run, top to bottom: check -> data -> models -> Trainer -> fit (or resume) -> validate -> finish.
+"""One run, top to bottom: check -> data (which decides the mode) -> models -> Trainer -> fit (or resume) ->
+validate -> finish.
 
 What happens around the run (metrics sinks, checkpoint storage, preemption) comes in through a `Session`:
 `core_session.CoreSession` (built by determined_bridge) on a cluster and off it, or none for a fast dev
@@ -15,14 +16,24 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import lightning as L
+import torch
 
 from dpo_lightning.callbacks import JsonlReporter, print_reporter
 from dpo_lightning.checkpoints import RUN_CONFIG, lightning_state_path, run_record, write_json
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
-from dpo_lightning.models import ModelSource, load_policy, load_reference, load_tokenizer, resolve_model
-from dpo_lightning.module import DPOModule, Reporter
+from dpo_lightning.models import (
+    ModelSource,
+    RewardModel,
+    load_policy,
+    load_reference,
+    load_tokenizer,
+    resolve_model,
+)
+from dpo_lightning.module import DPOModule, OnlineDPOModule, Reporter, TrainingModule
+from dpo_lightning.reward_module import RewardModule
+from dpo_lightning.rewards import check_reward_model, load_reward
 from dpo_lightning.strategies import build_strategy, check_strategy, launcher_layout
 
 log = logging.getLogger(__name__)
@@ -53,7 +64,7 @@ class Session(Protocol):
     callbacks: list[L.Callback]
     write_files: bool  # metrics.jsonl, run_config.json, final/ under output_dir
 
-    def finish(self, trainer: L.Trainer, module: DPOModule) -> Path:
+    def finish(self, trainer: L.Trainer, module: TrainingModule) -> Path:
         """After the last step: the final checkpoint (all ranks call it); returns its folder."""
 
 
@@ -91,6 +102,8 @@ def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
     check_source(cfg)
     policy_source = resolve_model(cfg.model_name, "model_name")
     ref_source = resolve_model(cfg.ref_model_name, "ref_model_name") if cfg.ref_model_name else None
+    if cfg.reward_model is not None and cfg.mode in ("auto", "online"):
+        check_reward_model(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
     return policy_source, ref_source
 
 
@@ -110,8 +123,44 @@ def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSou
     return policy, reference
 
 
+def build_module(
+    cfg: DPOConfig,
+    mode: str,
+    sources: tuple[ModelSource, ModelSource | None],
+    start: StartPoint | None,
+    tokenizer,
+    reporters: list[Reporter],
+) -> TrainingModule:
+    """The LightningModule of the run's mode, with its models loaded."""
+    if mode == "reward":
+        if start is None:
+            model = RewardModel.from_causal_lm(
+                sources[0],
+                dtype=torch.float32,  # trained weights stay fp32; `precision` sets the compute dtype
+                attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+                pad_token_id=tokenizer.pad_token_id,
+                head_seed=cfg.seed,
+            )
+        else:
+            model = RewardModel.from_pretrained(start.path, attn_implementation=cfg.attn_implementation)
+        return RewardModule(cfg, model, reporters=reporters)
+    policy, reference = load_models(cfg, *sources, start)
+    if mode == "online":
+        reward = load_reward(
+            cfg.reward_model,
+            dtype=cfg.frozen_dtype,
+            batch_size=cfg.reward_batch_size,
+            max_length=cfg.reward_max_length,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        log.info("online DPO: completions scored by %s", reward.description)
+        return OnlineDPOModule(cfg, policy, reference, reward, tokenizer, reporters=reporters)
+    return DPOModule(cfg, policy, reference, reporters=reporters)
+
+
 class TrainOutcome(NamedTuple):
-    module: DPOModule
+    module: TrainingModule
     trainer: L.Trainer
     interrupted: bool
 
@@ -124,24 +173,24 @@ def train(
     # restores the data position itself, which Lightning cannot see when it warns about mid-epoch resumes.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
-    policy_source, ref_source = resolve_sources(cfg)
+    sources = resolve_sources(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    tokenizer = load_tokenizer(policy_source, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(sources[0], cfg.trust_remote_code)
     datamodule = DPODataModule(cfg, tokenizer)
     datamodule.prepare()  # data errors surface before the models load
+    log.info("mode: %s%s", datamodule.mode, " (chosen by the data)" if cfg.mode == "auto" else "")
 
     output_dir = Path(cfg.output_dir)
     write_files = session is not None and session.write_files and not fast_dev_run
-    policy, reference = load_models(cfg, policy_source, ref_source, start)
     reporters = list(session.reporters) if session is not None else []
     if write_files:
         reporters.append(JsonlReporter(output_dir / "metrics.jsonl"))
     if fast_dev_run:
         reporters.append(print_reporter)
-    module = DPOModule(cfg, policy, reference, reporters=reporters)
+    module = build_module(cfg, datamodule.mode, sources, start, tokenizer, reporters)
     trainer = build_trainer(
         cfg,
-        policy,
+        module.trained,
         has_validation=datamodule.has_validation,
         callbacks=list(session.callbacks) if session is not None else [],
         fast_dev_run=fast_dev_run,

@@ -1,6 +1,9 @@
-"""Collate tokenized pairs into one batch of 2B rows: B chosen sequences, then B rejected ones."""
+"""Collate tokenized pairs into one batch of 2B rows (B chosen sequences, then B rejected ones), and prompts
+into a left-padded batch for generation."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -41,4 +44,33 @@ class PairCollator:
         }
         if "weight" in items[0]:
             batch["pair_weight"] = torch.tensor([float(item["weight"]) for item in items])
+        return batch
+
+
+class PromptCollator:
+    """Left-pads prompts for batched generation, so that every row's next token is at the last position.
+
+    Input: P items with `prompt_ids` and `prompt_json`. Output: `input_ids`, `attention_mask` (P, T) long
+    (mask from lengths), `prompts` (the P prompts as text or messages, for the reward model), and
+    `prompt_weight` (P,) when the items carry a `weight` (evaluation shards, where padding rows weigh 0).
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        rows = [list(item["prompt_ids"]) for item in items]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, width - len(row) :] = 1
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "prompts": [json.loads(item["prompt_json"]) for item in items],
+        }
+        if "weight" in items[0]:
+            batch["prompt_weight"] = torch.tensor([float(item["weight"]) for item in items])
         return batch

@@ -1,4 +1,4 @@
-"""LightningDataModule over tokenized preference pairs."""
+"""LightningDataModule over tokenized preference pairs (offline, reward) or prompts (online)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import lightning as L
 from torch.utils.data import DataLoader, SequentialSampler
 
 from dpo_lightning.config import DPOConfig
-from dpo_lightning.data.collate import PairCollator
-from dpo_lightning.data.pipeline import PreparedPairs, prepare_pairs
+from dpo_lightning.data.collate import PairCollator, PromptCollator
+from dpo_lightning.data.pipeline import PreparedData, prepare_data
 from dpo_lightning.data.sampler import EvalShard, ResumableSampler
 
 
@@ -22,15 +22,24 @@ class DPODataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.pairs: PreparedPairs | None = None
-        self.collate = PairCollator(tokenizer.pad_token_id)
+        self.data: PreparedData | None = None
         self.train_sampler: ResumableSampler | None = None
         self._sampler_state: dict | None = None  # restored before the sampler exists
 
-    def prepare(self) -> PreparedPairs:
-        if self.pairs is None:
-            self.pairs = prepare_pairs(self.cfg, self.tokenizer)
-        return self.pairs
+    def prepare(self) -> PreparedData:
+        if self.data is None:
+            self.data = prepare_data(self.cfg, self.tokenizer)
+        return self.data
+
+    @property
+    def mode(self) -> str:
+        """offline, online or reward: what the data trains (`mode: auto` resolved)."""
+        return self.prepare().mode
+
+    @property
+    def collate(self):
+        pad = self.tokenizer.pad_token_id
+        return PromptCollator(pad) if self.mode == "online" else PairCollator(pad)
 
     @property
     def has_validation(self) -> bool:

@@ -27,7 +27,8 @@ HH_MARKER = "\n\nAssistant:"
 ROLES = ("prompt", "messages", "chosen", "rejected")
 LAYOUTS_HELP = (
     "accepted layouts: prompt+chosen+rejected, chosen+rejected (prompt implicit, e.g. Anthropic HH), "
-    'messages+chosen+rejected; map other column names with columns, e.g. {"prompt": "question"}'
+    "messages+chosen+rejected, or prompts alone (prompt or messages) for online DPO; "
+    'map other column names with columns, e.g. {"prompt": "question"}'
 )
 
 Messages = list[dict[str, str]]
@@ -36,6 +37,11 @@ Messages = list[dict[str, str]]
 class NormalizedPairs(NamedTuple):
     rows: list[dict]  # each {"prompt": str | Messages, "chosen": str | Messages, "rejected": str | Messages}
     skipped: int  # bad rows skipped (on_bad_rows="skip")
+
+
+class NormalizedPrompts(NamedTuple):
+    rows: list[dict]  # each {"prompt": str | Messages}
+    skipped: int
 
 
 class BadRow(ValueError):
@@ -211,9 +217,17 @@ def role_columns(column_names: list[str], columns: dict[str, str], label: str) -
     return found
 
 
+def has_pairs(found: dict[str, str]) -> bool:
+    return "chosen" in found and "rejected" in found
+
+
+def has_prompts(found: dict[str, str]) -> bool:
+    return "prompt" in found or "messages" in found
+
+
 def detect_layout(found: dict[str, str], column_names: list[str], label: str) -> str:
     """'explicit', 'messages' or 'implicit' from the roles present."""
-    if "chosen" not in found or "rejected" not in found:
+    if not has_pairs(found):
         raise UserError(
             f"{label}: no preference pairs in columns {', '.join(column_names) or '(none)'}; {LAYOUTS_HELP}"
         )
@@ -222,10 +236,50 @@ def detect_layout(found: dict[str, str], column_names: list[str], label: str) ->
     return "messages" if "messages" in found else "implicit"
 
 
+def prompt_row(row: dict) -> dict:
+    """A prompt for online DPO: `prompt` (text or messages), else the `messages` conversation."""
+    role = "prompt" if "prompt" in row else "messages"
+    prompt = _text_or_messages(_present(row, role), role)
+    if _is_blank(prompt) if isinstance(prompt, str) else not prompt:
+        raise BadRow(f"'{role}' is empty")
+    return {"prompt": prompt}
+
+
+def dataset_roles(dataset: datasets.Dataset, columns: dict[str, str], label: str) -> dict[str, str]:
+    return role_columns(list(dataset.column_names), dict(columns), label)
+
+
 def normalize(dataset: datasets.Dataset, *, columns: dict[str, str], on_bad_rows: str, label: str) -> NormalizedPairs:
     """Every row as {prompt, chosen, rejected}; a bad row raises UserError or, with "skip", is counted."""
-    found = role_columns(list(dataset.column_names), dict(columns), label)
+    found = dataset_roles(dataset, columns, label)
     convert = LAYOUTS[detect_layout(found, list(dataset.column_names), label)]
+    rows, skipped = _convert_rows(dataset, found, convert, on_bad_rows, label)
+    return NormalizedPairs(rows, skipped)
+
+
+def normalize_prompts(
+    dataset: datasets.Dataset, *, columns: dict[str, str], on_bad_rows: str, label: str
+) -> NormalizedPrompts:
+    """Every row's prompt as {prompt}: from a prompt-only dataset, or the prompts of a preference dataset
+    (each distinct prompt once, in order of first appearance)."""
+    found = dataset_roles(dataset, columns, label)
+    if has_pairs(found):
+        pairs = normalize(dataset, columns=columns, on_bad_rows=on_bad_rows, label=label)
+        unique: dict = {}
+        for row in pairs.rows:
+            unique.setdefault(_prompt_key(row["prompt"]), row["prompt"])
+        return NormalizedPrompts([{"prompt": p} for p in unique.values()], pairs.skipped)
+    if not has_prompts(found):
+        raise UserError(f"{label}: no prompts in columns {', '.join(dataset.column_names) or '(none)'}; {LAYOUTS_HELP}")
+    rows, skipped = _convert_rows(dataset, found, prompt_row, on_bad_rows, label)
+    return NormalizedPrompts(rows, skipped)
+
+
+def _prompt_key(prompt: str | Messages) -> str | tuple:
+    return prompt if isinstance(prompt, str) else tuple((m["role"], m["content"]) for m in prompt)
+
+
+def _convert_rows(dataset, found: dict[str, str], convert, on_bad_rows: str, label: str) -> tuple[list[dict], int]:
     data = dataset.select_columns(list(found.values())).to_dict()
     values = [data[column] for column in found.values()]
     rows, skipped, first = [], 0, ""
@@ -239,4 +293,4 @@ def normalize(dataset: datasets.Dataset, *, columns: dict[str, str], on_bad_rows
             first = first or f"row {i}: {problem}"
     if skipped:
         logger.warning("%s: skipped %d bad rows (first: %s)", label, skipped, first)
-    return NormalizedPairs(rows, skipped)
+    return rows, skipped

@@ -1,14 +1,27 @@
-"""From `cfg.dataset_name` to tokenized train and validation pairs, with one log line of counts."""
+"""From `cfg.dataset_name` to tokenized train and validation data, with one log line of counts.
+
+What is prepared follows the mode (`mode: auto` decides by the data's columns): preference pairs for
+offline DPO, prompts for online DPO, and pairs as the reward model reads them for reward training.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, NamedTuple
 
-from dpo_lightning.data.formats import normalize
-from dpo_lightning.data.sources import RawSplits, load_splits, resolve_source
+from dpo_lightning.config import online_problem
+from dpo_lightning.data.formats import (
+    LAYOUTS_HELP,
+    dataset_roles,
+    has_pairs,
+    has_prompts,
+    normalize,
+    normalize_prompts,
+)
+from dpo_lightning.data.sources import PAIR_MODES, RawSplits, load_splits, resolve_source
 from dpo_lightning.data.split import split_by_prompt
-from dpo_lightning.data.tokenize import tokenize_rows
+from dpo_lightning.data.tokenize import TokenizedPairs as TokenizedRows
+from dpo_lightning.data.tokenize import tokenize_prompts, tokenize_rows
 from dpo_lightning.errors import UserError
 
 if TYPE_CHECKING:
@@ -20,6 +33,12 @@ logger = logging.getLogger(__name__)
 class PreparedPairs(NamedTuple):
     train: datasets.Dataset  # columns prompt_ids, chosen_ids, rejected_ids
     val: datasets.Dataset | None  # None when validation is skipped
+
+
+class PreparedData(NamedTuple):
+    mode: str  # "offline" | "online" | "reward": what the data trains
+    train: datasets.Dataset  # pairs (offline, reward: prompt_ids, chosen_ids, rejected_ids) or prompts (online)
+    val: datasets.Dataset | None
 
 
 def check_source(cfg) -> None:
@@ -36,23 +55,108 @@ def split_labels(raw: RawSplits) -> tuple[str, str]:
     return f"{raw.label}[{train_split}]", f"{raw.label}[{eval_split}]"
 
 
-def prepare_pairs(cfg, tokenizer) -> PreparedPairs:
-    """Load, normalise, split (when the source has no eval split) and tokenize the configured dataset."""
+def resolve_mode(cfg, raw: RawSplits) -> str:
+    """The mode this run trains in: `cfg.mode`, or for `auto` pairs -> offline and prompts -> online."""
+    train_label, _ = split_labels(raw)
+    found = dataset_roles(raw.train, cfg.columns, train_label)
+    columns = ", ".join(raw.train.column_names) or "(none)"
+    if cfg.mode in PAIR_MODES and not has_pairs(found):
+        raise UserError(
+            f"{train_label}: mode {cfg.mode} trains on preference pairs, none in columns {columns}; {LAYOUTS_HELP}"
+        )
+    if cfg.mode != "auto":
+        return cfg.mode
+    if has_pairs(found):
+        return "offline"
+    if not has_prompts(found):
+        raise UserError(f"{train_label}: no preference pairs or prompts in columns {columns}; {LAYOUTS_HELP}")
+    problem = online_problem(cfg)
+    if problem:
+        raise UserError(f"{train_label} holds prompts, not preference pairs, so mode auto trains online: {problem}")
+    return "online"
+
+
+def prepare_data(cfg, tokenizer) -> PreparedData:
+    """Load the configured dataset once and prepare what the run's mode trains on."""
     raw = load_splits(cfg)
+    mode = resolve_mode(cfg, raw)
+    if mode == "online":
+        return PreparedData(mode, *prepare_prompts(cfg, tokenizer, raw))
+    if mode == "reward":
+        return PreparedData(mode, *prepare_pairs(cfg, tokenizer, raw, encode=reward_pair_tokenizer(cfg, tokenizer)))
+    return PreparedData(mode, *prepare_pairs(cfg, tokenizer, raw))
+
+
+def _split(cfg, raw: RawSplits, train_rows: list[dict], eval_rows: list[dict] | None, eval_label: str):
+    """(train rows, validation rows, where validation comes from) for the log line."""
+    if eval_rows is not None:
+        return train_rows, eval_rows, f"split {eval_label}"
+    train, val = split_by_prompt(train_rows, cfg.val_fraction, cfg.seed)
+    return train, val, f"val_fraction={cfg.val_fraction}"
+
+
+def prepare_prompts(cfg, tokenizer, raw: RawSplits) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Prompts for online DPO: normalised, split by prompt (seeded) and tokenized for generation."""
+    train_label, eval_label = split_labels(raw)
+    norm = {"columns": dict(cfg.columns), "on_bad_rows": cfg.on_bad_rows}
+    train = normalize_prompts(raw.train, label=train_label, **norm)
+    evaluation = normalize_prompts(raw.eval, label=eval_label, **norm) if raw.eval is not None else None
+    skipped = raw.skipped + train.skipped + (evaluation.skipped if evaluation else 0)
+    train_rows, val_rows, val_origin = _split(cfg, raw, train.rows, evaluation and evaluation.rows, eval_label)
+    tok_train = tokenize_prompts(train_rows, tokenizer, max_prompt_length=cfg.max_prompt_length)
+    tok_val = tokenize_prompts(val_rows, tokenizer, max_prompt_length=cfg.max_prompt_length) if val_rows else None
+    n_val = len(tok_val.dataset) if tok_val else 0
+    logger.info(
+        "%s: %d prompts (%d bad rows skipped); %d train prompts, %d validation prompts",
+        raw.label,
+        len(train.rows) + (len(evaluation.rows) if evaluation else 0),
+        skipped,
+        len(tok_train.dataset),
+        n_val,
+    )
+    if len(tok_train.dataset) == 0:
+        raise UserError(f"{train_label}: no training prompts left ({skipped} bad rows skipped); check the data")
+    if n_val == 0:
+        logger.info("validation skipped: no validation prompts (%s)", val_origin)
+        return tok_train.dataset, None
+    return tok_train.dataset, tok_val.dataset
+
+
+def reward_pair_tokenizer(cfg, tokenizer):
+    """Tokenize rows as the reward model reads them: each of prompt + chosen and prompt + rejected whole, so
+    that training and scoring see identical inputs (`rewards.encode_for_reward`)."""
+    from dpo_lightning.rewards import encode_for_reward
+
+    def encode(rows: list[dict], _tokenizer, **_lengths):
+        import datasets
+
+        prompts = [row["prompt"] for row in rows]
+        chosen = encode_for_reward(tokenizer, prompts, [r["chosen"] for r in rows], max_length=cfg.max_length)
+        rejected = encode_for_reward(tokenizer, prompts, [r["rejected"] for r in rows], max_length=cfg.max_length)
+        columns = {"prompt_ids": [[] for _ in rows], "chosen_ids": chosen, "rejected_ids": rejected}
+        features = datasets.Features({name: datasets.List(datasets.Value("int32")) for name in columns})
+        return TokenizedRows(datasets.Dataset.from_dict(columns, features=features), 0)
+
+    return encode
+
+
+def prepare_pairs(cfg, tokenizer, raw: RawSplits | None = None, encode=None) -> PreparedPairs:
+    """Load (unless given), normalise, split (when the source has no eval split) and tokenize preference pairs.
+
+    `encode(rows, tokenizer, max_prompt_length=, max_length=)` tokenizes; the default is the DPO contract.
+    """
+    raw = raw if raw is not None else load_splits(cfg)
+    encode = encode or tokenize_rows
     train_label, eval_label = split_labels(raw)
     norm = {"columns": dict(cfg.columns), "on_bad_rows": cfg.on_bad_rows}
     train = normalize(raw.train, label=train_label, **norm)
     skipped = raw.skipped + train.skipped
-    if raw.eval is not None:
-        val = normalize(raw.eval, label=eval_label, **norm)
-        train_rows, val_rows, skipped = train.rows, val.rows, skipped + val.skipped
-        val_origin = f"split {eval_label}"
-    else:
-        train_rows, val_rows = split_by_prompt(train.rows, cfg.val_fraction, cfg.seed)
-        val_origin = f"val_fraction={cfg.val_fraction}"
+    val = normalize(raw.eval, label=eval_label, **norm) if raw.eval is not None else None
+    skipped += val.skipped if val else 0
+    train_rows, val_rows, val_origin = _split(cfg, raw, train.rows, val and val.rows, eval_label)
     lengths = {"max_prompt_length": cfg.max_prompt_length, "max_length": cfg.max_length}
-    tok_train = tokenize_rows(train_rows, tokenizer, **lengths)
-    tok_val = tokenize_rows(val_rows, tokenizer, **lengths) if val_rows else None
+    tok_train = encode(train_rows, tokenizer, **lengths)
+    tok_val = encode(val_rows, tokenizer, **lengths) if val_rows else None
     read = raw.skipped + len(raw.train) + (len(raw.eval) if raw.eval is not None else 0)
     dropped = tok_train.dropped + (tok_val.dropped if tok_val else 0)
     n_val = len(tok_val.dataset) if tok_val else 0

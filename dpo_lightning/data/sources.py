@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from dpo_lightning.builtin import BUILTIN_DATASET
+from dpo_lightning.builtin import BUILTIN_DATASETS, BUILTIN_PROMPTS
+from dpo_lightning.data.text_prompts import TINY_SHAKESPEARE, text_prompt_rows, text_source_path
 from dpo_lightning.errors import UserError
 from dpo_lightning.hub import hub_reachable
 
@@ -27,6 +28,7 @@ DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".c
 PAIR_ROLES = ("chosen", "rejected")
 PROMPT_ROLES = ("prompt", "messages")
 EVAL_SPLIT_DEFAULTS = ("test", "validation")
+PAIR_MODES = ("offline", "reward")  # modes that train on preference pairs
 
 
 class RawSplits(NamedTuple):
@@ -39,7 +41,7 @@ class RawSplits(NamedTuple):
 
 
 class Source(NamedTuple):
-    kind: str  # "builtin" | "file" | "disk" | "hub"
+    kind: str  # "builtin" | "file" | "text" | "disk" | "hub"
     location: str  # an expanded path for file/disk, else the name
 
 
@@ -52,16 +54,20 @@ def _looks_like_path(name: str) -> bool:
 
 def resolve_source(name: str) -> Source:
     """Classify `dataset_name` without loading anything; raise UserError for a missing or unusable path."""
-    if name == BUILTIN_DATASET:
+    if name in BUILTIN_DATASETS:
         return Source("builtin", name)
     if name.startswith("builtin:"):
-        raise UserError(f"unknown built-in dataset '{name}'; the built-in dataset is '{BUILTIN_DATASET}'")
+        raise UserError(f"unknown built-in dataset '{name}'; built-in datasets: {', '.join(BUILTIN_DATASETS)}")
+    if name == TINY_SHAKESPEARE:
+        return Source("text", name)
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".txt":
+        return Source("text", str(text_source_path(name)))
     if path.is_file():
         if path.suffix.lower() not in DATA_EXTENSIONS:
             raise UserError(
-                f"{name}: unsupported file type '{path.suffix}'; use a {', '.join(DATA_EXTENSIONS)} file "
-                "or a folder written by datasets.save_to_disk"
+                f"{name}: unsupported file type '{path.suffix}'; use a {', '.join(DATA_EXTENSIONS)} file, "
+                "a .txt file of prompts, or a folder written by datasets.save_to_disk"
             )
         return Source("file", str(path))
     if path.is_dir():
@@ -202,14 +208,21 @@ def _check_record(record: Any, lineno: int, wanted: dict[str, str], kinds: dict)
     return None
 
 
-def _wanted_columns(first: dict, columns: dict[str, str]) -> dict[str, str]:
-    """Role -> column that every line must have: chosen/rejected, plus the prompt role the first line uses."""
-    wanted = {role: columns.get(role, role) for role in PAIR_ROLES}
+def _wanted_columns(first: dict, columns: dict[str, str], mode: str) -> dict[str, str]:
+    """Role -> column that every line must have: chosen/rejected, plus the prompt role the first line uses.
+
+    A file whose first line has no chosen column holds prompts alone (online DPO) unless the mode asks for
+    pairs; then the prompt role is all every line needs.
+    """
+    pairs = {role: columns.get(role, role) for role in PAIR_ROLES}
+    prompt = {}
     for role in PROMPT_ROLES:
         if columns.get(role, role) in first:
-            wanted = {role: columns.get(role, role), **wanted}
+            prompt = {role: columns.get(role, role)}
             break
-    return wanted
+    if prompt and mode not in PAIR_MODES and pairs["chosen"] not in first:
+        return prompt
+    return {**prompt, **pairs}
 
 
 def _utf8_records(path: Path, label: str) -> Iterator[tuple[int, Any]]:
@@ -219,7 +232,7 @@ def _utf8_records(path: Path, label: str) -> Iterator[tuple[int, Any]]:
         raise UserError(f"{label} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
 
 
-def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: str) -> _Scan:
+def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: str, mode: str = "auto") -> _Scan:
     """Check every record of a JSON/JSONL file; raise UserError on the first problem, or skip and count."""
     wanted: dict[str, str] | None = None
     kinds: dict[str, tuple[str, int]] = {}
@@ -229,7 +242,7 @@ def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: s
         rows += 1
         if not isinstance(record, dict):
             raise UserError(f"{label} line {lineno}: expected a JSON object, got {type(record).__name__}")
-        wanted = wanted or _wanted_columns(record, columns)
+        wanted = wanted or _wanted_columns(record, columns, mode)
         problem = _check_record(record, lineno, wanted, kinds)
         if problem and on_bad_rows != "skip":
             raise UserError(f"{label} line {lineno}: {problem}")
@@ -262,7 +275,7 @@ def _load_file(source: Source, label: str, cfg) -> tuple[dict[str, Any], int]:
     path = Path(source.location)
     builder = DATA_EXTENSIONS[path.suffix.lower()]
     if builder == "json":
-        scan = prescan_json(path, label, dict(cfg.columns), cfg.on_bad_rows)
+        scan = prescan_json(path, label, dict(cfg.columns), cfg.on_bad_rows, cfg.mode)
         if scan.kept is not None:
             return {"train": datasets.Dataset.from_list(scan.kept, split="train")}, scan.skipped
     try:
@@ -326,10 +339,19 @@ def _load_hub(source: Source, cfg) -> dict[str, Any]:
 def _load_builtin(cfg) -> dict[str, Any]:
     import datasets
 
-    from dpo_lightning.builtin import preference_rows
+    from dpo_lightning.builtin import preference_rows, prompt_rows
 
-    rows = preference_rows(cfg.seed)
+    rows = prompt_rows(cfg.seed) if cfg.dataset_name == BUILTIN_PROMPTS else preference_rows(cfg.seed)
     return {name: datasets.Dataset.from_list(split_rows, split=name) for name, split_rows in rows.items()}
+
+
+def _load_text(source: Source, cfg) -> dict[str, Any]:
+    """Prompts cut from plain text (tiny_shakespeare is downloaded and verified once, then cached)."""
+    import datasets
+
+    path = text_source_path(source.location)
+    rows = text_prompt_rows(path, label=cfg.dataset_name, max_lines=cfg.prompt_lines)
+    return {"train": datasets.Dataset.from_list(rows, split="train")}
 
 
 # ----------------------------------------------------------------------------- choosing splits
@@ -362,6 +384,8 @@ def load_splits(cfg) -> RawSplits:
     label, skipped = cfg.dataset_name, 0
     if source.kind == "builtin":
         splits = _load_builtin(cfg)
+    elif source.kind == "text":
+        splits = _load_text(source, cfg)
     elif source.kind == "file":
         splits, skipped = _load_file(source, label, cfg)
     elif source.kind == "disk":

@@ -141,3 +141,40 @@ def tokenize_rows(
             max_prompt_length,
         )
     return TokenizedPairs(datasets.Dataset.from_dict(columns, features=features), dropped)
+
+
+PROMPT_COLUMNS = ("prompt_ids", "prompt_json")
+
+
+class TokenizedPrompts(NamedTuple):
+    dataset: datasets.Dataset  # columns prompt_ids (int list) and prompt_json (the prompt as JSON, for the reward)
+    dropped: int  # prompts with no token
+
+
+def tokenize_prompts(rows: list[dict], tokenizer, *, max_prompt_length: int | None) -> TokenizedPrompts:
+    """Prompt ids as generation starts from them: text as is, conversations with the generation prompt;
+    the last `max_prompt_length` tokens kept, as for offline pairs."""
+    import json
+
+    import datasets
+
+    columns: dict[str, list] = {name: [] for name in PROMPT_COLUMNS}
+    dropped = 0
+    for chunk in _chunks(rows):
+        prompts = [row["prompt"] for row in chunk]
+        if isinstance(prompts[0], str):
+            ids = tokenizer(text=prompts, return_attention_mask=False)["input_ids"]
+        else:
+            ids = _chat_ids(tokenizer, prompts, True)
+        for prompt, prompt_ids in zip(prompts, ids, strict=True):
+            if max_prompt_length is not None:
+                prompt_ids = prompt_ids[-max_prompt_length:]
+            if not prompt_ids:
+                dropped += 1
+                continue
+            columns["prompt_ids"].append(list(prompt_ids))
+            columns["prompt_json"].append(json.dumps(prompt, ensure_ascii=False))
+    features = datasets.Features(
+        {"prompt_ids": datasets.List(datasets.Value("int32")), "prompt_json": datasets.Value("string")}
+    )
+    return TokenizedPrompts(datasets.Dataset.from_dict(columns, features=features), dropped)

@@ -1,0 +1,400 @@
+"""Reward scorers: a score for each (prompt, completion), from one of three kinds of reward.
+
+A `reward_model` string is read, in this order, as:
+
+1. ``package.module:function`` -- dotted identifiers, a colon, an identifier, and not an existing path: a Python
+   function ``fn(prompts: list[str], completions: list[str]) -> list[float] | tensor | ndarray`` returning one
+   finite score per completion. Chat prompts reach it as text, see `prompt_text`. The module must be importable
+   (installed, or on ``PYTHONPATH``).
+2. a local folder containing `REWARD_MARKER` (``reward_model.json``) -- a `dpo_lightning.models.RewardModel` trained
+   here (``mode: reward``): a scalar head on a causal-LM backbone, pooled at the last real token.
+3. anything else, a local folder or a Hub name -- any Hugging Face sequence-classification reward model with one
+   output (``num_labels=1``), scored with its own tokenizer and chat template, e.g.
+   ``Skywork/Skywork-Reward-V2-Qwen3-0.6B``.
+
+Models (kinds 2 and 3) see the conversation rendered by `render_for_reward` and cut by `encode_for_reward` to
+`max_length` tokens keeping the start. A folder of kind 2 is also a valid kind-3 folder; both score the same
+whenever a text does not end in the pad token (Hugging Face pools the rightmost non-pad token, RewardModel the
+last token of the attention mask).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import numbers
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from dpo_lightning.errors import UserError
+from dpo_lightning.models import (
+    REWARD_FORMAT,
+    REWARD_MARKER,
+    ModelSource,
+    RewardModel,
+    _first_line,
+    _set_pad_token_id,
+    freeze,
+    load_tokenizer,
+    resolve_model,
+)
+
+Prompt = str | list[dict[str, str]]  # text, or chat messages [{"role": ..., "content": ...}]
+
+FUNCTION_SPEC = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+SUGGESTED_REWARD_MODEL = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
+
+
+# --- Rendering ----------------------------------------------------------------------------------------------------
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The prompt as a function reward sees it: text unchanged; chat messages as ``"role: content"`` blocks joined
+    by a blank line (``"\\n\\n"``), e.g. ``"system: Be brief.\\n\\nuser: Hi"``."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def render_for_reward(tokenizer, prompt: Prompt, completion: str | list[dict[str, str]]) -> tuple[str, bool]:
+    """(text, add_special_tokens) a reward model scores. With a chat template: the prompt's messages (or one user
+    message holding a text prompt) plus the completion as the assistant's message (or the completion's messages,
+    for conversational preference data), rendered by the template, which holds the special tokens itself.
+    Without one: prompt text + completion (a conversation's message contents, joined), special tokens added by
+    the tokenizer."""
+    reply = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    if getattr(tokenizer, "chat_template", None):
+        messages = list(prompt) if not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages + reply, tokenize=False), False
+    return prompt_text(prompt) + "".join(message["content"] for message in reply), True
+
+
+def encode_for_reward(
+    tokenizer, prompts: Sequence[Prompt], completions: Sequence[str], *, max_length: int
+) -> list[list[int]]:
+    """Token ids of each rendered (prompt, completion), at most `max_length`, keeping the start. Scoring and
+    reward-model training both encode through here, so both see identical inputs."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+    if not prompts:
+        return []
+    rendered = [render_for_reward(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+    add_special_tokens = rendered[0][1]  # the same for every text: it depends on the tokenizer only
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "right"
+    try:
+        encoded = tokenizer(
+            [text for text, _ in rendered],
+            add_special_tokens=add_special_tokens,
+            truncation=True,
+            max_length=max_length,
+        )
+    finally:
+        tokenizer.truncation_side = side
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def _right_pad(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[row, : len(x)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+# --- Scorers ------------------------------------------------------------------------------------------------------
+
+
+class RewardScorer(Protocol):
+    description: str
+
+    def score(self, prompts: list[Prompt], completions: list[str]) -> torch.Tensor:
+        """(N,) float32 scores on CPU, one per completion."""
+        ...
+
+    def to(self, device) -> RewardScorer: ...
+
+
+class FunctionReward:
+    """A Python function `fn(prompts, completions)`; its output is checked (count, numeric, finite)."""
+
+    def __init__(self, fn: Callable, spec: str, key: str = "reward_model") -> None:
+        self.fn = fn
+        self.spec = spec
+        self.key = key
+        self.description = f"function {spec}"
+
+    def to(self, device) -> FunctionReward:
+        return self
+
+    def score(self, prompts: list[Prompt], completions: list[str]) -> torch.Tensor:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
+        out = self.fn([prompt_text(p) for p in prompts], list(completions))
+        return self._check(out, len(completions))
+
+    def _fail(self, what: str) -> UserError:
+        return UserError(f"{self.key} {self.spec} {what}")
+
+    def _check(self, out, expected: int) -> torch.Tensor:
+        if isinstance(out, torch.Tensor) or _is_ndarray(out):
+            array = out.detach().cpu() if isinstance(out, torch.Tensor) else out
+            if array.ndim != 1:
+                raise self._fail(
+                    f"returned an array of shape {tuple(array.shape)}; expected one score per completion, "
+                    f"shape ({expected},)"
+                )
+            numeric = not array.dtype.is_complex if isinstance(out, torch.Tensor) else array.dtype.kind in "biuf"
+            if not numeric:
+                raise self._fail(f"returned non-numeric scores (dtype {array.dtype})")
+            values = array.tolist()
+        elif isinstance(out, Sequence) and not isinstance(out, str | bytes):
+            values = list(out)
+        else:
+            raise self._fail(f"returned a {type(out).__name__}; expected a list of {expected} floats")
+        if len(values) != expected:
+            raise self._fail(f"returned {len(values)} scores for {expected} completions")
+        scores = []
+        for index, value in enumerate(values):
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+                value = value.item()
+            if not isinstance(value, numbers.Real):
+                shown = repr(value)
+                shown = shown if len(shown) <= 40 else shown[:37] + "..."
+                raise self._fail(f"returned a non-numeric score {shown} ({type(value).__name__}) at index {index}")
+            value = float(value)
+            if not math.isfinite(value):
+                raise self._fail(f"returned a non-finite score {value} at index {index}")
+            scores.append(value)
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+def _is_ndarray(obj) -> bool:
+    return type(obj).__module__ == "numpy" and type(obj).__name__ == "ndarray"
+
+
+class _BatchedModelScorer:
+    """Shared batching for the model kinds: encode, right-pad, no_grad forward in batches, scores to CPU fp32."""
+
+    def __init__(self, module: torch.nn.Module, tokenizer, *, description: str, batch_size: int, max_length: int):
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"batch_size and max_length must be positive, got {batch_size} and {max_length}")
+        self.module = freeze(module)
+        self.tokenizer = tokenizer
+        self.description = description
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def to(self, device):
+        self.module.to(device)
+        return self
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, prompts: list[Prompt], completions: list[str]) -> torch.Tensor:
+        ids = encode_for_reward(self.tokenizer, prompts, completions, max_length=self.max_length)
+        scores = []
+        for start in range(0, len(ids), self.batch_size):
+            input_ids, mask = _right_pad(ids[start : start + self.batch_size], self.tokenizer.pad_token_id, self.device)
+            scores.append(self._forward(input_ids, mask).float().cpu())
+        return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32)
+
+
+class SequenceClassifierReward(_BatchedModelScorer):
+    """A Hugging Face `AutoModelForSequenceClassification` with one label: `logits[:, 0]` of its own pooling (the
+    rightmost token that is not the pad id; with right padding, padding never changes a score)."""
+
+    def __init__(self, model, tokenizer, *, description: str, batch_size: int = 8, max_length: int = 1024):
+        super().__init__(model, tokenizer, description=description, batch_size=batch_size, max_length=max_length)
+
+    @property
+    def model(self):
+        return self.module
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+
+
+class ProjectReward(_BatchedModelScorer):
+    """A `RewardModel` (scalar head on a causal-LM backbone), pooled at the last token of the attention mask."""
+
+    def __init__(
+        self, reward_model: RewardModel, tokenizer, *, description: str, batch_size: int = 8, max_length: int = 1024
+    ):
+        super().__init__(reward_model, tokenizer, description=description, batch_size=batch_size, max_length=max_length)
+
+    @property
+    def model(self) -> RewardModel:
+        return self.module
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids, attention_mask)
+
+
+# --- Reading a reward_model string ----------------------------------------------------------------------------------
+
+
+def _is_function_spec(spec: str) -> bool:
+    return FUNCTION_SPEC.fullmatch(spec) is not None and not Path(spec).expanduser().exists()
+
+
+def _marker_path(spec: str) -> Path | None:
+    try:
+        marker = Path(spec).expanduser() / REWARD_MARKER
+        return marker if marker.is_file() else None
+    except OSError:
+        return None
+
+
+def reward_kind(spec: str) -> str:
+    """The kind `spec` names: "function", "project" or "sequence_classification" (nothing is imported or loaded)."""
+    if _is_function_spec(spec):
+        return "function"
+    if _marker_path(spec) is not None:
+        return "project"
+    return "sequence_classification"
+
+
+def _load_function(spec: str, key: str) -> Callable:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(
+            f"{key}: cannot import module '{module_name}' ({_first_line(exc)}); expected package.module:function"
+        ) from None
+    except Exception as exc:  # the module itself failed while importing: show its error, in one line
+        raise UserError(
+            f"{key}: importing module '{module_name}' failed: {type(exc).__name__}: {_first_line(exc)}"
+        ) from None
+    if not hasattr(module, attr):
+        raise UserError(f"{key}: module '{module_name}' has no function '{attr}' (from {spec})")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise UserError(f"{key}: {spec} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _check_classifier_config(spec: str, source: ModelSource, key: str, trust_remote_code: bool):
+    """The folder's or Hub model's config, refused unless it describes a one-output sequence classifier."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            source.name_or_path, trust_remote_code=trust_remote_code, local_files_only=source.local_files_only
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise UserError(f"{key}: could not read the config of '{spec}': {_first_line(exc)}") from None
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        what = architectures[0] if architectures else f"'{config.model_type}' model that lists no architecture"
+        raise UserError(
+            f"{key}: '{spec}' is a {what}, not a sequence-classification reward model (no scalar head); "
+            f"use a reward model such as {SUGGESTED_REWARD_MODEL}, or train one with mode: reward"
+        )
+    if config.num_labels != 1:
+        raise UserError(
+            f"{key}: '{spec}' has {config.num_labels} output labels; "
+            "a reward model needs one scalar output (num_labels=1)"
+        )
+    return config
+
+
+def _read_marker(spec: str, key: str) -> dict:
+    marker = _marker_path(spec)
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{key}: cannot read {marker}: {_first_line(exc)}") from None
+    if not isinstance(data, dict) or data.get("kind") != "dpo_lightning.RewardModel":
+        raise UserError(f"{key}: {marker} is not a dpo_lightning reward model marker")
+    if data.get("format") != REWARD_FORMAT:
+        raise UserError(
+            f"{key}: {marker} has format {data.get('format')!r}; this dpo_lightning reads format {REWARD_FORMAT}"
+        )
+    return data
+
+
+def check_reward_model(spec: str, key: str = "reward_model", trust_remote_code: bool = False) -> None:
+    """Pre-flight before any model loads: a function path imports its module and finds a callable; a folder or Hub
+    name must resolve (`models.resolve_model`) and its config must describe a one-output sequence classifier."""
+    kind = reward_kind(spec)
+    if kind == "function":
+        _load_function(spec, key)
+        return
+    source = resolve_model(spec, key)
+    if kind == "project":
+        _read_marker(spec, key)
+    _check_classifier_config(spec, source, key, trust_remote_code)
+
+
+def load_reward(
+    spec: str,
+    *,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    trust_remote_code: bool = False,
+    key: str = "reward_model",
+) -> RewardScorer:
+    """The scorer `spec` names (see the module docstring), frozen, in eval mode, on `device`."""
+    kind = reward_kind(spec)
+    if kind == "function":
+        return FunctionReward(_load_function(spec, key), spec, key)
+
+    source = resolve_model(spec, key)
+    _check_classifier_config(spec, source, key, trust_remote_code)
+    if kind == "project":
+        marker = _read_marker(spec, key)
+        folder = Path(source.name_or_path)
+        tokenizer_source = source
+        base_model = marker.get("base_model")
+        if not (folder / "tokenizer_config.json").is_file() and base_model:
+            tokenizer_source = resolve_model(base_model, f"{key} (base_model in {REWARD_MARKER})")
+        tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
+        reward_model = RewardModel.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        scorer = ProjectReward(
+            reward_model,
+            tokenizer,
+            description=f"RewardModel {spec}",
+            batch_size=batch_size,
+            max_length=max_length,
+        )
+        return scorer.to(device)
+
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source.name_or_path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            local_files_only=source.local_files_only,
+        )
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
+        raise UserError(f"{key}: could not load reward model '{spec}': {_first_line(exc)}") from None
+    if model.config.get_text_config().pad_token_id is None:
+        _set_pad_token_id(model.config, tokenizer.pad_token_id)
+    scorer = SequenceClassifierReward(
+        model,
+        tokenizer,
+        description=f"sequence-classification model {spec}",
+        batch_size=batch_size,
+        max_length=max_length,
+    )
+    return scorer.to(device)
