@@ -102,7 +102,7 @@ def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
     check_source(cfg)
     policy_source = resolve_model(cfg.model_name, "model_name")
     ref_source = resolve_model(cfg.ref_model_name, "ref_model_name") if cfg.ref_model_name else None
-    if cfg.reward_model is not None and cfg.mode in ("auto", "online"):
+    if cfg.mode == "online":  # with `auto`, once the data has shown it trains online (pairs never use it)
         check_reward_model(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
     return policy_source, ref_source
 
@@ -179,6 +179,8 @@ def train(
     datamodule = DPODataModule(cfg, tokenizer)
     datamodule.prepare()  # data errors surface before the models load
     log.info("mode: %s%s", datamodule.mode, " (chosen by the data)" if cfg.mode == "auto" else "")
+    if cfg.mode == "auto" and datamodule.mode == "online":
+        check_reward_model(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
 
     output_dir = Path(cfg.output_dir)
     write_files = session is not None and session.write_files and not fast_dev_run
