@@ -232,6 +232,16 @@ def _utf8_records(path: Path, label: str) -> Iterator[tuple[int, Any]]:
         raise UserError(f"{label} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
 
 
+def _check_pairs_for_mode(first: dict, columns: dict[str, str], mode: str, label: str) -> None:
+    """A file of prompts alone cannot train a mode that needs pairs: say so once, not as a missing column."""
+    from dpo_lightning.data.formats import LAYOUTS_HELP
+
+    has_pair_column = any(columns.get(role, role) in first for role in PAIR_ROLES)
+    if mode in PAIR_MODES and not has_pair_column:
+        found = ", ".join(first) or "(none)"
+        raise UserError(f"{label}: mode {mode} trains on preference pairs, none in columns {found}; {LAYOUTS_HELP}")
+
+
 def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: str, mode: str = "auto") -> _Scan:
     """Check every record of a JSON/JSONL file; raise UserError on the first problem, or skip and count."""
     wanted: dict[str, str] | None = None
@@ -242,7 +252,9 @@ def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: s
         rows += 1
         if not isinstance(record, dict):
             raise UserError(f"{label} line {lineno}: expected a JSON object, got {type(record).__name__}")
-        wanted = wanted or _wanted_columns(record, columns, mode)
+        if wanted is None:
+            _check_pairs_for_mode(record, columns, mode, label)
+            wanted = _wanted_columns(record, columns, mode)
         problem = _check_record(record, lineno, wanted, kinds)
         if problem and on_bad_rows != "skip":
             raise UserError(f"{label} line {lineno}: {problem}")
