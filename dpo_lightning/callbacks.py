@@ -56,6 +56,26 @@ def print_reporter(group: str, step: int, metrics: dict[str, float]) -> None:
     print(f"[{group} step {step}] {shown}", flush=True)
 
 
+SUMMARY_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "accuracy",
+    "margin",
+    "objective/scores",
+    "objective/kl",
+    "objective/eos_rate",
+)
+
+
+def log_validation(group: str, step: int, metrics: dict[str, float]) -> None:
+    """One log line per validation with the headline metrics (all of them go to metrics.jsonl)."""
+    if group != "validation":
+        return
+    shown = ", ".join(f"{name} {metrics[name]:.4g}" for name in SUMMARY_METRICS if name in metrics)
+    log.info("validation at step %d: %s", step, shown)
+
+
 def validate_now(trainer) -> None:
     """Run a full validation from inside `fit`, as Lightning's training loop runs one between two batches.
 

@@ -321,6 +321,7 @@ class OnlineDPOModule(DPOModule):
             "has_eos": completions.has_eos,
             "lengths": torch.tensor([len(ids) for ids in completions.ids], dtype=torch.float32),
             "tie": tie,
+            "chosen": chosen,
             "prompt_weight": weight,
         }
         return {name: value.to(self.device) for name, value in pairs.items()}, sampled
@@ -332,8 +333,8 @@ class OnlineDPOModule(DPOModule):
         # per-sample KL estimate, back in prompt-major order: rows are the P chosen, then the P rejected
         log_ratio = (policy.logps.detach() - reference.logps.float()).cpu()
         by_role = torch.stack(log_ratio.chunk(2), dim=1)  # (P, 2): chosen, rejected
-        is_first = (sampled["pair_scores"][0] == sampled["scores"].view(-1, SAMPLES_PER_PROMPT)[:, 0]).unsqueeze(1)
-        kl = torch.where(is_first, by_role, by_role.flip(1)).flatten()
+        first_chosen = (sampled.pop("chosen") == 0).unsqueeze(1)
+        kl = torch.where(first_chosen, by_role, by_role.flip(1)).flatten()
         samples.update(kl=kl, **sampled)
         return weighted_mean(out.losses, pairs["pair_weight"])
 

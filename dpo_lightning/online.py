@@ -82,8 +82,9 @@ def cut_at_eos(generated: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tenso
 
 def sampling_config(*, max_new_tokens: int, temperature: float, top_p: float, eos_ids: list[int], pad_id: int):
     """A GenerationConfig that samples from the policy's softmax(logits / temperature) with nucleus top_p and
-    nothing else: every other knob a model's own generation_config may set (top_k, repetition penalty, ...)
-    is pinned to its neutral value, since `generate` fills unset ones from the model's defaults."""
+    nothing else. `generate` fills every knob left unset from the model's own generation_config, and the
+    neutral value of many is "unset", so `sample_completions` also stands this config in for the model's;
+    the knobs with a neutral value (top_k, repetition penalty, ...) are pinned here as well."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
@@ -115,8 +116,10 @@ def sample_completions(
     Returns the completions prompt-major (prompt 0's samples, then prompt 1's, ...). `synced_gpus` keeps
     sharded (FSDP) ranks generating in step until every rank is done.
     """
-    was_training = model.training
+    was_training, model_defaults = model.training, model.generation_config
     model.eval()
+    # the model's defaults (a chat model's top_k, suppressed tokens, beams, ...) must not fill our unset knobs
+    model.generation_config = generation_config
     try:
         out = model.generate(
             input_ids=input_ids,
@@ -125,6 +128,7 @@ def sample_completions(
             synced_gpus=synced_gpus,
         )
     finally:
+        model.generation_config = model_defaults
         model.train(was_training)
     generated = out[:, input_ids.shape[1] :]
     lengths, has_eos = cut_at_eos(generated, list(generation_config.eos_token_id))

@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol
 import lightning as L
 import torch
 
-from dpo_lightning.callbacks import JsonlReporter, print_reporter
+from dpo_lightning.callbacks import JsonlReporter, log_validation, print_reporter
 from dpo_lightning.checkpoints import RUN_CONFIG, lightning_state_path, run_record, write_json
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.data import check_source
@@ -186,7 +186,7 @@ def train(
     write_files = session is not None and session.write_files and not fast_dev_run
     reporters = list(session.reporters) if session is not None else []
     if write_files:
-        reporters.append(JsonlReporter(output_dir / "metrics.jsonl"))
+        reporters += [JsonlReporter(output_dir / "metrics.jsonl"), log_validation]
     if fast_dev_run:
         reporters.append(print_reporter)
     module = build_module(cfg, datamodule.mode, sources, start, tokenizer, reporters)

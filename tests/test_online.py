@@ -235,8 +235,8 @@ def test_sampling_is_plain_softmax_over_temperature(source, tokenizer):
     assert seen_eos and seen_open and seen_early
 
 
-# Knobs of a model's generation_config that `sampling_config` leaves at None, which `generate` then fills from the
-# model's own generation_config (transformers' _prepare_generation_config fills only None values).
+# Knobs of a model's generation_config whose neutral value is None, which `generate` would fill from the model's
+# own generation_config (transformers' _prepare_generation_config fills only None values) if it could see it.
 LEAKING_KNOBS = {
     "num_beams": 4,
     "suppress_tokens": list(range(200, 400)),
@@ -250,11 +250,6 @@ LEAKING_KNOBS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG online.sampling_config: knobs left at None are filled from model.generation_config by generate",
-)
 @pytest.mark.parametrize("knob", sorted(LEAKING_KNOBS))
 def test_sampling_ignores_model_knobs_left_unset(source, tokenizer, knob):
     cfg = make_config({"model_name": source.name_or_path})

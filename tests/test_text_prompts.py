@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -442,3 +445,38 @@ def test_text_source_path_for_local_files(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         text_source_path("./no-such-file.txt")
     assert _one_line(err) == "dataset file not found: ./no-such-file.txt"
+
+
+# ----------------------------------------------------------------------------- through the entrypoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _entrypoint(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "entrypoint.py"), "--config", "experiments/online-tiny.yaml", *args]
+    return subprocess.run(command, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_shakespeare_offline_without_cache_fails_in_seconds(tmp_path):
+    env = {"DPO_LIGHTNING_CACHE": str(tmp_path / "cache"), URL_ENV: f"http://127.0.0.1:{_closed_port()}/input.txt"}
+    started = time.monotonic()
+    done = _entrypoint("--dataset_name", "tiny_shakespeare", "--output_dir", str(tmp_path / "out"), env=env)
+    assert time.monotonic() - started < 60  # the process start and imports included
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "tiny_shakespeare" in errors[0] and "--dataset_name ./input.txt" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+@needs_real_text
+def test_online_run_on_tiny_shakespeare_downloaded_through_a_local_server(server, tmp_path):
+    """The default prompt set end to end: fetched once, verified against the pinned checksum, cut into
+    prompts, and one online step with validation run on them."""
+    server.routes["/input.txt"] = REAL_TEXT.read_bytes()
+    env = {"DPO_LIGHTNING_CACHE": str(tmp_path / "cache"), URL_ENV: server.url("/input.txt")}
+    done = _entrypoint("--dataset_name", "tiny_shakespeare", "--fast-dev-run", "--max_prompt_length", "24", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[training step 1]" in done.stdout and "objective/scores" in done.stdout
+    cached = tmp_path / "cache" / "datasets" / TINY_SHAKESPEARE_TEXT.filename
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == TINY_SHAKESPEARE_TEXT.sha256
+    assert server.requests == ["/input.txt"]
