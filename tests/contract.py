@@ -25,6 +25,15 @@ TRAINING_METRICS = {
     "tokens_per_second",
     "peak_memory_gb",
 }
+# Online runs add DESIGN.md's objective/* names, and the share of wall time spent sampling and scoring.
+OBJECTIVE_METRICS = {
+    "objective/scores_chosen",
+    "objective/scores_rejected",
+    "objective/scores_margin",
+    "objective/kl",
+    "objective/eos_rate",
+}
+TIME_SHARES = {"time/generation_share", "time/scoring_share"}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

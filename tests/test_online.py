@@ -192,6 +192,24 @@ def _prompt_batch(tokenizer, texts):
     return batch
 
 
+def _ours_and_reference(policy, tokenizer, batch, generation, stops, seed):
+    """Our sampling and the plain reference loop (T = 0.7, 6 tokens, 2 samples), each from the same seed."""
+    torch.manual_seed(seed)
+    completions = sample_completions(policy, batch["input_ids"], batch["attention_mask"], generation)
+    torch.manual_seed(seed)
+    rows = reference_sampling(
+        policy,
+        batch["input_ids"],
+        batch["attention_mask"],
+        samples=2,
+        temperature=0.7,
+        max_new_tokens=6,
+        stops=stops,
+        pad_id=tokenizer.pad_token_id,
+    )
+    return completions, rows
+
+
 def test_sampling_is_plain_softmax_over_temperature(source, tokenizer):
     cfg = make_config({"model_name": source.name_or_path})
     policy = load_policy(cfg, source)
@@ -206,19 +224,7 @@ def test_sampling_is_plain_softmax_over_temperature(source, tokenizer):
     batch = _prompt_batch(tokenizer, PROMPT_TEXTS[:2])
     seen_eos, seen_open, seen_early = False, False, False
     for seed in (1, 2, 4):
-        torch.manual_seed(seed)
-        completions = sample_completions(policy, batch["input_ids"], batch["attention_mask"], generation)
-        torch.manual_seed(seed)
-        rows = reference_sampling(
-            policy,
-            batch["input_ids"],
-            batch["attention_mask"],
-            samples=2,
-            temperature=0.7,
-            max_new_tokens=6,
-            stops=stops,
-            pad_id=tokenizer.pad_token_id,
-        )
+        completions, rows = _ours_and_reference(policy, tokenizer, batch, generation, stops, seed)
         expected, expected_eos = cut_rows(rows, stops)
         assert completions.ids == expected, f"seed {seed}"
         assert completions.has_eos.tolist() == expected_eos
@@ -260,19 +266,7 @@ def test_sampling_ignores_model_knobs_left_unset(source, tokenizer, knob):
         max_new_tokens=6, temperature=0.7, top_p=1.0, eos_ids=sorted(stops), pad_id=tokenizer.pad_token_id
     )
     batch = _prompt_batch(tokenizer, PROMPT_TEXTS[:2])
-    torch.manual_seed(3)
-    completions = sample_completions(policy, batch["input_ids"], batch["attention_mask"], generation)
-    torch.manual_seed(3)
-    rows = reference_sampling(
-        policy,
-        batch["input_ids"],
-        batch["attention_mask"],
-        samples=2,
-        temperature=0.7,
-        max_new_tokens=6,
-        stops=stops,
-        pad_id=tokenizer.pad_token_id,
-    )
+    completions, rows = _ours_and_reference(policy, tokenizer, batch, generation, stops, 3)
     assert completions.ids == cut_rows(rows, stops)[0]
 
 

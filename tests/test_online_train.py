@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from contract import stepwise_run_values, write_jsonl
+from contract import OBJECTIVE_METRICS, TIME_SHARES, TRAINING_METRICS, stepwise_run_values, write_jsonl
 from fake_core import FakeCore
 from safetensors.torch import load_file
 
@@ -131,9 +131,9 @@ def test_bad_reward_function_fails_before_models_load(tmp_path):
 # ----------------------------------------------------------------------------- learning
 
 
-def _validation(output_dir: Path) -> dict[int, dict[str, float]]:
+def _reports(output_dir: Path, group: str) -> dict[int, dict[str, float]]:
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["metrics"] for r in rows if r["group"] == "validation"}
+    return {r["step"]: r["metrics"] for r in rows if r["group"] == group}
 
 
 def test_online_loop_raises_the_held_out_reward(tiny_model, tmp_path):
@@ -157,8 +157,14 @@ def test_online_loop_raises_the_held_out_reward(tiny_model, tmp_path):
         output_dir=str(out),
     )
     bridge.run_local(make_config(values))
-    validation = _validation(out)
+    validation, training = _reports(out, "validation"), _reports(out, "training")
     assert sorted(validation) == [0, 30, 60]
+    assert {10, 20, 30, 40, 50, 60} <= set(training)  # and the epoch ends
+    for metrics in training.values():
+        assert TRAINING_METRICS | OBJECTIVE_METRICS | TIME_SHARES <= set(metrics)
+        shares = [metrics[name] for name in TIME_SHARES]
+        assert all(0 < share < 1 for share in shares) and sum(shares) < 1
+    assert OBJECTIVE_METRICS <= set(validation[60]) and not TIME_SHARES & set(validation[60])
     before, after = validation[0], validation[60]
     # at step 0 the policy is its reference: no KL, and DPO's loss is ln 2 on every untied pair
     assert before["objective/kl"] == pytest.approx(0.0, abs=1e-5)
