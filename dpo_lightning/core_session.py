@@ -121,7 +121,7 @@ class CoreSession:
         path = self.save(trainer, module, trainer.global_step)
         if self.write_files and trainer.is_global_zero:
             final = export_final(Path(self.cfg.output_dir), path)
-            log.info("final policy saved to %s", final)
+            log.info("final %s saved to %s", module.TRAINED.replace("_", " "), final)
         self.progress(trainer, force=True)
         return path
 
