@@ -80,7 +80,15 @@ def cut_at_eos(generated: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tenso
     return lengths, has_eos
 
 
-def sampling_config(*, max_new_tokens: int, temperature: float, top_p: float, eos_ids: list[int], pad_id: int):
+def sampling_config(
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_ids: list[int],
+    pad_id: int,
+    num_samples: int = SAMPLES_PER_PROMPT,
+):
     """A GenerationConfig that samples from the policy's softmax(logits / temperature) with nucleus top_p and
     nothing else. `generate` fills every knob left unset from the model's own generation_config, and the
     neutral value of many is "unset", so `sample_completions` also stands this config in for the model's;
@@ -89,7 +97,7 @@ def sampling_config(*, max_new_tokens: int, temperature: float, top_p: float, eo
 
     return GenerationConfig(
         do_sample=True,
-        num_return_sequences=SAMPLES_PER_PROMPT,
+        num_return_sequences=num_samples,
         max_new_tokens=max_new_tokens,
         min_new_tokens=0,
         temperature=temperature,
@@ -111,7 +119,8 @@ def sampling_config(*, max_new_tokens: int, temperature: float, top_p: float, eo
 def sample_completions(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config, *, synced_gpus: bool = False
 ) -> Completions:
-    """SAMPLES_PER_PROMPT completions per left-padded prompt (P, T), from `model` in eval mode with its KV cache.
+    """`num_return_sequences` completions per left-padded prompt (P, T), from `model` in eval mode with its KV
+    cache.
 
     Returns the completions prompt-major (prompt 0's samples, then prompt 1's, ...). `synced_gpus` keeps
     sharded (FSDP) ranks generating in step until every rank is done.

@@ -15,6 +15,23 @@ def _pad(rows: list[list[int]], value: int, width: int) -> torch.Tensor:
     return out
 
 
+def completion_batch(
+    prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + completion rows (N, T): `input_ids`, `attention_mask` (1 on real tokens),
+    `completion_mask` (1 on completion tokens); masks from lengths, never from the pad id."""
+    pairs = list(zip(prompts, completions, strict=True))
+    sequences = [list(p) + list(c) for p, c in pairs]
+    width = max(len(s) for s in sequences)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    return {
+        "input_ids": _pad(sequences, pad_token_id, width),
+        "attention_mask": _pad([[1] * len(s) for s in sequences], 0, width),
+        "completion_mask": _pad([[0] * len(p) + [1] * len(c) for p, c in pairs], 0, width),
+    }
+
+
 class PairCollator:
     """Right-pads prompt+completion sequences; masks are built from lengths, never from the pad id.
 
@@ -28,20 +45,9 @@ class PairCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        sequences, completion = [], []
-        for key in ("chosen_ids", "rejected_ids"):
-            for item in items:
-                prompt, answer = list(item["prompt_ids"]), list(item[key])
-                sequences.append(prompt + answer)
-                completion.append([0] * len(prompt) + [1] * len(answer))
-        width = max(len(s) for s in sequences)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {
-            "input_ids": _pad(sequences, self.pad_token_id, width),
-            "attention_mask": _pad([[1] * len(s) for s in sequences], 0, width),
-            "completion_mask": _pad(completion, 0, width),
-        }
+        prompts = [list(item["prompt_ids"]) for item in items] * 2
+        answers = [list(item["chosen_ids"]) for item in items] + [list(item["rejected_ids"]) for item in items]
+        batch = completion_batch(prompts, answers, self.pad_token_id, self.pad_to_multiple_of)
         if "weight" in items[0]:
             batch["pair_weight"] = torch.tensor([float(item["weight"]) for item in items])
         return batch
