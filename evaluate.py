@@ -1,15 +1,66 @@
-"""Evaluate a trained policy: `python evaluate.py --model_path PATH --dataset_name NAME`.
+"""Evaluate a trained policy: `python evaluate.py --model_path PATH --dataset_name NAME [options]`.
 
-Evaluation (preference metrics, win rate against the reference, reports) is not implemented yet; it is
-planned as its own piece of work. This script says so plainly instead of pretending to measure anything.
+PATH is a Hugging Face model folder, a training output folder (its final/ policy) or a checkpoint folder
+(as `det checkpoint download` gives it). Preference pairs give DPO's implicit-reward metrics against the
+reference; with `--reward_model`, prompts give the policy's win rate against the reference. The report goes
+to `<output_dir>/report.json`, `report.md` and PNG plots; a summary table is printed at the end.
 """
 
+from __future__ import annotations
+
+import argparse
 import sys
 
+from dpo_lightning.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other user error
+        raise UserError(f"{message} (see python evaluate.py --help)")
+
+
+def parse_args(argv: list[str]):
+    from dpo_lightning.evaluator import EvalOptions
+
+    parser = _Parser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
+    add = parser.add_argument
+    add("--model_path", required=True, help="model folder, training output folder or checkpoint folder")
+    add("--dataset_name", help="dataset (as in training); default: the run's dataset_name")
+    add("--ref_model_path", help="reference model; default: the run's reference, else the policy itself")
+    add("--beta", type=float, help="DPO beta; default: the run's beta, else 0.1")
+    add("--reward_model", help="judge: sequence-classification model, RewardModel folder or package.module:function")
+    add("--split", help="split to evaluate whole; default: the part training held out")
+    add("--num_pairs", type=int, default=256, help="preference pairs to score (default 256)")
+    add("--num_prompts", type=int, help="prompts to generate for (default 64 with --reward_model, else 0)")
+    add("--max_new_tokens", type=int, help="default: the run's, else 128")
+    add("--temperature", type=float, help="default: the run's, else 0.9")
+    add("--top_p", type=float, help="default: the run's, else 1.0")
+    add("--batch_size", type=int, default=8)
+    add("--output_dir", default="outputs/eval", help="where report.json, report.md and the plots go")
+    add("--seed", type=int, default=0)
+    add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return EvalOptions(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from dpo_lightning.evaluator import evaluate
+    from dpo_lightning.report import summary_table, write_report
+    from dpo_lightning.training import configure_logging
+
+    configure_logging()
+    options = parse_args(argv)
+    report = evaluate(options)
+    files = write_report(Path(options.output_dir), report)
+    print(summary_table(report))
+    print(f"report: {files['markdown']} (numbers: {files['json']})")
+    return 0
+
+
 if __name__ == "__main__":
-    print(
-        "error: evaluate.py is not implemented yet; validation metrics of a training run are in "
-        "<output_dir>/metrics.jsonl (group 'validation')",
-        file=sys.stderr,
-    )
-    sys.exit(2)
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -45,7 +45,7 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _versions() -> dict[str, str | None]:
+def library_versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {"dpo_lightning": __version__}
     for name in _LIBRARIES:
         try:
@@ -57,7 +57,7 @@ def _versions() -> dict[str, str | None]:
 
 def run_record(cfg: DPOConfig) -> dict[str, Any]:
     """What evaluation and resume need to know about a run: its configuration, versions and commit."""
-    return {"config": cfg.to_dict(), "versions": _versions(), "git_commit": _git_commit()}
+    return {"config": cfg.to_dict(), "versions": library_versions(), "git_commit": _git_commit()}
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

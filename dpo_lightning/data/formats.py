@@ -265,14 +265,19 @@ def normalize_prompts(
     found = dataset_roles(dataset, columns, label)
     if has_pairs(found):
         pairs = normalize(dataset, columns=columns, on_bad_rows=on_bad_rows, label=label)
-        unique: dict = {}
-        for row in pairs.rows:
-            unique.setdefault(_prompt_key(row["prompt"]), row["prompt"])
-        return NormalizedPrompts([{"prompt": p} for p in unique.values()], pairs.skipped)
+        return NormalizedPrompts(unique_prompts(pairs.rows), pairs.skipped)
     if not has_prompts(found):
         raise UserError(f"{label}: no prompts in columns {', '.join(dataset.column_names) or '(none)'}; {LAYOUTS_HELP}")
     rows, skipped = _convert_rows(dataset, found, prompt_row, on_bad_rows, label)
     return NormalizedPrompts(rows, skipped)
+
+
+def unique_prompts(rows: list[dict]) -> list[dict]:
+    """{prompt} of each distinct prompt of `rows`, in order of first appearance."""
+    unique: dict = {}
+    for row in rows:
+        unique.setdefault(_prompt_key(row["prompt"]), row["prompt"])
+    return [{"prompt": prompt} for prompt in unique.values()]
 
 
 def _prompt_key(prompt: str | Messages) -> str | tuple:

@@ -1,0 +1,304 @@
+"""One evaluation, top to bottom: resolve the paths -> check the options -> read the data -> load the reward
+model and probe it -> load the policy and reference -> measure -> the report dict (report.py writes it).
+
+Every mistake a user can make is caught in the first steps, before any model loads, as one UserError line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpo_lightning.checkpoints import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, library_versions
+from dpo_lightning.config import make_config
+from dpo_lightning.data.collate import PairCollator, PromptCollator
+from dpo_lightning.data.formats import dataset_roles, has_pairs, normalize, normalize_prompts, unique_prompts
+from dpo_lightning.data.sources import load_splits
+from dpo_lightning.data.split import split_by_prompt
+from dpo_lightning.data.tokenize import tokenize_pair, tokenize_prompts
+from dpo_lightning.errors import UserError
+from dpo_lightning.evaluation import compare_generations, evaluate_pairs, reward_agreement
+from dpo_lightning.models import ModelSource, freeze, load_causal_lm, load_tokenizer, resolve_model
+from dpo_lightning.rewards import check_reward_model, load_reward
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """evaluate.py's options; None means "from the run's run_config.json, else the default"."""
+
+    model_path: str
+    dataset_name: str | None = None
+    ref_model_path: str | None = None
+    beta: float | None = None
+    reward_model: str | None = None
+    split: str | None = None
+    num_pairs: int = 256
+    num_prompts: int | None = None  # default: 64 with a reward model, else 0
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    batch_size: int = 8
+    output_dir: str = "outputs/eval"
+    seed: int = 0
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    folder: Path  # a Hugging Face model folder (or Hub name)
+    record: dict[str, Any] | None  # the training run's run_config.json, when there is one
+
+
+def resolve_model_path(path: str) -> ResolvedModel:
+    """A model folder (a checkpoint's is one), a training output folder (its final/ or newest checkpoint), or
+    a Hub name; with the run record found beside it."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if (folder / "config.json").is_file():
+            return ResolvedModel(folder, _read_record(folder / RUN_CONFIG) or _read_record(folder.parent / RUN_CONFIG))
+        if (folder / "final" / "config.json").is_file():
+            return ResolvedModel(folder / "final", _read_record(folder / RUN_CONFIG))
+        checkpoint = find_resume_checkpoint(folder) if (folder / CHECKPOINTS).is_dir() else None
+        if checkpoint is not None:
+            return ResolvedModel(checkpoint, _read_record(checkpoint / RUN_CONFIG))
+        raise UserError(
+            f"model_path: {path} is not a model folder (no config.json), a training output folder (no final/ "
+            "and no complete checkpoint) or a checkpoint"
+        )
+    source = resolve_model(path, "model_path")  # a Hub name, or a one-line error for a missing folder
+    return ResolvedModel(Path(source.name_or_path), None)
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record.get("config"), dict) else None
+
+
+def run_settings(options: EvalOptions, record: dict | None) -> dict[str, Any]:
+    """Every setting the evaluation uses: the option when given, else the training run's, else a default."""
+    trained = (record or {}).get("config", {})
+
+    def pick(name: str, run_key: str, default):
+        value = getattr(options, name)
+        return value if value is not None else trained.get(run_key, default)
+
+    reference = options.ref_model_path or trained.get("ref_model_name") or trained.get("model_name")
+    return {
+        "dataset_name": pick("dataset_name", "dataset_name", None),
+        "reference": reference,  # None: the policy is its own reference
+        "beta": pick("beta", "beta", 0.1),
+        "loss_type": trained.get("loss_type", "sigmoid"),
+        "label_smoothing": trained.get("label_smoothing", 0.0),
+        "max_new_tokens": pick("max_new_tokens", "max_new_tokens", 128),
+        "temperature": pick("temperature", "temperature", 0.9),
+        "top_p": pick("top_p", "top_p", 1.0),
+        "num_prompts": options.num_prompts if options.num_prompts is not None else (64 if options.reward_model else 0),
+    }
+
+
+def check_options(options: EvalOptions, settings: dict[str, Any]) -> None:
+    """The option combinations that cannot work, before anything loads."""
+    if settings["dataset_name"] is None:
+        raise UserError(
+            "dataset_name: no dataset given and the model has no run_config.json naming one; pass --dataset_name"
+        )
+    for name in ("num_pairs", "batch_size"):
+        if getattr(options, name) < (0 if name == "num_pairs" else 1):
+            raise UserError(
+                f"--{name} must be {'>= 0' if name == 'num_pairs' else '> 0'}, got {getattr(options, name)}"
+            )
+    if settings["num_prompts"] < 0:
+        raise UserError(f"--num_prompts must be >= 0, got {settings['num_prompts']}")
+    if settings["num_prompts"] > 0 and options.reward_model is None:
+        raise UserError(
+            "--num_prompts: generation metrics (win rate against the reference) need a judge; pass --reward_model "
+            "(a sequence-classification model, a RewardModel folder or package.module:function)"
+        )
+    if not settings["beta"] > 0:
+        raise UserError(f"--beta must be > 0, got {settings['beta']}")
+    if not 0 < settings["top_p"] <= 1 or not settings["temperature"] > 0:
+        raise UserError("--temperature must be > 0 and --top_p in (0, 1]")
+    if options.reward_model is not None:
+        check_reward_model(options.reward_model, "--reward_model")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _data_config(options: EvalOptions, settings: dict, record: dict | None):
+    """A training configuration for the data layer: the run's (columns, lengths, splits), on this dataset."""
+    values = dict((record or {}).get("config", {}))
+    values = {k: v for k, v in values.items() if k not in ("mode", "reward_model", "output_dir")}
+    values.update(dataset_name=settings["dataset_name"], seed=values.get("seed", options.seed))
+    if options.split is not None:
+        values.update(train_split=options.split, eval_split=None)
+    return make_config(values)
+
+
+def evaluation_rows(cfg, options: EvalOptions) -> tuple[list[dict] | None, list[dict]]:
+    """(pair rows or None when the data has none, prompt rows) of the evaluated split: `--split` whole, else
+    the part training held out (eval split, or the run's val_fraction draw), else the whole train split."""
+    raw = load_splits(cfg)
+    label = cfg.dataset_name
+    if options.split is None and raw.eval is not None:
+        data = raw.eval
+    else:
+        data = raw.train
+    pairs = None
+    norm = {"columns": dict(cfg.columns), "on_bad_rows": cfg.on_bad_rows, "label": label}
+    if has_pairs(dataset_roles(data, cfg.columns, label)):
+        pairs = normalize(data, **norm).rows
+        if options.split is None and raw.eval is None and cfg.val_fraction > 0:
+            _, pairs = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)  # the prompts training never saw
+        prompts = unique_prompts(pairs)
+    else:
+        prompts = normalize_prompts(data, **norm).rows
+        if options.split is None and raw.eval is None and cfg.val_fraction > 0:
+            _, prompts = split_by_prompt(prompts, cfg.val_fraction, cfg.seed)
+    return pairs, prompts
+
+
+def _sample(rows: list[dict], count: int, seed: int) -> list[dict]:
+    """At most `count` rows, a seeded draw in the data's order (so a report says which rows it measured)."""
+    if count >= len(rows):
+        return list(rows)
+    keep = sorted(random.Random(seed).sample(range(len(rows)), count))
+    return [rows[i] for i in keep]
+
+
+def pair_batches(rows: list[dict], tokenizer, cfg, batch_size: int) -> tuple[list[dict], list[dict]]:
+    """Collated pair batches and the rows they hold (pairs left without a completion token are dropped)."""
+    kept, items = [], []
+    for row in rows:
+        item = tokenize_pair(
+            tokenizer,
+            row["prompt"],
+            row["chosen"],
+            row["rejected"],
+            max_prompt_length=cfg.max_prompt_length,
+            max_length=cfg.max_length,
+        )
+        if item is not None:
+            kept.append(row)
+            items.append(item)
+    collate = PairCollator(tokenizer.pad_token_id)
+    return [collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)], kept
+
+
+def prompt_batches(rows: list[dict], tokenizer, cfg, batch_size: int) -> list[dict]:
+    data = tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length).dataset
+    collate = PromptCollator(tokenizer.pad_token_id)
+    return [
+        collate([data[j] for j in range(i, min(i + batch_size, len(data)))]) for i in range(0, len(data), batch_size)
+    ]
+
+
+def _completion_text(completion) -> str:
+    return completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _progress(items: list, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, unit="batch", leave=False)
+
+
+def evaluate(options: EvalOptions) -> dict[str, Any]:
+    """Run the evaluation and return the report dict."""
+    resolved = resolve_model_path(options.model_path)
+    settings = run_settings(options, resolved.record)
+    check_options(options, settings)
+    reference_source = resolve_model(settings["reference"], "ref_model_path") if settings["reference"] else None
+    cfg = _data_config(options, settings, resolved.record)
+    policy_source = ModelSource(str(resolved.folder), resolved.folder.exists())
+    tokenizer = load_tokenizer(policy_source)
+    pairs, prompts = evaluation_rows(cfg, options)
+    pairs = _sample(pairs, options.num_pairs, options.seed) if pairs else None
+    prompts = _sample(prompts, settings["num_prompts"], options.seed)
+    if not pairs and not prompts:
+        raise UserError(
+            f"{cfg.dataset_name}: nothing to evaluate: preference metrics need chosen/rejected pairs "
+            "(--num_pairs > 0), generation metrics need prompts and --reward_model"
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, options.dtype)
+    reward = None
+    if options.reward_model is not None:
+        reward = load_reward(options.reward_model, dtype=dtype, key="--reward_model").to(device)
+        probe = prompts[0]["prompt"] if prompts else pairs[0]["prompt"]
+        reward.score([probe], ["probe"])  # a reward that cannot score fails here, before the policy loads
+
+    load = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": False}
+    policy = freeze(load_causal_lm(policy_source, **load)).to(device)
+    reference = freeze(load_causal_lm(reference_source, **load)).to(device) if reference_source else policy
+    report: dict[str, Any] = {
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "config": {**asdict(options), **settings},
+        "models": {
+            "policy": str(resolved.folder),
+            "reference": settings["reference"] or f"{resolved.folder} (the policy itself)",
+            "reward_model": options.reward_model,
+        },
+        "versions": library_versions(),
+        "preference": None,
+        "generation": None,
+    }
+    if pairs:
+        batches, kept = pair_batches(pairs, tokenizer, cfg, options.batch_size)
+        result = evaluate_pairs(
+            policy,
+            reference,
+            _progress(batches, "pairs"),
+            beta=settings["beta"],
+            loss_type=settings["loss_type"],
+            label_smoothing=settings["label_smoothing"],
+            device=device,
+        )
+        metrics = dict(result.metrics)
+        if reward is not None:
+            prompts_of = [row["prompt"] for row in kept]
+            chosen = reward.score(prompts_of, [_completion_text(r["chosen"]) for r in kept])
+            rejected = reward.score(prompts_of, [_completion_text(r["rejected"]) for r in kept])
+            metrics["reward_model/agreement"] = reward_agreement(chosen, rejected)
+        report["preference"] = {
+            "num_pairs": len(kept),
+            "beta": settings["beta"],
+            "metrics": metrics,
+            "margins": result.margins,
+        }
+    if prompts and reward is not None:
+        result = compare_generations(
+            policy,
+            reference,
+            tokenizer,
+            _progress(prompt_batches(prompts, tokenizer, cfg, options.batch_size), "prompts"),
+            reward.score,
+            max_new_tokens=settings["max_new_tokens"],
+            temperature=settings["temperature"],
+            top_p=settings["top_p"],
+            seed=options.seed,
+            device=device,
+        )
+        report["generation"] = {
+            "num_prompts": len(result.policy_scores),
+            "metrics": result.metrics,
+            "policy_scores": result.policy_scores,
+            "reference_scores": result.reference_scores,
+            "samples": result.samples,
+        }
+    return report
