@@ -65,6 +65,7 @@ SUMMARY_METRICS = (
     "objective/scores",
     "objective/kl",
     "objective/eos_rate",
+    "generation/win_rate",
 )
 
 

@@ -146,6 +146,11 @@ class DPOConfig:
     """Report training metrics every this many optimizer steps."""
     val_check_interval: int = 100
     """Validate every this many optimizer steps (and at the end of training)."""
+    generation_eval_every: int = 0
+    """Every this many validations (the first included, and the last), also sample completions of held-out
+    prompts from the policy and the reference and report reward_model's verdict (generation/win_rate, ...)."""
+    generation_eval_prompts: int = 64
+    """Held-out prompts those generation metrics sample for (each rank samples all of them)."""
     validate_at_start: bool = False
     """Also validate before the first step (reported at step 0, where the policy still equals the reference)."""
     checkpoint_every_n_steps: int = 0
@@ -244,6 +249,8 @@ def _check_sampling(cfg: DPOConfig) -> str | None:
         return f"top_p must be in (0, 1], got {cfg.top_p}"
     if cfg.reward_model is not None and not cfg.reward_model.strip():
         return "reward_model must not be empty; leave it null for offline runs"
+    if cfg.generation_eval_every > 0 and cfg.reward_model is None:
+        return "generation_eval_every needs a reward_model to judge the policy's completions against the reference's"
     if cfg.mode == "online":
         return online_problem(cfg)
     return None
@@ -279,7 +286,8 @@ _CHECKS = (
     _positive("report_every_n_steps", "val_check_interval", "keep_last_n_checkpoints", "adam_epsilon"),
     _positive("preempt_check_every_n_steps", "max_new_tokens", "reward_batch_size", "reward_max_length"),
     _positive("temperature", "prompt_lines"),
-    _non_negative("missing_eos_penalty"),
+    _non_negative("missing_eos_penalty", "generation_eval_every"),
+    _positive("generation_eval_prompts"),
     _check_sampling,
     _non_negative("weight_decay", "max_grad_norm", "warmup_steps", "checkpoint_every_n_steps", "num_workers"),
     _check_loss,

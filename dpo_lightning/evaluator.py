@@ -18,7 +18,7 @@ import torch
 
 from dpo_lightning.checkpoints import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, library_versions
 from dpo_lightning.config import make_config
-from dpo_lightning.data.collate import PairCollator, PromptCollator
+from dpo_lightning.data.collate import PairCollator, PromptCollator, collate_in_batches
 from dpo_lightning.data.formats import dataset_roles, has_pairs, normalize, normalize_prompts, unique_prompts
 from dpo_lightning.data.sources import load_splits
 from dpo_lightning.data.split import split_by_prompt
@@ -193,8 +193,7 @@ def pair_batches(rows: list[dict], tokenizer, cfg, batch_size: int) -> tuple[lis
         if item is not None:
             kept.append(row)
             items.append(item)
-    collate = PairCollator(tokenizer.pad_token_id)
-    return [collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)], kept
+    return collate_in_batches(items, PairCollator(tokenizer.pad_token_id), batch_size), kept
 
 
 def prompt_batches(rows: list[dict], tokenizer, cfg, batch_size: int) -> list[dict]:

@@ -14,6 +14,7 @@ import torch
 from dpo_lightning.callbacks import validate_now
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.data.collate import PairCollator
+from dpo_lightning.evaluation import compare_generations
 from dpo_lightning.logprobs import SequenceLogps, forward_logps
 from dpo_lightning.losses import LossOutput, compute_loss
 from dpo_lightning.metrics import PreferenceMetrics, peak_memory_gb
@@ -202,12 +203,54 @@ class DPOModule(TrainingModule):
         policy: torch.nn.Module,
         reference: torch.nn.Module,
         reporters: list[Reporter] | None = None,
+        judge=None,
+        tokenizer=None,
     ) -> None:
         super().__init__(cfg, reporters)
         self.policy = policy
         self.reference = reference
         self.train_metrics = PreferenceMetrics()
         self.val_metrics = PreferenceMetrics()
+        # generation metrics every `generation_eval_every` validations: a RewardScorer, not a submodule, so no
+        # strategy wraps, shards or saves it
+        self.judge = judge
+        self.tokenizer = tokenizer
+
+    def on_fit_start(self) -> None:
+        if self.judge is not None:
+            self.judge.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.on_fit_start()
+
+    def extra_report(self, group: str) -> dict[str, float]:
+        if group != "validation" or not self._generation_due():
+            return {}
+        batches = self.trainer.datamodule.generation_batches()
+        if not batches:
+            return {}
+        result = compare_generations(
+            self.policy,
+            self.reference,
+            self.tokenizer,
+            batches,
+            self.judge.score,
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            seed=sampling_seed(self.cfg.seed, 0, "validation"),  # every rank the same draws: one verdict
+            device=self.device,
+        )
+        return {f"generation/{name}": float(value) for name, value in result.metrics.items()}
+
+    def _generation_due(self) -> bool:
+        """Every `generation_eval_every`-th validation counted by step (so a resumed run keeps the rhythm),
+        and the validation after the last step."""
+        every = self.cfg.generation_eval_every
+        if every <= 0 or self.judge is None or self.trainer.sanity_checking:
+            return False
+        final = not self.trainer.training and self.trainer.state.fn == "validate"
+        return final or (self.global_step // self.cfg.val_check_interval) % every == 0
 
     # ------------------------------------------------------------------ step
 
@@ -253,9 +296,7 @@ class OnlineDPOModule(DPOModule):
     successive validations sample alike and their scores compare the policies, not the draws."""
 
     def __init__(self, cfg: DPOConfig, policy, reference, reward, tokenizer, reporters: list[Reporter] | None = None):
-        super().__init__(cfg, policy, reference, reporters)
-        self.reward = reward  # a RewardScorer: not a submodule, so no strategy wraps, shards or saves it
-        self.tokenizer = tokenizer
+        super().__init__(cfg, policy, reference, reporters, judge=reward, tokenizer=tokenizer)
         self.collate_pairs = PairCollator(tokenizer.pad_token_id)
         self.generation = sampling_config(
             max_new_tokens=cfg.max_new_tokens,
@@ -273,12 +314,6 @@ class OnlineDPOModule(DPOModule):
         # each rank its own stream (the same stream everywhere would sample the same completions for the
         # same prompt); a restored state, loaded later, replaces it
         self.sampling_rng.seed = sampling_seed(self.cfg.seed, self.global_rank, "train")
-
-    def on_fit_start(self) -> None:
-        self.reward.to(self.device)
-
-    def on_validation_start(self) -> None:
-        self.reward.to(self.device)
 
     def on_validation_epoch_start(self) -> None:
         self._val_rng = SamplingRNG(sampling_seed(self.cfg.seed, self.global_rank, "validation"))
@@ -305,7 +340,7 @@ class OnlineDPOModule(DPOModule):
         texts = self.tokenizer.batch_decode(completions.ids, skip_special_tokens=True)
         prompts = [prompt for prompt in batch["prompts"] for _ in range(SAMPLES_PER_PROMPT)]
         with timer.measure("scoring", self.device):
-            scores = self.reward.score(prompts, texts).float()
+            scores = self.judge.score(prompts, texts).float()
         scores = apply_missing_eos_penalty(scores, completions.has_eos, self.cfg.missing_eos_penalty)
         chosen, rejected, tie = order_pairs(scores.view(-1, SAMPLES_PER_PROMPT))
         pairs = self.collate_pairs(
@@ -346,7 +381,7 @@ class OnlineDPOModule(DPOModule):
 
     def extra_report(self, group: str) -> dict[str, float]:
         samples = self.train_samples if group == "training" else self.val_samples
-        return samples.report(with_time=group == "training")
+        return {**samples.report(with_time=group == "training"), **super().extra_report(group)}
 
 
 def sampling_seed(seed: int, rank: int, purpose: str) -> int:

@@ -102,7 +102,7 @@ def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
     check_source(cfg)
     policy_source = resolve_model(cfg.model_name, "model_name")
     ref_source = resolve_model(cfg.ref_model_name, "ref_model_name") if cfg.ref_model_name else None
-    if cfg.mode == "online":  # with `auto`, once the data has shown it trains online (pairs never use it)
+    if cfg.mode == "online" or cfg.generation_eval_every > 0:  # with `auto`, once the data shows an online run
         check_reward_model(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
     return policy_source, ref_source
 
@@ -146,17 +146,19 @@ def build_module(
             model = RewardModel.from_pretrained(start.path, attn_implementation=cfg.attn_implementation)
         return RewardModule(cfg, model, reporters=reporters)
     policy, reference = load_models(cfg, *sources, start)
-    if mode == "online":
-        reward = load_reward(
+    judge = None
+    if mode == "online" or cfg.generation_eval_every > 0:
+        judge = load_reward(
             cfg.reward_model,
             dtype=cfg.frozen_dtype,
             batch_size=cfg.reward_batch_size,
             max_length=cfg.reward_max_length,
             trust_remote_code=cfg.trust_remote_code,
         )
-        log.info("online DPO: completions scored by %s", reward.description)
-        return OnlineDPOModule(cfg, policy, reference, reward, tokenizer, reporters=reporters)
-    return DPOModule(cfg, policy, reference, reporters=reporters)
+        log.info("completions scored by %s", judge.description)
+    if mode == "online":
+        return OnlineDPOModule(cfg, policy, reference, judge, tokenizer, reporters=reporters)
+    return DPOModule(cfg, policy, reference, reporters=reporters, judge=judge, tokenizer=tokenizer)
 
 
 class TrainOutcome(NamedTuple):
@@ -179,7 +181,7 @@ def train(
     datamodule = DPODataModule(cfg, tokenizer)
     datamodule.prepare()  # data errors surface before the models load
     log.info("mode: %s%s", datamodule.mode, " (chosen by the data)" if cfg.mode == "auto" else "")
-    if cfg.mode == "auto" and datamodule.mode == "online":
+    if cfg.mode == "auto" and datamodule.mode == "online" and cfg.generation_eval_every == 0:
         check_reward_model(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
 
     output_dir = Path(cfg.output_dir)

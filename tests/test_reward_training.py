@@ -171,7 +171,7 @@ def test_reward_checkpoint_judges_an_online_run(reward_run, tiny_model, tmp_path
     )
     outcome = bridge.run_local(make_config(values))
     assert not outcome.interrupted and outcome.trainer.global_step == 2
-    assert isinstance(outcome.module.reward, ProjectReward)
+    assert isinstance(outcome.module.judge, ProjectReward)
     training, validation = _reports(output_dir, "training"), _reports(output_dir, "validation")
     assert sorted(training) == [1, 2] and sorted(validation) == [2]
     for metrics in (*training.values(), *validation.values()):

@@ -80,3 +80,9 @@ class PromptCollator:
         if "weight" in items[0]:
             batch["prompt_weight"] = torch.tensor([float(item["weight"]) for item in items])
         return batch
+
+
+def collate_in_batches(data, collate, batch_size: int) -> list[dict]:
+    """Every row of `data` (a Dataset or list), collated `batch_size` at a time, in order."""
+    rows = [data[i] for i in range(len(data))]
+    return [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]

@@ -6,7 +6,7 @@ import lightning as L
 from torch.utils.data import DataLoader, SequentialSampler
 
 from dpo_lightning.config import DPOConfig
-from dpo_lightning.data.collate import PairCollator, PromptCollator
+from dpo_lightning.data.collate import PairCollator, PromptCollator, collate_in_batches
 from dpo_lightning.data.pipeline import PreparedData, prepare_data
 from dpo_lightning.data.sampler import EvalShard, ResumableSampler
 
@@ -70,6 +70,14 @@ class DPODataModule(L.LightningDataModule):
             return []
         shard = EvalShard(data, num_replicas=world_size, rank=rank)
         return self._loader(shard, SequentialSampler(shard))
+
+    def generation_batches(self) -> list[dict]:
+        """Held-out prompts for generation metrics, whole on every rank (they are few and sampling needs no
+        collective), in PromptCollator's batches."""
+        data = self.prepare().val_prompts
+        if data is None:
+            return []
+        return collate_in_batches(data, PromptCollator(self.tokenizer.pad_token_id), self.cfg.batch_size)
 
     def state_dict(self) -> dict:
         """The training data position, saved with every checkpoint (Lightning calls this on rank 0).

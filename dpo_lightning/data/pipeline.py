@@ -17,6 +17,7 @@ from dpo_lightning.data.formats import (
     has_prompts,
     normalize,
     normalize_prompts,
+    unique_prompts,
 )
 from dpo_lightning.data.sources import PAIR_MODES, RawSplits, load_splits, resolve_source
 from dpo_lightning.data.split import split_by_prompt
@@ -33,12 +34,14 @@ logger = logging.getLogger(__name__)
 class PreparedPairs(NamedTuple):
     train: datasets.Dataset  # columns prompt_ids, chosen_ids, rejected_ids
     val: datasets.Dataset | None  # None when validation is skipped
+    val_rows: list[dict] | None = None  # the normalised validation rows (their prompts feed generation metrics)
 
 
 class PreparedData(NamedTuple):
     mode: str  # "offline" | "online" | "reward": what the data trains
     train: datasets.Dataset  # pairs (offline, reward: prompt_ids, chosen_ids, rejected_ids) or prompts (online)
     val: datasets.Dataset | None
+    val_prompts: datasets.Dataset | None = None  # held-out prompts for generation metrics (generation_eval_every)
 
 
 def check_source(cfg) -> None:
@@ -81,10 +84,21 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
     raw = load_splits(cfg)
     mode = resolve_mode(cfg, raw)
     if mode == "online":
-        return PreparedData(mode, *prepare_prompts(cfg, tokenizer, raw))
+        train, val = prepare_prompts(cfg, tokenizer, raw)
+        return PreparedData(mode, train, val, _first(val, cfg.generation_eval_prompts))
     if mode == "reward":
-        return PreparedData(mode, *prepare_pairs(cfg, tokenizer, raw, encode=reward_pair_tokenizer(cfg, tokenizer)))
-    return PreparedData(mode, *prepare_pairs(cfg, tokenizer, raw))
+        pairs = prepare_pairs(cfg, tokenizer, raw, encode=reward_pair_tokenizer(cfg, tokenizer))
+        return PreparedData(mode, pairs.train, pairs.val)
+    pairs = prepare_pairs(cfg, tokenizer, raw)
+    val_prompts = None
+    if cfg.generation_eval_every > 0 and pairs.val_rows:
+        rows = unique_prompts(pairs.val_rows)[: cfg.generation_eval_prompts]
+        val_prompts = tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length).dataset
+    return PreparedData(mode, pairs.train, pairs.val, val_prompts)
+
+
+def _first(data: datasets.Dataset | None, count: int) -> datasets.Dataset | None:
+    return data.select(range(min(count, len(data)))) if data is not None else None
 
 
 def _split(cfg, raw: RawSplits, train_rows: list[dict], eval_rows: list[dict] | None, eval_label: str):
@@ -177,4 +191,4 @@ def prepare_pairs(cfg, tokenizer, raw: RawSplits | None = None, encode=None) -> 
     if n_val == 0:
         logger.info("validation skipped: no validation pairs (%s)", val_origin)
         return PreparedPairs(tok_train.dataset, None)
-    return PreparedPairs(tok_train.dataset, tok_val.dataset)
+    return PreparedPairs(tok_train.dataset, tok_val.dataset, val_rows)
