@@ -251,3 +251,39 @@ def test_all_tie_micro_batches_keep_ddp_ranks_in_step(tiny_model, prompts, tmp_p
     for metrics in training.values():
         # rank 1's 4 prompts per step are all ties, so at least half the prompts tie
         assert metrics["objective/ties"] >= 4 and metrics["objective/tie_rate"] >= 0.5
+
+
+# ----------------------------------------------------------------------------- generation metrics in validation
+
+
+def test_offline_validation_adds_generation_metrics_every_k_validations(tiny_model, tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(seed=2)["train"][:80])
+    out = tmp_path / "run"
+    values = stepwise_run_values(
+        tiny_model,
+        pairs,
+        out,
+        max_steps=12,
+        val_check_interval=3,
+        val_fraction=0.4,
+        reward_model=REWARD,
+        generation_eval_every=2,
+        generation_eval_prompts=4,
+        max_new_tokens=4,
+    )
+    cfg = make_config(values)
+    held_out_prompts = len(DPODataModule(cfg, load_tokenizer(resolve_model(cfg.model_name))).prepare().val_prompts)
+    assert held_out_prompts == 3  # distinct prompts of the validation pairs, at most generation_eval_prompts
+    bridge.run_local(cfg)
+    validation = _reports(out, "validation")
+    with_generation = sorted(step for step, m in validation.items() if "generation/win_rate" in m)
+    assert sorted(validation) == [3, 6, 9, 12]
+    assert with_generation == [6, 12]  # the 2nd and 4th validations (step // 3 even)
+    metrics = validation[12]
+    assert metrics["generation/wins"] + metrics["generation/losses"] + metrics["generation/ties"] == held_out_prompts
+    assert "objective/scores" not in metrics  # an offline run: no online sampling metrics
+
+
+def test_generation_metrics_need_a_reward_model():
+    with pytest.raises(UserError, match="generation_eval_every needs a reward_model"):
+        make_config({"generation_eval_every": 2})
