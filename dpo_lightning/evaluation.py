@@ -7,8 +7,9 @@ against its reference's, judged by a reward model.
   (chosen scored strictly higher).
 - Prompts: one completion from the policy and one from the reference per prompt, each from its own random
   stream; the reward model scores both. Win rate = wins / (wins + losses), ties counted apart, with a Wilson
-  95% interval; mean scores; a sampled estimate of KL(policy || reference), the mean over the policy's
-  completions of log pi(y|x) - log pi_ref(y|x); mean completion length and EOS rate of each model.
+  95% interval; mean scores; the mean over the policy's completions of log pi(y|x) - log pi_ref(y|x) (an
+  unbiased estimate of KL(policy || reference) when sampled at temperature 1 and top_p 1; on tempered samples
+  the same log-ratio, not the KL); mean completion length and EOS rate of each model.
 """
 
 from __future__ import annotations

@@ -54,8 +54,12 @@ class EvalOptions:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    folder: Path  # a Hugging Face model folder (or Hub name)
+    source: ModelSource  # a Hugging Face model folder, or a Hub name (cached or reachable)
     record: dict[str, Any] | None  # the training run's run_config.json, when there is one
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.source.name_or_path)
 
 
 def resolve_model_path(path: str) -> ResolvedModel:
@@ -64,18 +68,22 @@ def resolve_model_path(path: str) -> ResolvedModel:
     folder = Path(path).expanduser()
     if folder.is_dir():
         if (folder / "config.json").is_file():
-            return ResolvedModel(folder, _read_record(folder / RUN_CONFIG) or _read_record(folder.parent / RUN_CONFIG))
+            record = _read_record(folder / RUN_CONFIG) or _read_record(folder.parent / RUN_CONFIG)
+            return ResolvedModel(_local(folder), record)
         if (folder / "final" / "config.json").is_file():
-            return ResolvedModel(folder / "final", _read_record(folder / RUN_CONFIG))
+            return ResolvedModel(_local(folder / "final"), _read_record(folder / RUN_CONFIG))
         checkpoint = find_resume_checkpoint(folder) if (folder / CHECKPOINTS).is_dir() else None
         if checkpoint is not None:
-            return ResolvedModel(checkpoint, _read_record(checkpoint / RUN_CONFIG))
+            return ResolvedModel(_local(checkpoint), _read_record(checkpoint / RUN_CONFIG))
         raise UserError(
             f"model_path: {path} is not a model folder (no config.json), a training output folder (no final/ "
             "and no complete checkpoint) or a checkpoint"
         )
-    source = resolve_model(path, "model_path")  # a Hub name, or a one-line error for a missing folder
-    return ResolvedModel(Path(source.name_or_path), None)
+    return ResolvedModel(resolve_model(path, "model_path"), None)  # a Hub name, or one line for a missing folder
+
+
+def _local(folder: Path) -> ModelSource:
+    return ModelSource(str(folder), True)
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -224,7 +232,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     check_options(options, settings)
     reference_source = resolve_model(settings["reference"], "ref_model_path") if settings["reference"] else None
     cfg = _data_config(options, settings, resolved.record)
-    policy_source = ModelSource(str(resolved.folder), resolved.folder.exists())
+    policy_source = resolved.source
     tokenizer = load_tokenizer(policy_source)
     pairs, prompts = evaluation_rows(cfg, options)
     pairs = _sample(pairs, options.num_pairs, options.seed) if pairs else None

@@ -232,14 +232,18 @@ def _utf8_records(path: Path, label: str) -> Iterator[tuple[int, Any]]:
         raise UserError(f"{label} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
 
 
-def _check_pairs_for_mode(first: dict, columns: dict[str, str], mode: str, label: str) -> None:
-    """A file of prompts alone cannot train a mode that needs pairs: say so once, not as a missing column."""
+def _check_layout(first: dict, columns: dict[str, str], mode: str, label: str) -> None:
+    """The first record decides what the file can train: say so once, rather than as a missing column on
+    every line, when it holds no usable columns at all or only prompts for a mode that needs pairs."""
     from dpo_lightning.data.formats import LAYOUTS_HELP
 
     has_pair_column = any(columns.get(role, role) in first for role in PAIR_ROLES)
+    has_prompt_column = any(columns.get(role, role) in first for role in PROMPT_ROLES)
+    found = ", ".join(first) or "(none)"
     if mode in PAIR_MODES and not has_pair_column:
-        found = ", ".join(first) or "(none)"
         raise UserError(f"{label}: mode {mode} trains on preference pairs, none in columns {found}; {LAYOUTS_HELP}")
+    if not has_pair_column and not has_prompt_column:
+        raise UserError(f"{label}: no preference pairs or prompts in columns {found}; {LAYOUTS_HELP}")
 
 
 def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: str, mode: str = "auto") -> _Scan:
@@ -253,7 +257,7 @@ def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: s
         if not isinstance(record, dict):
             raise UserError(f"{label} line {lineno}: expected a JSON object, got {type(record).__name__}")
         if wanted is None:
-            _check_pairs_for_mode(record, columns, mode, label)
+            _check_layout(record, columns, mode, label)
             wanted = _wanted_columns(record, columns, mode)
         problem = _check_record(record, lineno, wanted, kinds)
         if problem and on_bad_rows != "skip":
