@@ -12,7 +12,7 @@ import random
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -225,6 +225,73 @@ def _progress(items: list, description: str):
     return tqdm(items, desc=description, unit="batch", leave=False)
 
 
+class Models(NamedTuple):
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    tokenizer: Any
+    reward: Any  # a RewardScorer, or None
+    device: torch.device
+
+
+def preference_section(models: Models, rows: list[dict], cfg, settings: dict, batch_size: int) -> dict[str, Any]:
+    """The report's "preference" part: DPO metrics of the pairs and, with a reward model, its agreement."""
+    batches, kept = pair_batches(rows, models.tokenizer, cfg, batch_size)
+    result = evaluate_pairs(
+        models.policy,
+        models.reference,
+        _progress(batches, "pairs"),
+        beta=settings["beta"],
+        loss_type=settings["loss_type"],
+        label_smoothing=settings["label_smoothing"],
+        device=models.device,
+    )
+    metrics = dict(result.metrics)
+    if models.reward is not None:
+        prompts = [row["prompt"] for row in kept]
+        chosen = models.reward.score(prompts, [_completion_text(r["chosen"]) for r in kept])
+        rejected = models.reward.score(prompts, [_completion_text(r["rejected"]) for r in kept])
+        metrics["reward_model/agreement"] = reward_agreement(chosen, rejected)
+    return {"num_pairs": len(kept), "beta": settings["beta"], "metrics": metrics, "margins": result.margins}
+
+
+def generation_section(models: Models, rows: list[dict], cfg, settings: dict, options: EvalOptions) -> dict[str, Any]:
+    """The report's "generation" part: policy vs reference completions, judged by the reward model."""
+    result = compare_generations(
+        models.policy,
+        models.reference,
+        models.tokenizer,
+        _progress(prompt_batches(rows, models.tokenizer, cfg, options.batch_size), "prompts"),
+        models.reward.score,
+        max_new_tokens=settings["max_new_tokens"],
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+        seed=options.seed,
+        device=models.device,
+    )
+    return {
+        "num_prompts": len(result.policy_scores),
+        "metrics": result.metrics,
+        "policy_scores": result.policy_scores,
+        "reference_scores": result.reference_scores,
+        "samples": result.samples,
+    }
+
+
+def load_models(options: EvalOptions, policy_source: ModelSource, reference_source, tokenizer, probe) -> Models:
+    """The reward model first, probed on one sample (one that cannot score fails before the policy loads),
+    then the policy and the reference (the policy itself when there is none)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, options.dtype)
+    reward = None
+    if options.reward_model is not None:
+        reward = load_reward(options.reward_model, dtype=dtype, key="--reward_model").to(device)
+        reward.score([probe], ["probe"])
+    load = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": False}
+    policy = freeze(load_causal_lm(policy_source, **load)).to(device)
+    reference = freeze(load_causal_lm(reference_source, **load)).to(device) if reference_source else policy
+    return Models(policy, reference, tokenizer, reward, device)
+
+
 def evaluate(options: EvalOptions) -> dict[str, Any]:
     """Run the evaluation and return the report dict."""
     resolved = resolve_model_path(options.model_path)
@@ -232,8 +299,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     check_options(options, settings)
     reference_source = resolve_model(settings["reference"], "ref_model_path") if settings["reference"] else None
     cfg = _data_config(options, settings, resolved.record)
-    policy_source = resolved.source
-    tokenizer = load_tokenizer(policy_source)
+    tokenizer = load_tokenizer(resolved.source)
     pairs, prompts = evaluation_rows(cfg, options)
     pairs = _sample(pairs, options.num_pairs, options.seed) if pairs else None
     prompts = _sample(prompts, settings["num_prompts"], options.seed)
@@ -242,18 +308,9 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             f"{cfg.dataset_name}: nothing to evaluate: preference metrics need chosen/rejected pairs "
             "(--num_pairs > 0), generation metrics need prompts and --reward_model"
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, options.dtype)
-    reward = None
-    if options.reward_model is not None:
-        reward = load_reward(options.reward_model, dtype=dtype, key="--reward_model").to(device)
-        probe = prompts[0]["prompt"] if prompts else pairs[0]["prompt"]
-        reward.score([probe], ["probe"])  # a reward that cannot score fails here, before the policy loads
-
-    load = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": False}
-    policy = freeze(load_causal_lm(policy_source, **load)).to(device)
-    reference = freeze(load_causal_lm(reference_source, **load)).to(device) if reference_source else policy
-    report: dict[str, Any] = {
+    probe = prompts[0]["prompt"] if prompts else pairs[0]["prompt"]
+    models = load_models(options, resolved.source, reference_source, tokenizer, probe)
+    return {
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "config": {**asdict(options), **settings},
         "models": {
@@ -262,50 +319,8 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             "reward_model": options.reward_model,
         },
         "versions": library_versions(),
-        "preference": None,
-        "generation": None,
+        "preference": preference_section(models, pairs, cfg, settings, options.batch_size) if pairs else None,
+        "generation": (
+            generation_section(models, prompts, cfg, settings, options) if prompts and models.reward else None
+        ),
     }
-    if pairs:
-        batches, kept = pair_batches(pairs, tokenizer, cfg, options.batch_size)
-        result = evaluate_pairs(
-            policy,
-            reference,
-            _progress(batches, "pairs"),
-            beta=settings["beta"],
-            loss_type=settings["loss_type"],
-            label_smoothing=settings["label_smoothing"],
-            device=device,
-        )
-        metrics = dict(result.metrics)
-        if reward is not None:
-            prompts_of = [row["prompt"] for row in kept]
-            chosen = reward.score(prompts_of, [_completion_text(r["chosen"]) for r in kept])
-            rejected = reward.score(prompts_of, [_completion_text(r["rejected"]) for r in kept])
-            metrics["reward_model/agreement"] = reward_agreement(chosen, rejected)
-        report["preference"] = {
-            "num_pairs": len(kept),
-            "beta": settings["beta"],
-            "metrics": metrics,
-            "margins": result.margins,
-        }
-    if prompts and reward is not None:
-        result = compare_generations(
-            policy,
-            reference,
-            tokenizer,
-            _progress(prompt_batches(prompts, tokenizer, cfg, options.batch_size), "prompts"),
-            reward.score,
-            max_new_tokens=settings["max_new_tokens"],
-            temperature=settings["temperature"],
-            top_p=settings["top_p"],
-            seed=options.seed,
-            device=device,
-        )
-        report["generation"] = {
-            "num_prompts": len(result.policy_scores),
-            "metrics": result.metrics,
-            "policy_scores": result.policy_scores,
-            "reference_scores": result.reference_scores,
-            "samples": result.samples,
-        }
-    return report
