@@ -58,3 +58,25 @@ def stepwise_run_values(model: Path, data: Path, output_dir: Path, **overrides) 
     """A tiny run that reports every optimizer step and validates every 3, for step-by-step checks."""
     values = dict(batch_size=4, max_prompt_length=16, report_every_n_steps=1, val_check_interval=3)
     return tiny_run_values(model, data, output_dir, **{**values, **overrides})
+
+
+def online_demo_values(model: Path, output_dir: Path, **overrides) -> dict:
+    """The built-in online demo, shortened: 60 steps that make the tiny policy earn the scripted reward."""
+    values = dict(
+        model_name=str(model),
+        dataset_name="builtin:describe-prompts",
+        reward_model="dpo_lightning.builtin:sentiment_reward",
+        max_length=48,
+        max_prompt_length=16,
+        max_new_tokens=16,
+        batch_size=8,
+        learning_rate=5e-3,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        max_steps=60,
+        val_check_interval=30,
+        report_every_n_steps=10,
+        output_dir=str(output_dir),
+    )
+    values.update(overrides)
+    return values

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from contract import PREFERENCE_METRICS, write_jsonl
+from contract import PREFERENCE_METRICS, online_demo_values, write_jsonl
 
 from dpo_lightning import determined_bridge as bridge
 from dpo_lightning.builtin import preference_rows
@@ -50,22 +50,7 @@ def _cli_module():
 def trained(tiny_model, tmp_path_factory) -> Path:
     """The tiny policy trained online toward `sentiment_reward` (test_online_train's demo settings), once."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    values = dict(
-        model_name=str(tiny_model),
-        dataset_name="builtin:describe-prompts",
-        reward_model=REWARD,
-        max_length=48,
-        max_prompt_length=16,
-        max_new_tokens=16,
-        batch_size=8,
-        learning_rate=5e-3,
-        lr_scheduler="constant",
-        warmup_ratio=0.0,
-        max_steps=60,
-        val_check_interval=30,
-        report_every_n_steps=10,
-        output_dir=str(out),
-    )
+    values = online_demo_values(tiny_model, out)
     bridge.run_local(make_config(values))
     assert (out / "final" / "config.json").is_file() and (out / "run_config.json").is_file()
     return out

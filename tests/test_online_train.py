@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from contract import OBJECTIVE_METRICS, TIME_SHARES, TRAINING_METRICS, stepwise_run_values, write_jsonl
+from contract import (
+    OBJECTIVE_METRICS,
+    TIME_SHARES,
+    TRAINING_METRICS,
+    online_demo_values,
+    stepwise_run_values,
+    write_jsonl,
+)
 from fake_core import FakeCore
 from safetensors.torch import load_file
 
@@ -139,23 +146,7 @@ def _reports(output_dir: Path, group: str) -> dict[int, dict[str, float]]:
 def test_online_loop_raises_the_held_out_reward(tiny_model, tmp_path):
     """The built-in demo, shortened: the mean reward of the policy's samples on prompts it never trains on."""
     out = tmp_path / "demo"
-    values = dict(
-        model_name=str(tiny_model),
-        dataset_name="builtin:describe-prompts",
-        reward_model=REWARD,
-        max_length=48,
-        max_prompt_length=16,
-        max_new_tokens=16,
-        batch_size=8,
-        learning_rate=5e-3,
-        lr_scheduler="constant",
-        warmup_ratio=0.0,
-        max_steps=60,
-        val_check_interval=30,
-        validate_at_start=True,
-        report_every_n_steps=10,
-        output_dir=str(out),
-    )
+    values = online_demo_values(tiny_model, out, validate_at_start=True)
     bridge.run_local(make_config(values))
     validation, training = _reports(out, "validation"), _reports(out, "training")
     assert sorted(validation) == [0, 30, 60]
