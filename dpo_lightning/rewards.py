@@ -31,6 +31,7 @@ from typing import Protocol
 
 import torch
 
+from dpo_lightning.data.collate import completion_batch
 from dpo_lightning.errors import UserError
 from dpo_lightning.models import (
     REWARD_FORMAT,
@@ -97,16 +98,6 @@ def encode_for_reward(
     finally:
         tokenizer.truncation_side = side
     return [list(ids) for ids in encoded["input_ids"]]
-
-
-def _right_pad(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[row, : len(x)] = 1
-    return input_ids.to(device), mask.to(device)
 
 
 # --- Scorers ------------------------------------------------------------------------------------------------------
@@ -208,7 +199,10 @@ class _BatchedModelScorer:
         ids = encode_for_reward(self.tokenizer, prompts, completions, max_length=self.max_length)
         scores = []
         for start in range(0, len(ids), self.batch_size):
-            input_ids, mask = _right_pad(ids[start : start + self.batch_size], self.tokenizer.pad_token_id, self.device)
+            rows = ids[start : start + self.batch_size]
+            # right padding, masks from lengths: the whole text is the "completion" of an empty prompt
+            batch = completion_batch([[] for _ in rows], rows, self.tokenizer.pad_token_id)
+            input_ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
             scores.append(self._forward(input_ids, mask).float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32)
 
@@ -359,23 +353,29 @@ def load_reward(
     source = resolve_model(spec, key)
     _check_classifier_config(spec, source, key, trust_remote_code)
     if kind == "project":
-        marker = _read_marker(spec, key)
-        folder = Path(source.name_or_path)
-        tokenizer_source = source
-        base_model = marker.get("base_model")
-        if not (folder / "tokenizer_config.json").is_file() and base_model:
-            tokenizer_source = resolve_model(base_model, f"{key} (base_model in {REWARD_MARKER})")
-        tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
-        reward_model = RewardModel.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
-        scorer = ProjectReward(
-            reward_model,
-            tokenizer,
-            description=f"RewardModel {spec}",
-            batch_size=batch_size,
-            max_length=max_length,
-        )
-        return scorer.to(device)
+        model, tokenizer = _load_project_model(spec, source, key, dtype, trust_remote_code)
+        scorer_type, description = ProjectReward, f"RewardModel {spec}"
+    else:
+        model, tokenizer = _load_classifier(spec, source, key, dtype, trust_remote_code)
+        scorer_type, description = SequenceClassifierReward, f"sequence-classification model {spec}"
+    scorer = scorer_type(model, tokenizer, description=description, batch_size=batch_size, max_length=max_length)
+    return scorer.to(device)
 
+
+def _load_project_model(spec: str, source: ModelSource, key: str, dtype, trust_remote_code: bool):
+    """A RewardModel folder and its tokenizer (the base model's, when the folder has none)."""
+    marker = _read_marker(spec, key)
+    folder = Path(source.name_or_path)
+    tokenizer_source = source
+    base_model = marker.get("base_model")
+    if not (folder / "tokenizer_config.json").is_file() and base_model:
+        tokenizer_source = resolve_model(base_model, f"{key} (base_model in {REWARD_MARKER})")
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
+    return RewardModel.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code), tokenizer
+
+
+def _load_classifier(spec: str, source: ModelSource, key: str, dtype, trust_remote_code: bool):
+    """A Hugging Face sequence-classification model and its own tokenizer, with a pad id for batching."""
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
@@ -390,11 +390,4 @@ def load_reward(
         raise UserError(f"{key}: could not load reward model '{spec}': {_first_line(exc)}") from None
     if model.config.get_text_config().pad_token_id is None:
         _set_pad_token_id(model.config, tokenizer.pad_token_id)
-    scorer = SequenceClassifierReward(
-        model,
-        tokenizer,
-        description=f"sequence-classification model {spec}",
-        batch_size=batch_size,
-        max_length=max_length,
-    )
-    return scorer.to(device)
+    return model, tokenizer

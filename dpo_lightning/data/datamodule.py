@@ -25,6 +25,7 @@ class DPODataModule(L.LightningDataModule):
         self.data: PreparedData | None = None
         self.train_sampler: ResumableSampler | None = None
         self._sampler_state: dict | None = None  # restored before the sampler exists
+        self._generation_batches: list[dict] | None = None  # collated once, reused by every validation
 
     def prepare(self) -> PreparedData:
         if self.data is None:
@@ -73,11 +74,14 @@ class DPODataModule(L.LightningDataModule):
 
     def generation_batches(self) -> list[dict]:
         """Held-out prompts for generation metrics, whole on every rank (they are few and sampling needs no
-        collective), in PromptCollator's batches."""
-        data = self.prepare().val_prompts
-        if data is None:
-            return []
-        return collate_in_batches(data, PromptCollator(self.tokenizer.pad_token_id), self.cfg.batch_size)
+        collective), in PromptCollator's batches, collated once."""
+        if self._generation_batches is None:
+            data = self.prepare().val_prompts
+            pad = self.tokenizer.pad_token_id
+            self._generation_batches = (
+                [] if data is None else collate_in_batches(data, PromptCollator(pad), self.cfg.batch_size)
+            )
+        return self._generation_batches
 
     def state_dict(self) -> dict:
         """The training data position, saved with every checkpoint (Lightning calls this on rank 0).
