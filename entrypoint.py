@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(load_config(args.config, overrides).to_dict(), indent=2))
             return 0
-        from dpo_lightning.determined_bridge import run
-        from dpo_lightning.training import configure_logging
+        from dpo_lightning.console import configure_logging
+        from dpo_lightning.determined.bridge import run
 
         configure_logging()
         return run(args.config, overrides, fast_dev_run=args.fast_dev_run, resume=args.resume)

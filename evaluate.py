@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str]):
-    from dpo_lightning.evaluator import EvalOptions
+    from dpo_lightning.evaluation.run import EvalOptions
 
     parser = _Parser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     add = parser.add_argument
@@ -45,9 +45,9 @@ def parse_args(argv: list[str]):
 def main(argv: list[str]) -> int:
     from pathlib import Path
 
-    from dpo_lightning.evaluator import evaluate
-    from dpo_lightning.report import summary_table, write_report
-    from dpo_lightning.training import configure_logging
+    from dpo_lightning.console import configure_logging
+    from dpo_lightning.evaluation.report import summary_table, write_report
+    from dpo_lightning.evaluation.run import evaluate
 
     configure_logging()
     options = parse_args(argv)

@@ -1,3 +1,20 @@
-"""dpo-lightning: Direct Preference Optimization as a PyTorch Lightning module."""
+"""dpo-lightning: Direct Preference Optimization as a PyTorch Lightning module.
+
+The package is layered; a module imports only from its own layer and those below it:
+
+    foundation   errors, hub, builtin, layout, console, lightning_compat
+                 (top-level modules; they import nothing else of the package)
+    config/      the typed configuration and its one parser
+    data/        sources -> formats -> tokenize -> collate -> DataModule; the typed batches; the mode decision
+    models/      loading causal LMs, tokenizers and the RewardModel network
+    dpo/         losses, log-probs, the reference seam, the pair objective and its metrics
+    online/      samplers, judges, pairing of samples, generation comparison
+    evaluation/  evaluate.py's run, pair metrics and report        (beside training: neither imports the other)
+    training/    Lightning modules, the run, checkpoints, strategies, report sinks
+    determined/  the bridge to Determined's Core API (the only importer of `determined`)
+
+Each folder's `__init__.py` says what lives there and, on its `Imports:` line, what it may import;
+tests/test_structure.py holds the code to it.
+"""
 
 __version__ = "0.1.0"

@@ -67,7 +67,7 @@ def preference_rows(seed: int = 0, pairs_per_thing: int = 12) -> dict[str, list[
     }
 
 
-def prompt_rows(seed: int = 0, prompts_per_thing: int = 4) -> dict[str, list[dict[str, str]]]:
+def describe_prompt_rows(seed: int = 0, prompts_per_thing: int = 4) -> dict[str, list[dict[str, str]]]:
     """The built-in prompts alone, split as `preference_rows` splits them (train and test share no thing)."""
     splits = preference_rows(seed, pairs_per_thing=prompts_per_thing)
     return {name: [{"prompt": row["prompt"]} for row in rows] for name, rows in splits.items()}

@@ -13,7 +13,7 @@ from pathlib import Path
 from fake_core import FakeCore
 
 from dpo_lightning.config import make_config
-from dpo_lightning.determined_bridge import run_trial
+from dpo_lightning.determined.bridge import run_trial
 
 
 def main(config_json: str, storage: str, log_dir: str, preempt_on_call: str) -> int:

@@ -17,10 +17,10 @@ from fake_core import FakeCore
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dpo_lightning import determined_bridge as bridge
 from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
 from dpo_lightning.data.datamodule import DPODataModule
+from dpo_lightning.determined import bridge
 from dpo_lightning.models import load_tokenizer, resolve_model
 
 BATCH = 4  # stepwise_run_values' batch_size

@@ -4,11 +4,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from dpo_lightning.data.batch import PairBatch
 from dpo_lightning.data.collate import PairCollator
 from dpo_lightning.data.sampler import EvalShard, ResumableSampler
-from dpo_lightning.logprobs import SequenceLogps
-from dpo_lightning.losses import compute_loss
-from dpo_lightning.metrics import PreferenceMetrics
+from dpo_lightning.dpo.logprobs import PairLogps, SequenceLogps
+from dpo_lightning.dpo.losses import compute_loss
+from dpo_lightning.dpo.metrics import PreferenceMetrics
 
 EOS = 0
 
@@ -42,37 +43,41 @@ def test_collate_exact_tensors_with_pad_equal_to_eos():
         [0, 0, 1, 1, 1, 1],
         [0, 1, 0, 0, 0, 0],
     ]
-    assert set(batch) == {"input_ids", "attention_mask", "completion_mask"}
+    assert {name for name, value in vars(batch).items() if value is not None} == {
+        "input_ids",
+        "attention_mask",
+        "completion_mask",
+    }
     for name, expected in [
         ("input_ids", expected_ids),
         ("attention_mask", expected_attention),
         ("completion_mask", expected_completion),
     ]:
-        assert batch[name].dtype == torch.long, name
-        assert torch.equal(batch[name], torch.tensor(expected)), name
+        assert getattr(batch, name).dtype == torch.long, name
+        assert torch.equal(getattr(batch, name), torch.tensor(expected)), name
 
 
 def test_collate_uses_the_pad_id():
     batch = PairCollator(pad_token_id=99)(ITEMS)
-    assert batch["input_ids"][3].tolist() == [11, EOS, 99, 99, 99, 99]
-    assert batch["completion_mask"][3].tolist() == [0, 1, 0, 0, 0, 0]
+    assert batch.input_ids[3].tolist() == [11, EOS, 99, 99, 99, 99]
+    assert batch.completion_mask[3].tolist() == [0, 1, 0, 0, 0, 0]
 
 
 @pytest.mark.parametrize(("multiple", "width"), [(None, 6), (1, 6), (3, 6), (4, 8), (5, 10)])
 def test_collate_pad_to_multiple_of(multiple, width):
     batch = PairCollator(pad_token_id=EOS, pad_to_multiple_of=multiple)(ITEMS)
     for name in ("input_ids", "attention_mask", "completion_mask"):
-        assert batch[name].shape == (4, width), name
-    assert batch["attention_mask"].sum(1).tolist() == [4, 3, 6, 2]  # padding never adds real tokens
-    assert batch["completion_mask"].sum(1).tolist() == [2, 2, 4, 1]
-    assert (batch["input_ids"][:, 6:] == EOS).all()
+        assert getattr(batch, name).shape == (4, width), name
+    assert batch.attention_mask.sum(1).tolist() == [4, 3, 6, 2]  # padding never adds real tokens
+    assert batch.completion_mask.sum(1).tolist() == [2, 2, 4, 1]
+    assert (batch.input_ids[:, 6:] == EOS).all()
 
 
 def test_collate_single_pair():
     item = {"prompt_ids": [1, 2, 3], "chosen_ids": [4], "rejected_ids": [5, 6]}
     batch = PairCollator(pad_token_id=EOS)([item])
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, EOS], [1, 2, 3, 5, 6]]
-    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, EOS], [1, 2, 3, 5, 6]]
+    assert batch.completion_mask.tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -198,16 +203,18 @@ def test_eval_shards_cover_every_row_once_and_weigh_padding_zero():
     assert sorted(real) == [0, 1, 2, 3, 4]
     assert [s[2]["weight"] for s in shards] == [1.0, 0.0]
     batch = PairCollator(0)([{**s, "prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]} for s in shards[1]])
-    assert batch["pair_weight"].tolist() == [1.0, 1.0, 0.0]
+    assert batch.pair_weight.tolist() == [1.0, 1.0, 0.0]
 
 
 def _metrics_of(logps: torch.Tensor, ref: torch.Tensor, weight=None) -> dict[str, float]:
     """Metrics of pairs given as (2B,) policy and reference log-probs, chosen rows first."""
     b = logps.numel() // 2
     out = compute_loss("sigmoid", *logps.chunk(2), *ref.chunk(2), beta=0.1)
+    ones = torch.ones(2 * b, 4, dtype=torch.long)
+    batch = PairBatch(ones, ones, ones, pair_weight=weight)
     policy = SequenceLogps(logps, torch.full((2 * b,), 3.0), 2 * logps)  # logits sums follow their rows
     metrics = PreferenceMetrics()
-    metrics.update(out, policy, torch.ones(2 * b, 4), weight)
+    metrics.update(out, PairLogps.of(batch, policy), batch)
     values = metrics.report()
     values.pop("samples_per_second"), values.pop("tokens_per_second")
     return values

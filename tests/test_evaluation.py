@@ -21,14 +21,16 @@ import torch
 import torch.nn.functional as F
 from contract import PREFERENCE_METRICS, online_demo_values, write_jsonl
 
-from dpo_lightning import determined_bridge as bridge
 from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
 from dpo_lightning.data.collate import PairCollator
 from dpo_lightning.data.tokenize import tokenize_pair
+from dpo_lightning.determined import bridge
+from dpo_lightning.dpo.reference import FrozenReference
 from dpo_lightning.errors import UserError
-from dpo_lightning.evaluation import evaluate_pairs, wilson_interval, win_rate
-from dpo_lightning.evaluator import EvalOptions, evaluate, evaluation_rows, resolve_model_path, run_settings
+from dpo_lightning.evaluation.pairs import evaluate_pairs
+from dpo_lightning.evaluation.run import EvalOptions, evaluate, evaluation_rows, resolve_model_path, run_settings
+from dpo_lightning.online.comparison import wilson_interval, win_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 REWARD = "dpo_lightning.builtin:sentiment_reward"
@@ -161,7 +163,7 @@ def test_preference_metrics_equal_an_independent_computation(tiny_model):
 
     collate = PairCollator(tokenizer.pad_token_id)
     batches = [collate(items[:4]), collate(items[4:])]  # two batches of different widths, padded
-    result = evaluate_pairs(policy, reference, batches, beta=beta)
+    result = evaluate_pairs(policy, FrozenReference(reference), batches, beta=beta)
     assert set(result.metrics) == {"loss", *PREFERENCE_METRICS}
     # the code sums log-probs in fp32: a reward or margin, a difference of sums near -100, is good to about
     # beta * 1e-6 * |logp| absolute (a masking or shift mistake is off by whole units)

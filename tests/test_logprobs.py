@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dpo_lightning.data.collate import PairCollator
-from dpo_lightning.logprobs import forward_logps, sequence_logps, token_logps
+from dpo_lightning.dpo.logprobs import forward_logps, sequence_logps, token_logps
 
 V = 7
 EOS = 0
@@ -119,10 +119,10 @@ def test_pad_equal_to_eos_scores_the_completion_eos_only():
             {"prompt_ids": [3, 4, 6, 5], "chosen_ids": [2, EOS], "rejected_ids": [6, 1, EOS]},
         ]
     )
-    input_ids = batch["input_ids"]
+    input_ids = batch.input_ids
     logits = torch.randn(*input_ids.shape, V) * 2
     logits[..., EOS] += 1.0  # make EOS terms sizeable so that dropping or adding one shows
-    out = sequence_logps(logits, input_ids, batch["completion_mask"])
+    out = sequence_logps(logits, input_ids, batch.completion_mask)
     # (prompt_len, length) of rows chosen 0, chosen 1, rejected 0, rejected 1
     rows = [(2, 5), (4, 6), (2, 4), (4, 7)]
     for i, (prompt_len, length) in enumerate(rows):

@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from dpo_lightning.errors import ConfigError, UserError
-from dpo_lightning.losses import (
+from dpo_lightning.dpo.losses import (
     LOSS_TYPES,
     USES_LABEL_SMOOTHING,
     LossOutput,
@@ -22,6 +21,7 @@ from dpo_lightning.losses import (
     robust_loss,
     sigmoid_loss,
 )
+from dpo_lightning.errors import ConfigError, UserError
 
 BETA = 0.5
 PC, RC = [-10.0, -20.0, -5.0, -100.0], [-12.0, -18.0, -5.0, 0.0]

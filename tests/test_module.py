@@ -11,8 +11,8 @@ from contract import tiny_run_values, write_jsonl
 
 from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
-from dpo_lightning.determined_bridge import run_local
-from dpo_lightning.module import decay_groups, lr_lambda, warmup_steps_for
+from dpo_lightning.determined.bridge import run_local
+from dpo_lightning.training.optim import decay_groups, lr_lambda, warmup_steps_for
 
 
 def test_schedules_by_hand():

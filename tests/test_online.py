@@ -13,18 +13,14 @@ import torch
 
 from dpo_lightning.config import make_config
 from dpo_lightning.data.collate import PromptCollator
+from dpo_lightning.dpo.losses import weighted_mean
+from dpo_lightning.dpo.reference import FrozenReference
 from dpo_lightning.models import ModelSource, load_policy, load_reference, load_tokenizer
-from dpo_lightning.module import OnlineDPOModule, weighted_mean
-from dpo_lightning.online import (
-    SampleMetrics,
-    SamplingRNG,
-    apply_missing_eos_penalty,
-    cut_at_eos,
-    order_pairs,
-    sample_completions,
-    sampling_config,
-)
-from dpo_lightning.rewards import FunctionReward
+from dpo_lightning.online.judges import FunctionJudge
+from dpo_lightning.online.metrics import SampleMetrics
+from dpo_lightning.online.pairing import apply_missing_eos_penalty, order_pairs
+from dpo_lightning.online.sampling import SamplingRNG, cut_at_eos, sample_completions, sampling_config
+from dpo_lightning.training.dpo_module import OnlineDPOModule
 
 PAD = 0  # the tiny model's "<|endoftext|>": pad = EOS
 # Extra stop ids (besides EOS) so that a random tiny model ends a fair share of its completions within a few
@@ -121,8 +117,8 @@ def online_module(tiny_model, source, tokenizer, fn, **overrides) -> OnlineDPOMo
     cfg = make_config(values)
     policy = load_policy(cfg, source)
     policy.generation_config.eos_token_id = [tokenizer.eos_token_id, *EXTRA_STOPS]
-    reference = load_reference(cfg, source, initial_policy=policy)
-    module = OnlineDPOModule(cfg, policy, reference, FunctionReward(fn, "tests:fn"), tokenizer)
+    reference = FrozenReference(load_reference(cfg, source, initial_policy=policy))
+    module = OnlineDPOModule(cfg, policy, reference, FunctionJudge(fn, "tests:fn"), tokenizer)
     module.trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -150,7 +146,7 @@ class GenerateSpy:
 
 def sampled_ids(spy: GenerateSpy, batch: dict, stops: set[int]) -> tuple[list[list[int]], list[bool]]:
     (out,) = spy.outputs
-    return cut_rows(out[:, batch["input_ids"].shape[1] :].tolist(), stops)
+    return cut_rows(out[:, batch.input_ids.shape[1] :].tolist(), stops)
 
 
 # ----------------------------------------------------------------------------- 1, 2: EOS cut, pair order
@@ -188,19 +184,19 @@ def test_order_pairs_chooses_the_strictly_higher_score():
 
 def _prompt_batch(tokenizer, texts):
     batch = PromptCollator(tokenizer.pad_token_id)(prompt_items(tokenizer, texts))
-    assert batch["attention_mask"][0].sum() != batch["attention_mask"][1].sum()  # left padding in play
+    assert batch.attention_mask[0].sum() != batch.attention_mask[1].sum()  # left padding in play
     return batch
 
 
 def _ours_and_reference(policy, tokenizer, batch, generation, stops, seed):
     """Our sampling and the plain reference loop (T = 0.7, 6 tokens, 2 samples), each from the same seed."""
     torch.manual_seed(seed)
-    completions = sample_completions(policy, batch["input_ids"], batch["attention_mask"], generation)
+    completions = sample_completions(policy, batch.input_ids, batch.attention_mask, generation)
     torch.manual_seed(seed)
     rows = reference_sampling(
         policy,
-        batch["input_ids"],
-        batch["attention_mask"],
+        batch.input_ids,
+        batch.attention_mask,
         samples=2,
         temperature=0.7,
         max_new_tokens=6,
@@ -309,7 +305,7 @@ def test_sampling_rng_keeps_generation_apart_from_the_global_generator(source, t
 
     def sample(rng: SamplingRNG):
         with rng.active(torch.device("cpu")):
-            return sample_completions(policy, batch["input_ids"], batch["attention_mask"], generation).ids
+            return sample_completions(policy, batch.input_ids, batch.attention_mask, generation).ids
 
     torch.manual_seed(5)
     before = torch.get_rng_state()
@@ -334,17 +330,18 @@ def test_sample_pairs_orders_scored_samples(tiny_model, source, tokenizer):
     items = prompt_items(tokenizer, PROMPT_TEXTS)
     batch = PromptCollator(tokenizer.pad_token_id)(items)
     spy = GenerateSpy(module.policy)
-    pairs, sampled = module.sample_pairs(batch, module.sampling_rng, module.train_samples)
+    sampled = module.sample_pairs(batch, module.sampling_rng, module.train_samples)
+    pairs = sampled.pairs
 
     samples, has_eos = sampled_ids(spy, batch, stops)
-    assert sampled["has_eos"].tolist() == has_eos
-    assert sampled["lengths"].tolist() == [len(ids) for ids in samples]
+    assert sampled.has_eos.tolist() == has_eos
+    assert sampled.lengths.tolist() == [len(ids) for ids in samples]
     scores = [float(len(tokenizer.decode(ids, skip_special_tokens=True))) for ids in samples]
-    assert sampled["scores"].tolist() == scores
+    assert sampled.scores.tolist() == scores
 
     P = len(items)
-    assert pairs["input_ids"].shape[0] == 2 * P
-    width = pairs["input_ids"].shape[1]
+    assert pairs.input_ids.shape[0] == 2 * P
+    width = pairs.input_ids.shape[1]
     ties = 0
     for i, item in enumerate(items):
         prompt = list(item["prompt_ids"])
@@ -352,28 +349,28 @@ def test_sample_pairs_orders_scored_samples(tiny_model, source, tokenizer):
         s0, s1 = scores[2 * i], scores[2 * i + 1]
         rows = {}
         for role, row in (("chosen", i), ("rejected", P + i)):
-            length = int(pairs["attention_mask"][row].sum())
-            ids = pairs["input_ids"][row].tolist()
+            length = int(pairs.attention_mask[row].sum())
+            ids = pairs.input_ids[row].tolist()
             assert ids[: len(prompt)] == prompt  # the prompt unpadded
             completion = ids[len(prompt) : length]
             assert ids[length:] == [tokenizer.pad_token_id] * (width - length)
-            assert pairs["attention_mask"][row].tolist() == [1] * length + [0] * (width - length)
-            assert pairs["completion_mask"][row].tolist() == (
+            assert pairs.attention_mask[row].tolist() == [1] * length + [0] * (width - length)
+            assert pairs.completion_mask[row].tolist() == (
                 [0] * len(prompt) + [1] * len(completion) + [0] * (width - length)
             )
             rows[role] = completion
         if s0 == s1:
             ties += 1
             assert {tuple(rows["chosen"]), tuple(rows["rejected"])} == {tuple(first), tuple(second)}
-            assert pairs["pair_weight"][i].item() == 0.0
+            assert pairs.pair_weight[i].item() == 0.0
         else:
             better, worse = (first, second) if s0 > s1 else (second, first)
             assert rows["chosen"] == better and rows["rejected"] == worse  # the sampled ids themselves
-            assert pairs["pair_weight"][i].item() == 1.0
-        chosen_score, rejected_score = sampled["pair_scores"][0][i].item(), sampled["pair_scores"][1][i].item()
+            assert pairs.pair_weight[i].item() == 1.0
+        chosen_score, rejected_score = sampled.pair_scores[0][i].item(), sampled.pair_scores[1][i].item()
         assert chosen_score == max(s0, s1) and rejected_score == min(s0, s1)
-        assert sampled["tie"][i].item() == (s0 == s1)
-    assert pairs["pair_weight"].tolist().count(0.0) == ties
+        assert sampled.tie[i].item() == (s0 == s1)
+    assert pairs.pair_weight.tolist().count(0.0) == ties
     # the check "sampled ids, not re-tokenized text" has teeth: some sample does not survive decode + encode
     retokenized = [tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"] for ids in samples]
     assert any(r != list(ids) for r, ids in zip(retokenized, samples, strict=True))
@@ -396,21 +393,22 @@ def test_missing_eos_penalty_orders_pairs_through_the_module(tiny_model, source,
     items = prompt_items(tokenizer, PROMPT_TEXTS, weights=[1.0, 1.0, 1.0, 0.0])
     batch = PromptCollator(tokenizer.pad_token_id)(items)
     spy = GenerateSpy(module.policy)
-    pairs, sampled = module.sample_pairs(batch, module.sampling_rng, module.train_samples)
+    sampled = module.sample_pairs(batch, module.sampling_rng, module.train_samples)
+    pairs = sampled.pairs
     samples, has_eos = sampled_ids(spy, batch, stops)
     assert True in has_eos and False in has_eos  # max_new_tokens 4 leaves some completions without EOS
-    assert sampled["scores"].tolist() == [1.0 if ended else -4.0 for ended in has_eos]
+    assert sampled.scores.tolist() == [1.0 if ended else -4.0 for ended in has_eos]
     P = len(items)
     mixed = 0
     for i in range(P):
         e0, e1 = has_eos[2 * i], has_eos[2 * i + 1]
-        chosen = pairs["input_ids"][i, : int(pairs["attention_mask"][i].sum())].tolist()
+        chosen = pairs.input_ids[i, : int(pairs.attention_mask[i].sum())].tolist()
         if e0 != e1:
             mixed += 1
             ended = samples[2 * i] if e0 else samples[2 * i + 1]
             assert chosen[len(items[i]["prompt_ids"]) :] == ended  # the sample with an EOS is chosen
         expected_weight = items[i]["weight"] * float(e0 != e1)
-        assert pairs["pair_weight"][i].item() == expected_weight
+        assert pairs.pair_weight[i].item() == expected_weight
     assert mixed > 0
 
 
@@ -530,7 +528,7 @@ def test_kl_per_sample_follows_the_samples(tiny_model, source, tokenizer):
     samples, _ = sampled_ids(spy, batch, stops)
     expected = [
         completion_logp(module.policy, list(items[n // 2]["prompt_ids"]), ids)
-        - completion_logp(module.reference, list(items[n // 2]["prompt_ids"]), ids)
+        - completion_logp(module.reference.model, list(items[n // 2]["prompt_ids"]), ids)
         for n, ids in enumerate(samples)
     ]
     (kwargs,) = updates

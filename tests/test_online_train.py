@@ -23,10 +23,10 @@ from contract import (
 from fake_core import FakeCore
 from safetensors.torch import load_file
 
-from dpo_lightning import determined_bridge as bridge
 from dpo_lightning.builtin import THINGS, preference_rows
 from dpo_lightning.config import make_config
 from dpo_lightning.data.datamodule import DPODataModule
+from dpo_lightning.determined import bridge
 from dpo_lightning.errors import UserError
 from dpo_lightning.models import load_tokenizer, resolve_model
 

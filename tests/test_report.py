@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_lightning.report import (
+from dpo_lightning.evaluation.report import (
     NOT_AVAILABLE,
     PLOT_NAMES,
     format_value,

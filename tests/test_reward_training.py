@@ -17,20 +17,15 @@ from fake_core import FakeCore
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from dpo_lightning import determined_bridge as bridge
 from dpo_lightning.builtin import BUILTIN_DATASET, BUILTIN_PROMPTS, preference_rows
 from dpo_lightning.config import make_config
+from dpo_lightning.data.reward_text import encode_for_reward
+from dpo_lightning.determined import bridge
+from dpo_lightning.dpo.losses import bradley_terry_loss
 from dpo_lightning.errors import UserError
-from dpo_lightning.losses import bradley_terry_loss
 from dpo_lightning.models import REWARD_MARKER
-from dpo_lightning.rewards import (
-    ProjectReward,
-    SequenceClassifierReward,
-    encode_for_reward,
-    load_reward,
-    reward_kind,
-)
-from dpo_lightning.training import train
+from dpo_lightning.online.judges import ClassifierJudge, RewardModelJudge, judge_kind, load_judge
+from dpo_lightning.training.run import train
 
 SEED = 42  # the built-in pairs are drawn with the run's seed; the held-out checks redraw them with it
 REWARD_METRICS = {"loss", "accuracy", "margin", "scores/chosen", "scores/rejected"}
@@ -118,7 +113,7 @@ def test_checkpoint_reloads_and_scores_the_same(reward_run, tmp_path):
     output_dir, outcome = reward_run
     final = output_dir / "final"
     assert json.loads((final / REWARD_MARKER).read_text())["kind"] == "dpo_lightning.RewardModel"
-    assert reward_kind(str(final)) == "project"
+    assert judge_kind(str(final)) == "project"
     trained = outcome.module.reward_model.model.state_dict()
     saved = load_file(final / "model.safetensors")
     assert set(saved) <= set(trained) and "score.weight" in saved
@@ -134,13 +129,13 @@ def test_checkpoint_reloads_and_scores_the_same(reward_run, tmp_path):
     with torch.no_grad():
         expected = torch.stack([model(input_ids=torch.tensor([x])).logits[0, 0] for x in ids]).float()
 
-    project = load_reward(str(final), batch_size=4)
-    assert isinstance(project, ProjectReward)
+    project = load_judge(str(final), batch_size=4)
+    assert isinstance(project, RewardModelJudge)
     plain_folder = tmp_path / "as-plain"
     shutil.copytree(final, plain_folder)
     (plain_folder / REWARD_MARKER).unlink()
-    plain = load_reward(str(plain_folder), batch_size=4)
-    assert isinstance(plain, SequenceClassifierReward)
+    plain = load_judge(str(plain_folder), batch_size=4)
+    assert isinstance(plain, ClassifierJudge)
     torch.testing.assert_close(project.score(prompts, completions), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain.score(prompts, completions), expected, rtol=1e-5, atol=1e-5)
 
@@ -171,7 +166,7 @@ def test_reward_checkpoint_judges_an_online_run(reward_run, tiny_model, tmp_path
     )
     outcome = bridge.run_local(make_config(values))
     assert not outcome.interrupted and outcome.trainer.global_step == 2
-    assert isinstance(outcome.module.judge, ProjectReward)
+    assert isinstance(outcome.module.judge, RewardModelJudge)
     training, validation = _reports(output_dir, "training"), _reports(output_dir, "validation")
     assert sorted(training) == [1, 2] and sorted(validation) == [2]
     for metrics in (*training.values(), *validation.values()):

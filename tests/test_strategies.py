@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from dpo_lightning.config import make_config
 from dpo_lightning.errors import UserError
-from dpo_lightning.strategies import build_strategy, check_strategy, decoder_layer_classes, launcher_layout
+from dpo_lightning.training.strategies import build_strategy, check_strategy, decoder_layer_classes, launcher_layout
 
 LAUNCHED = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
 

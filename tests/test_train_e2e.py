@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
-from dpo_lightning.determined_bridge import run_local
+from dpo_lightning.determined.bridge import run_local
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_training_learns_the_preference_and_exports(tiny_model, pairs_file, tmp_
     assert not outcome.interrupted
     module = outcome.module
     policy_moved = max((p - initial[n]).abs().max().item() for n, p in module.policy.state_dict().items())
-    reference_moved = max((p - initial[n]).abs().max().item() for n, p in module.reference.state_dict().items())
+    reference_moved = max((p - initial[n]).abs().max().item() for n, p in module.reference.model.state_dict().items())
     assert policy_moved > 1e-3
     assert reference_moved == 0.0
     assert not module.reference.training and all(not p.requires_grad for p in module.reference.parameters())

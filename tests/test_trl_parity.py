@@ -14,7 +14,8 @@ from dpo_lightning.builtin import build_tiny_model
 from dpo_lightning.config import make_config
 from dpo_lightning.data.collate import PairCollator
 from dpo_lightning.data.tokenize import tokenize_pair
-from dpo_lightning.module import DPOModule
+from dpo_lightning.dpo.reference import FrozenReference
+from dpo_lightning.training.dpo_module import DPOModule
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -105,7 +106,7 @@ def test_loss_and_metrics_match_trl(model_dir, tmp_path, loss_type, label_smooth
 
     cfg = make_config({"loss_type": loss_type, "beta": 0.2, "label_smoothing": label_smoothing})
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
-    module = DPOModule(cfg, _perturbed_policy(model_dir), reference)
+    module = DPOModule(cfg, _perturbed_policy(model_dir), FrozenReference(reference))
     items = [{k: trainer.train_dataset[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(4)]
     batch = PairCollator(trainer.processing_class.pad_token_id)(items)
     loss = module.shared_step(batch, module.train_metrics)

@@ -1,4 +1,9 @@
-"""Preference data: sources -> formats -> tokenize -> (collate, LightningDataModule)."""
+"""Preference data: sources -> formats -> tokenize -> collate -> LightningDataModule. The mode a run trains
+(offline, online, reward) is decided here, once, from the data's columns (`mode.py`); the batches every step
+reads are typed here (`batch.py`), next to the collators that make them.
+
+Imports: foundation, config
+"""
 
 from dpo_lightning.data.pipeline import PreparedPairs, check_source, prepare_pairs
 

@@ -9,6 +9,7 @@ from dpo_lightning.config import DPOConfig
 from dpo_lightning.data.collate import PairCollator, PromptCollator, collate_in_batches
 from dpo_lightning.data.pipeline import PreparedData, prepare_data
 from dpo_lightning.data.sampler import EvalShard, ResumableSampler
+from dpo_lightning.lightning_compat import micro_batches_done
 
 
 class DPODataModule(L.LightningDataModule):
@@ -87,12 +88,12 @@ class DPODataModule(L.LightningDataModule):
         """The training data position, saved with every checkpoint (Lightning calls this on rank 0).
 
         The position counts the micro-batches this epoch whose step has run, from Lightning's loop progress
-        rather than from the sampler, which the DataLoader has already read ahead of the step.
+        (`lightning_compat.micro_batches_done`) rather than from the sampler, which the DataLoader has already
+        read ahead of the step.
         """
         if self.train_sampler is None:
             return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        consumed = progress.processed * self.cfg.batch_size
+        consumed = micro_batches_done(self.trainer) * self.cfg.batch_size
         return {"train_sampler": self.train_sampler.state_dict(consumed)}
 
     def load_state_dict(self, state: dict) -> None:

@@ -209,12 +209,12 @@ def role_columns(column_names: list[str], columns: dict[str, str], label: str) -
             raise UserError(
                 f"{label}: column '{column}' (columns.{role}) not found; available columns: {', '.join(column_names)}"
             )
-    found = {}
-    for role in ROLES:
-        column = columns.get(role, role)
-        if column in column_names:
-            found[role] = column
-    return found
+    return present_roles(column_names, columns)
+
+
+def present_roles(column_names: list[str], columns: dict[str, str]) -> dict[str, str]:
+    """Role -> column of the roles whose column (after the `columns` mapping) is among `column_names`."""
+    return {role: columns.get(role, role) for role in ROLES if columns.get(role, role) in column_names}
 
 
 def has_pairs(found: dict[str, str]) -> bool:

@@ -1,6 +1,6 @@
 """From `cfg.dataset_name` to tokenized train and validation data, with one log line of counts.
 
-What is prepared follows the mode (`mode: auto` decides by the data's columns): preference pairs for
+What is prepared follows the mode (decided once by `sources.load_splits`, see `mode.py`): preference pairs for
 offline DPO, prompts for online DPO, and pairs as the reward model reads them for reward training.
 """
 
@@ -10,16 +10,9 @@ import logging
 from typing import TYPE_CHECKING, NamedTuple
 
 from dpo_lightning.config import online_problem
-from dpo_lightning.data.formats import (
-    LAYOUTS_HELP,
-    dataset_roles,
-    has_pairs,
-    has_prompts,
-    normalize,
-    normalize_prompts,
-    unique_prompts,
-)
-from dpo_lightning.data.sources import PAIR_MODES, RawSplits, load_splits, resolve_source
+from dpo_lightning.data.formats import normalize, normalize_prompts, unique_prompts
+from dpo_lightning.data.reward_text import encode_for_reward
+from dpo_lightning.data.sources import RawSplits, load_splits, resolve_source, split_labels
 from dpo_lightning.data.split import split_by_prompt
 from dpo_lightning.data.tokenize import TokenizedPairs as TokenizedRows
 from dpo_lightning.data.tokenize import tokenize_prompts, tokenize_rows
@@ -49,40 +42,21 @@ def check_source(cfg) -> None:
     resolve_source(cfg.dataset_name)
 
 
-def split_labels(raw: RawSplits) -> tuple[str, str]:
-    """Labels for error messages: 'NAME[split]' when the source has several splits, else the name alone."""
-    if raw.eval is None:
-        return raw.label, raw.label
-    train_split = str(raw.train.split or "train")
-    eval_split = str(raw.eval.split or "eval")
-    return f"{raw.label}[{train_split}]", f"{raw.label}[{eval_split}]"
-
-
-def resolve_mode(cfg, raw: RawSplits) -> str:
-    """The mode this run trains in: `cfg.mode`, or for `auto` pairs -> offline and prompts -> online."""
-    train_label, _ = split_labels(raw)
-    found = dataset_roles(raw.train, cfg.columns, train_label)
-    columns = ", ".join(raw.train.column_names) or "(none)"
-    if cfg.mode in PAIR_MODES and not has_pairs(found):
-        raise UserError(
-            f"{train_label}: mode {cfg.mode} trains on preference pairs, none in columns {columns}; {LAYOUTS_HELP}"
-        )
-    if cfg.mode != "auto":
-        return cfg.mode
-    if has_pairs(found):
-        return "offline"
-    if not has_prompts(found):
-        raise UserError(f"{train_label}: no preference pairs or prompts in columns {columns}; {LAYOUTS_HELP}")
+def check_online(cfg, raw: RawSplits) -> None:
+    """An online run must be able to sample and judge; `mode: auto` learns that only here, from the data."""
+    if raw.mode != "online" or cfg.mode != "auto":
+        return  # an explicit `mode: online` was checked with the rest of the configuration
     problem = online_problem(cfg)
     if problem:
+        train_label, _ = split_labels(raw)
         raise UserError(f"{train_label} holds prompts, not preference pairs, so mode auto trains online: {problem}")
-    return "online"
 
 
 def prepare_data(cfg, tokenizer) -> PreparedData:
     """Load the configured dataset once and prepare what the run's mode trains on."""
     raw = load_splits(cfg)
-    mode = resolve_mode(cfg, raw)
+    check_online(cfg, raw)
+    mode = raw.mode
     if mode == "online":
         train, val = prepare_prompts(cfg, tokenizer, raw)
         return PreparedData(mode, train, val, _first(val, cfg.generation_eval_prompts))
@@ -138,8 +112,7 @@ def prepare_prompts(cfg, tokenizer, raw: RawSplits) -> tuple[datasets.Dataset, d
 
 def reward_pair_tokenizer(cfg, tokenizer):
     """Tokenize rows as the reward model reads them: each of prompt + chosen and prompt + rejected whole, so
-    that training and scoring see identical inputs (`rewards.encode_for_reward`)."""
-    from dpo_lightning.rewards import encode_for_reward
+    that training and scoring see identical inputs (`reward_text.encode_for_reward`)."""
 
     def encode(rows: list[dict], _tokenizer, **_lengths):
         import datasets

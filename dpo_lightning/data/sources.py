@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dpo_lightning.builtin import BUILTIN_DATASETS, BUILTIN_PROMPTS
+from dpo_lightning.config import PAIR_MODES
+from dpo_lightning.data.formats import present_roles, role_columns
+from dpo_lightning.data.mode import decide_mode
 from dpo_lightning.data.text_prompts import TINY_SHAKESPEARE, text_prompt_rows, text_source_path
-from dpo_lightning.errors import UserError
+from dpo_lightning.errors import UserError, first_line
 from dpo_lightning.hub import hub_reachable
 
 if TYPE_CHECKING:
@@ -28,7 +31,6 @@ DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".c
 PAIR_ROLES = ("chosen", "rejected")
 PROMPT_ROLES = ("prompt", "messages")
 EVAL_SPLIT_DEFAULTS = ("test", "validation")
-PAIR_MODES = ("offline", "reward")  # modes that train on preference pairs
 
 
 class RawSplits(NamedTuple):
@@ -38,6 +40,7 @@ class RawSplits(NamedTuple):
     eval: datasets.Dataset | None  # None when the source has no eval split
     label: str  # names the source in error messages: the path or the Hub name as the user gave it
     skipped: int = 0  # lines the JSON pre-scan skipped as bad (on_bad_rows="skip"); normalize counts the rest
+    mode: str = "offline"  # what the run trains on this data ("offline" | "online" | "reward"), decided once
 
 
 class Source(NamedTuple):
@@ -88,6 +91,7 @@ def resolve_source(name: str) -> Source:
 class _Scan(NamedTuple):
     kept: list[dict] | None  # the good rows, only when some were skipped (Arrow cannot load the mix)
     skipped: int
+    mode: str  # what the file trains, decided from its first record
 
 
 def _broken(label: str, exc: json.JSONDecodeError) -> UserError:
@@ -209,11 +213,8 @@ def _check_record(record: Any, lineno: int, wanted: dict[str, str], kinds: dict)
 
 
 def _wanted_columns(first: dict, columns: dict[str, str], mode: str) -> dict[str, str]:
-    """Role -> column that every line must have: chosen/rejected, plus the prompt role the first line uses.
-
-    A file whose first line has no chosen column holds prompts alone (online DPO) unless the mode asks for
-    pairs; then the prompt role is all every line needs.
-    """
+    """Role -> column that every line must have: the prompt role the first line uses, plus chosen/rejected
+    when the first line has a chosen column or the decided mode trains on pairs."""
     pairs = {role: columns.get(role, role) for role in PAIR_ROLES}
     prompt = {}
     for role in PROMPT_ROLES:
@@ -232,22 +233,12 @@ def _utf8_records(path: Path, label: str) -> Iterator[tuple[int, Any]]:
         raise UserError(f"{label} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
 
 
-def _check_layout(first: dict, columns: dict[str, str], mode: str, label: str) -> None:
-    """The first record decides what the file can train: say so once, rather than as a missing column on
-    every line, when it holds no usable columns at all or only prompts for a mode that needs pairs."""
-    from dpo_lightning.data.formats import LAYOUTS_HELP
-
-    has_pair_column = any(columns.get(role, role) in first for role in PAIR_ROLES)
-    has_prompt_column = any(columns.get(role, role) in first for role in PROMPT_ROLES)
-    found = ", ".join(first) or "(none)"
-    if mode in PAIR_MODES and not has_pair_column:
-        raise UserError(f"{label}: mode {mode} trains on preference pairs, none in columns {found}; {LAYOUTS_HELP}")
-    if not has_pair_column and not has_prompt_column:
-        raise UserError(f"{label}: no preference pairs or prompts in columns {found}; {LAYOUTS_HELP}")
-
-
 def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: str, mode: str = "auto") -> _Scan:
-    """Check every record of a JSON/JSONL file; raise UserError on the first problem, or skip and count."""
+    """Check every record of a JSON/JSONL file; raise UserError on the first problem, or skip and count.
+
+    The first record's columns decide the mode (`mode.decide_mode`, once for the whole file, so that a file
+    with no usable columns is said once, not as a missing column on every line) and so what every line needs.
+    """
     wanted: dict[str, str] | None = None
     kinds: dict[str, tuple[str, int]] = {}
     kept: list[dict] = []
@@ -257,8 +248,8 @@ def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: s
         if not isinstance(record, dict):
             raise UserError(f"{label} line {lineno}: expected a JSON object, got {type(record).__name__}")
         if wanted is None:
-            _check_layout(record, columns, mode, label)
-            wanted = _wanted_columns(record, columns, mode)
+            decided = decide_mode(mode, present_roles(list(record), columns), label=label, columns=list(record))
+            wanted = _wanted_columns(record, columns, decided)
         problem = _check_record(record, lineno, wanted, kinds)
         if problem and on_bad_rows != "skip":
             raise UserError(f"{label} line {lineno}: {problem}")
@@ -273,31 +264,28 @@ def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: s
         raise UserError(f"{label}: every row is bad ({skipped} skipped; first: {first_problem})")
     if skipped:
         logger.warning("%s: skipped %d bad lines (first: %s)", label, skipped, first_problem)
-    return _Scan(kept if skipped else None, skipped)
+    return _Scan(kept if skipped else None, skipped, decided)
 
 
 # ----------------------------------------------------------------------------- loaders
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
-def _load_file(source: Source, label: str, cfg) -> tuple[dict[str, Any], int]:
-    """({"train": Dataset}, lines skipped by the pre-scan)."""
+def _load_file(source: Source, label: str, cfg) -> tuple[dict[str, Any], int, str | None]:
+    """({"train": Dataset}, lines skipped by the pre-scan, the mode a JSON file's first record decided)."""
     import datasets
 
     path = Path(source.location)
     builder = DATA_EXTENSIONS[path.suffix.lower()]
+    mode = None
     if builder == "json":
         scan = prescan_json(path, label, dict(cfg.columns), cfg.on_bad_rows, cfg.mode)
         if scan.kept is not None:
-            return {"train": datasets.Dataset.from_list(scan.kept, split="train")}, scan.skipped
+            return {"train": datasets.Dataset.from_list(scan.kept, split="train")}, scan.skipped, scan.mode
+        mode = scan.mode
     try:
-        return {"train": datasets.load_dataset(builder, data_files=str(path), split="train")}, 0
+        return {"train": datasets.load_dataset(builder, data_files=str(path), split="train")}, 0, mode
     except Exception as exc:  # the library's many error types all mean "this file cannot be read"
-        raise UserError(f"{label}: the datasets library could not read it ({_first_line(exc)})") from None
+        raise UserError(f"{label}: the datasets library could not read it ({first_line(exc)})") from None
 
 
 def _load_disk(source: Source, label: str) -> dict[str, Any]:
@@ -306,7 +294,7 @@ def _load_disk(source: Source, label: str) -> dict[str, Any]:
     try:
         loaded = datasets.load_from_disk(source.location)
     except Exception as exc:
-        raise UserError(f"{label}: could not load the save_to_disk folder ({_first_line(exc)})") from None
+        raise UserError(f"{label}: could not load the save_to_disk folder ({first_line(exc)})") from None
     if isinstance(loaded, datasets.DatasetDict):
         return dict(loaded)
     return {"train": loaded}
@@ -341,7 +329,7 @@ def _load_hub(source: Source, cfg) -> dict[str, Any]:
         with _offline_if_unreachable() as forced:
             loaded = datasets.load_dataset(source.location, cfg.dataset_config)
     except Exception as exc:
-        why = _first_line(exc)
+        why = first_line(exc)
         if forced:
             why = f"the Hub is unreachable from this machine, so only the local cache was tried: {why}"
         raise UserError(
@@ -355,9 +343,9 @@ def _load_hub(source: Source, cfg) -> dict[str, Any]:
 def _load_builtin(cfg) -> dict[str, Any]:
     import datasets
 
-    from dpo_lightning.builtin import preference_rows, prompt_rows
+    from dpo_lightning.builtin import describe_prompt_rows, preference_rows
 
-    rows = prompt_rows(cfg.seed) if cfg.dataset_name == BUILTIN_PROMPTS else preference_rows(cfg.seed)
+    rows = describe_prompt_rows(cfg.seed) if cfg.dataset_name == BUILTIN_PROMPTS else preference_rows(cfg.seed)
     return {name: datasets.Dataset.from_list(split_rows, split=name) for name, split_rows in rows.items()}
 
 
@@ -394,18 +382,33 @@ def pick_splits(splits: dict[str, Any], cfg, label: str) -> RawSplits:
     return RawSplits(splits[cfg.train_split], None, label)
 
 
+def split_labels(raw: RawSplits) -> tuple[str, str]:
+    """Labels for error messages: 'NAME[split]' when the source has several splits, else the name alone."""
+    if raw.eval is None:
+        return raw.label, raw.label
+    train_split = str(raw.train.split or "train")
+    eval_split = str(raw.eval.split or "eval")
+    return f"{raw.label}[{train_split}]", f"{raw.label}[{eval_split}]"
+
+
 def load_splits(cfg) -> RawSplits:
-    """Load `cfg.dataset_name` and pick its train and eval splits; a user mistake is one UserError line."""
+    """Load `cfg.dataset_name`, pick its train and eval splits and decide what the run trains on them (the
+    mode); a user mistake is one UserError line."""
     source = resolve_source(cfg.dataset_name)
-    label, skipped = cfg.dataset_name, 0
+    label, skipped, mode = cfg.dataset_name, 0, None
     if source.kind == "builtin":
         splits = _load_builtin(cfg)
     elif source.kind == "text":
         splits = _load_text(source, cfg)
     elif source.kind == "file":
-        splits, skipped = _load_file(source, label, cfg)
+        splits, skipped, mode = _load_file(source, label, cfg)
     elif source.kind == "disk":
         splits = _load_disk(source, label)
     else:
         splits = _load_hub(source, cfg)
-    return pick_splits(splits, cfg, label)._replace(skipped=skipped)
+    raw = pick_splits(splits, cfg, label)._replace(skipped=skipped)
+    if mode is None:
+        train_label, _ = split_labels(raw)
+        found = role_columns(list(raw.train.column_names), dict(cfg.columns), train_label)
+        mode = decide_mode(cfg.mode, found, label=train_label, columns=list(raw.train.column_names))
+    return raw._replace(mode=mode)

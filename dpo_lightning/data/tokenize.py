@@ -1,4 +1,4 @@
-"""Tokenize normalised pairs exactly as DESIGN.md's contract (and TRL 1.16's DPOTrainer) does.
+"""Tokenize normalised pairs exactly as TRL 1.16's DPOTrainer does (the README's tokenization contract).
 
 Per pair: tokenize the prompt alone and prompt + completion together; the completion's tokens are the joint
 sequence after the prompt's length, where that length is the common prefix of the prompt's ids with both

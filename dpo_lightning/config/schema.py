@@ -1,30 +1,22 @@
-"""Typed, frozen run configuration.
+"""The typed, frozen run configuration: every key, its default, its documentation and its checks.
 
 Every hyperparameter lives under `hyperparameters:` in an experiment file, so a Determined searcher can
-vary any of them; locally `--config PATH` picks the file and `--name value` overrides one key. Values are
-checked here, before any model or dataset loads, and a bad one raises `ConfigError` with one line that
-names the key and the valid choices.
+vary any of them (`parse.py` reads files and overrides). Values are checked here, before any model or
+dataset loads, and a bad one raises `ConfigError` with one line that names the key and the valid choices.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import math
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from dpo_lightning.errors import ConfigError
-from dpo_lightning.losses import LOSS_TYPES, USES_LABEL_SMOOTHING
 
 COLUMN_ROLES = ("prompt", "chosen", "rejected", "messages")
 MODES = ("auto", "offline", "online", "reward")
+PAIR_MODES = ("offline", "reward")  # modes that train on preference pairs
 STRATEGIES = ("ddp", "fsdp")
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
 # Keys a resumed run may change: how long it trains and where it writes, never what it trains.
@@ -33,6 +25,9 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("32", "bf16-mixed")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# The loss variants users may choose, in the order shown to them; `dpo.losses` registers one function for each.
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust"})
 
 
 @dataclass(frozen=True)
@@ -298,162 +293,4 @@ _CHECKS = (
 )
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(DPOConfig)}
-_TYPES = typing.get_type_hints(DPOConfig)
-
-
-# ----------------------------------------------------------------------------- coercion
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Coerce a YAML or command-line value to the field's type, or raise ConfigError naming the key."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is Literal:
-        text = str(value)
-        if text not in args:
-            raise ConfigError(f"{key}: '{value}' is not a valid choice; valid choices: {', '.join(args)}")
-        return text
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(as_float)
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            number = float(value)  # YAML 1.1 reads `1e-6` as a string; float() reads it right
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return number
-    if annotation is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    if origin is dict:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                raise ConfigError(f'{key}: expected a JSON object such as \'{{"prompt": "question"}}\'') from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)  # value types are checked by _check_columns
-    raise ConfigError(f"{key}: unsupported type {annotation}")  # a programming error, kept loud
-
-
-def unknown_key_message(key: str) -> str:
-    close = difflib.get_close_matches(key, FIELDS, n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return f"unknown hyperparameter '{key}'{hint}; valid keys: {', '.join(FIELDS)}"
-
-
-def make_config(values: dict[str, Any]) -> DPOConfig:
-    """Build a validated config from raw (YAML or command-line) values."""
-    kwargs = {}
-    for key, value in values.items():
-        if key not in FIELDS:
-            raise ConfigError(unknown_key_message(key))
-        kwargs[key] = _coerce(key, value, _TYPES[key])
-    return DPOConfig(**kwargs)
-
-
-# ----------------------------------------------------------------------------- experiment files
-
-
-def _resolve_hparam(key: str, value: Any) -> Any:
-    """Determined hyperparameters may be `{type: const, val: X}`; a search space needs an explicit value locally."""
-    if isinstance(value, dict) and "type" in value and key != "columns":
-        kind = value["type"]
-        if kind == "const":
-            return value.get("val")
-        raise ConfigError(
-            f"hyperparameter '{key}' is a '{kind}' search space, which only a Determined searcher samples; "
-            f"pass --{key} VALUE to run it locally"
-        )
-    return value
-
-
-def read_experiment_hparams(path: str | Path) -> dict[str, Any]:
-    """The raw `hyperparameters:` block of an experiment file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(document, dict) or not isinstance(document.get("hyperparameters"), dict):
-        raise ConfigError(f"{path}: no `hyperparameters:` mapping found")
-    return dict(document["hyperparameters"])
-
-
-def resolve_hparams(raw: dict[str, Any]) -> dict[str, Any]:
-    """Hyperparameter values with `{type: const}` resolved; a search space left unresolved is an error."""
-    return {key: _resolve_hparam(key, value) for key, value in raw.items()}
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DPOConfig:
-    """The experiment file's hyperparameters with command-line overrides on top."""
-    raw = read_experiment_hparams(path)
-    raw.update(overrides or {})  # an override may stand in for a search space
-    values = resolve_hparams(raw)
-    try:
-        return make_config(values)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-
-
-def config_changes(saved: dict[str, Any], cfg: DPOConfig) -> list[str]:
-    """Keys whose value differs between a checkpoint's configuration and this run's, run length excepted."""
-    current = cfg.to_dict()
-    keys = sorted(set(saved) | set(current))
-    return [k for k in keys if k not in RESUMABLE_CHANGES and saved.get(k, _MISSING) != current.get(k, _MISSING)]
-
-
-_MISSING = object()
-
-
-def parse_overrides(tokens: list[str]) -> dict[str, str]:
-    """`--name value` and `--name=value` pairs; a value is a raw string coerced later by field type."""
-    overrides: dict[str, str] = {}
-    i = 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--") or token == "--":
-            raise ConfigError(f"unexpected argument '{token}'; hyperparameters are given as --name value")
-        name, eq, value = token[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in FIELDS:
-            raise ConfigError(unknown_key_message(name))
-        if not eq:
-            if i + 1 >= len(tokens):
-                raise ConfigError(f"--{name} needs a value")
-            value = tokens[i + 1]
-            i += 1
-        overrides[name] = value
-        i += 1
-    return overrides
+FIELD_TYPES = typing.get_type_hints(DPOConfig)

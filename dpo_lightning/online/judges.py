@@ -1,4 +1,5 @@
-"""Reward scorers: a score for each (prompt, completion), from one of three kinds of reward.
+"""Judges: what scores each (prompt, completion) of online DPO and of generation metrics, from the run's
+`reward_model` string. A judge is one of three kinds:
 
 A `reward_model` string is read, in this order, as:
 
@@ -6,13 +7,13 @@ A `reward_model` string is read, in this order, as:
    function ``fn(prompts: list[str], completions: list[str]) -> list[float] | tensor | ndarray`` returning one
    finite score per completion. Chat prompts reach it as text, see `prompt_text`. The module must be importable
    (installed, or on ``PYTHONPATH``).
-2. a local folder containing `REWARD_MARKER` (``reward_model.json``) -- a `dpo_lightning.models.RewardModel` trained
+2. a local folder containing `REWARD_MARKER` (``reward_model.json``) -- a `RewardModel` (dpo_lightning.models) trained
    here (``mode: reward``): a scalar head on a causal-LM backbone, pooled at the last real token.
 3. anything else, a local folder or a Hub name -- any Hugging Face sequence-classification reward model with one
    output (``num_labels=1``), scored with its own tokenizer and chat template, e.g.
    ``Skywork/Skywork-Reward-V2-Qwen3-0.6B``.
 
-Models (kinds 2 and 3) see the conversation rendered by `render_for_reward` and cut by `encode_for_reward` to
+Models (kinds 2 and 3) see the conversation rendered and cut by `data.reward_text.encode_for_reward` to
 `max_length` tokens keeping the start. A folder of kind 2 is also a valid kind-3 folder; both score the same
 whenever a text does not end in the pad token (Hugging Face pools the rightmost non-pad token, RewardModel the
 last token of the attention mask).
@@ -31,89 +32,38 @@ from typing import Protocol
 
 import torch
 
-from dpo_lightning.data.collate import completion_batch
-from dpo_lightning.errors import UserError
+from dpo_lightning.data.batch import SequenceBatch
+from dpo_lightning.data.reward_text import Prompt, encode_for_reward, prompt_text
+from dpo_lightning.errors import UserError, first_line
 from dpo_lightning.models import (
     REWARD_FORMAT,
     REWARD_MARKER,
     ModelSource,
     RewardModel,
-    _first_line,
-    _set_pad_token_id,
     freeze,
     load_tokenizer,
     resolve_model,
+    set_pad_token_id,
 )
-
-Prompt = str | list[dict[str, str]]  # text, or chat messages [{"role": ..., "content": ...}]
 
 FUNCTION_SPEC = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 SUGGESTED_REWARD_MODEL = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
 
 
-# --- Rendering ----------------------------------------------------------------------------------------------------
-
-
-def prompt_text(prompt: Prompt) -> str:
-    """The prompt as a function reward sees it: text unchanged; chat messages as ``"role: content"`` blocks joined
-    by a blank line (``"\\n\\n"``), e.g. ``"system: Be brief.\\n\\nuser: Hi"``."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-
-
-def render_for_reward(tokenizer, prompt: Prompt, completion: str | list[dict[str, str]]) -> tuple[str, bool]:
-    """(text, add_special_tokens) a reward model scores. With a chat template: the prompt's messages (or one user
-    message holding a text prompt) plus the completion as the assistant's message (or the completion's messages,
-    for conversational preference data), rendered by the template, which holds the special tokens itself.
-    Without one: prompt text + completion (a conversation's message contents, joined), special tokens added by
-    the tokenizer."""
-    reply = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
-    if getattr(tokenizer, "chat_template", None):
-        messages = list(prompt) if not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages + reply, tokenize=False), False
-    return prompt_text(prompt) + "".join(message["content"] for message in reply), True
-
-
-def encode_for_reward(
-    tokenizer, prompts: Sequence[Prompt], completions: Sequence[str], *, max_length: int
-) -> list[list[int]]:
-    """Token ids of each rendered (prompt, completion), at most `max_length`, keeping the start. Scoring and
-    reward-model training both encode through here, so both see identical inputs."""
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-    if not prompts:
-        return []
-    rendered = [render_for_reward(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
-    add_special_tokens = rendered[0][1]  # the same for every text: it depends on the tokenizer only
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "right"
-    try:
-        encoded = tokenizer(
-            [text for text, _ in rendered],
-            add_special_tokens=add_special_tokens,
-            truncation=True,
-            max_length=max_length,
-        )
-    finally:
-        tokenizer.truncation_side = side
-    return [list(ids) for ids in encoded["input_ids"]]
-
-
 # --- Scorers ------------------------------------------------------------------------------------------------------
 
 
-class RewardScorer(Protocol):
+class Judge(Protocol):
     description: str
 
     def score(self, prompts: list[Prompt], completions: list[str]) -> torch.Tensor:
         """(N,) float32 scores on CPU, one per completion."""
         ...
 
-    def to(self, device) -> RewardScorer: ...
+    def to(self, device) -> Judge: ...
 
 
-class FunctionReward:
+class FunctionJudge:
     """A Python function `fn(prompts, completions)`; its output is checked (count, numeric, finite)."""
 
     def __init__(self, fn: Callable, spec: str, key: str = "reward_model") -> None:
@@ -122,7 +72,7 @@ class FunctionReward:
         self.key = key
         self.description = f"function {spec}"
 
-    def to(self, device) -> FunctionReward:
+    def to(self, device) -> FunctionJudge:
         return self
 
     def score(self, prompts: list[Prompt], completions: list[str]) -> torch.Tensor:
@@ -171,7 +121,7 @@ def _is_ndarray(obj) -> bool:
     return type(obj).__module__ == "numpy" and type(obj).__name__ == "ndarray"
 
 
-class _BatchedModelScorer:
+class _ModelJudge:
     """Shared batching for the model kinds: encode, right-pad, no_grad forward in batches, scores to CPU fp32."""
 
     def __init__(self, module: torch.nn.Module, tokenizer, *, description: str, batch_size: int, max_length: int):
@@ -201,13 +151,13 @@ class _BatchedModelScorer:
         for start in range(0, len(ids), self.batch_size):
             rows = ids[start : start + self.batch_size]
             # right padding, masks from lengths: the whole text is the "completion" of an empty prompt
-            batch = completion_batch([[] for _ in rows], rows, self.tokenizer.pad_token_id)
-            input_ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            batch = SequenceBatch.from_rows([[] for _ in rows], rows, self.tokenizer.pad_token_id).to(self.device)
+            input_ids, mask = batch.input_ids, batch.attention_mask
             scores.append(self._forward(input_ids, mask).float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float32)
 
 
-class SequenceClassifierReward(_BatchedModelScorer):
+class ClassifierJudge(_ModelJudge):
     """A Hugging Face `AutoModelForSequenceClassification` with one label: `logits[:, 0]` of its own pooling (the
     rightmost token that is not the pad id; with right padding, padding never changes a score)."""
 
@@ -222,7 +172,7 @@ class SequenceClassifierReward(_BatchedModelScorer):
         return self.module(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
 
 
-class ProjectReward(_BatchedModelScorer):
+class RewardModelJudge(_ModelJudge):
     """A `RewardModel` (scalar head on a causal-LM backbone), pooled at the last token of the attention mask."""
 
     def __init__(
@@ -253,7 +203,7 @@ def _marker_path(spec: str) -> Path | None:
         return None
 
 
-def reward_kind(spec: str) -> str:
+def judge_kind(spec: str) -> str:
     """The kind `spec` names: "function", "project" or "sequence_classification" (nothing is imported or loaded)."""
     if _is_function_spec(spec):
         return "function"
@@ -268,11 +218,11 @@ def _load_function(spec: str, key: str) -> Callable:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UserError(
-            f"{key}: cannot import module '{module_name}' ({_first_line(exc)}); expected package.module:function"
+            f"{key}: cannot import module '{module_name}' ({first_line(exc)}); expected package.module:function"
         ) from None
     except Exception as exc:  # the module itself failed while importing: show its error, in one line
         raise UserError(
-            f"{key}: importing module '{module_name}' failed: {type(exc).__name__}: {_first_line(exc)}"
+            f"{key}: importing module '{module_name}' failed: {type(exc).__name__}: {first_line(exc)}"
         ) from None
     if not hasattr(module, attr):
         raise UserError(f"{key}: module '{module_name}' has no function '{attr}' (from {spec})")
@@ -291,7 +241,7 @@ def _check_classifier_config(spec: str, source: ModelSource, key: str, trust_rem
             source.name_or_path, trust_remote_code=trust_remote_code, local_files_only=source.local_files_only
         )
     except (OSError, ValueError, ImportError) as exc:
-        raise UserError(f"{key}: could not read the config of '{spec}': {_first_line(exc)}") from None
+        raise UserError(f"{key}: could not read the config of '{spec}': {first_line(exc)}") from None
     architectures = list(getattr(config, "architectures", None) or [])
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         what = architectures[0] if architectures else f"'{config.model_type}' model that lists no architecture"
@@ -312,7 +262,7 @@ def _read_marker(spec: str, key: str) -> dict:
     try:
         data = json.loads(marker.read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(f"{key}: cannot read {marker}: {_first_line(exc)}") from None
+        raise UserError(f"{key}: cannot read {marker}: {first_line(exc)}") from None
     if not isinstance(data, dict) or data.get("kind") != "dpo_lightning.RewardModel":
         raise UserError(f"{key}: {marker} is not a dpo_lightning reward model marker")
     if data.get("format") != REWARD_FORMAT:
@@ -322,10 +272,10 @@ def _read_marker(spec: str, key: str) -> dict:
     return data
 
 
-def check_reward_model(spec: str, key: str = "reward_model", trust_remote_code: bool = False) -> None:
+def check_judge(spec: str, key: str = "reward_model", trust_remote_code: bool = False) -> None:
     """Pre-flight before any model loads: a function path imports its module and finds a callable; a folder or Hub
     name must resolve (`models.resolve_model`) and its config must describe a one-output sequence classifier."""
-    kind = reward_kind(spec)
+    kind = judge_kind(spec)
     if kind == "function":
         _load_function(spec, key)
         return
@@ -335,7 +285,7 @@ def check_reward_model(spec: str, key: str = "reward_model", trust_remote_code: 
     _check_classifier_config(spec, source, key, trust_remote_code)
 
 
-def load_reward(
+def load_judge(
     spec: str,
     *,
     device="cpu",
@@ -344,25 +294,25 @@ def load_reward(
     max_length: int = 1024,
     trust_remote_code: bool = False,
     key: str = "reward_model",
-) -> RewardScorer:
+) -> Judge:
     """The scorer `spec` names (see the module docstring), frozen, in eval mode, on `device`."""
-    kind = reward_kind(spec)
+    kind = judge_kind(spec)
     if kind == "function":
-        return FunctionReward(_load_function(spec, key), spec, key)
+        return FunctionJudge(_load_function(spec, key), spec, key)
 
     source = resolve_model(spec, key)
     _check_classifier_config(spec, source, key, trust_remote_code)
     if kind == "project":
-        model, tokenizer = _load_project_model(spec, source, key, dtype, trust_remote_code)
-        scorer_type, description = ProjectReward, f"RewardModel {spec}"
+        model, tokenizer = _load_reward_model(spec, source, key, dtype, trust_remote_code)
+        scorer_type, description = RewardModelJudge, f"RewardModel {spec}"
     else:
         model, tokenizer = _load_classifier(spec, source, key, dtype, trust_remote_code)
-        scorer_type, description = SequenceClassifierReward, f"sequence-classification model {spec}"
+        scorer_type, description = ClassifierJudge, f"sequence-classification model {spec}"
     scorer = scorer_type(model, tokenizer, description=description, batch_size=batch_size, max_length=max_length)
     return scorer.to(device)
 
 
-def _load_project_model(spec: str, source: ModelSource, key: str, dtype, trust_remote_code: bool):
+def _load_reward_model(spec: str, source: ModelSource, key: str, dtype, trust_remote_code: bool):
     """A RewardModel folder and its tokenizer (the base model's, when the folder has none)."""
     marker = _read_marker(spec, key)
     folder = Path(source.name_or_path)
@@ -387,7 +337,7 @@ def _load_classifier(spec: str, source: ModelSource, key: str, dtype, trust_remo
             local_files_only=source.local_files_only,
         )
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
-        raise UserError(f"{key}: could not load reward model '{spec}': {_first_line(exc)}") from None
+        raise UserError(f"{key}: could not load reward model '{spec}': {first_line(exc)}") from None
     if model.config.get_text_config().pad_token_id is None:
-        _set_pad_token_id(model.config, tokenizer.pad_token_id)
+        set_pad_token_id(model.config, tokenizer.pad_token_id)
     return model, tokenizer

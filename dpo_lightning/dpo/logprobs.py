@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from dpo_lightning.data.batch import PairBatch, SequenceBatch
+
 
 class SequenceLogps(NamedTuple):
     logps: torch.Tensor  # (N,) sum of completion-token log-probs
@@ -53,11 +55,23 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mas
     )
 
 
-def forward_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
-    """One forward pass over a collated batch of 2B rows (chosen first, then rejected)."""
+def forward_logps(model: torch.nn.Module, batch: SequenceBatch) -> SequenceLogps:
+    """One forward pass over a collated batch's rows (a PairBatch's 2B rows, or any SequenceBatch)."""
     logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
         use_cache=False,
     ).logits
-    return sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+    return sequence_logps(logits, batch.input_ids, batch.completion_mask)
+
+
+class PairLogps(NamedTuple):
+    """A PairBatch's per-row log-probs split into its chosen and rejected halves, each (B,)."""
+
+    chosen: SequenceLogps
+    rejected: SequenceLogps
+
+    @classmethod
+    def of(cls, batch: PairBatch, rows: SequenceLogps) -> PairLogps:
+        halves = [batch.split(values) for values in rows]
+        return cls(SequenceLogps(*(h[0] for h in halves)), SequenceLogps(*(h[1] for h in halves)))

@@ -6,7 +6,6 @@ Every mistake a user can make is caught in the first steps, before any model loa
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import asdict, dataclass
@@ -16,17 +15,20 @@ from typing import Any, NamedTuple
 
 import torch
 
-from dpo_lightning.checkpoints import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, library_versions
 from dpo_lightning.config import make_config
 from dpo_lightning.data.collate import PairCollator, PromptCollator, collate_in_batches
 from dpo_lightning.data.formats import dataset_roles, has_pairs, normalize, normalize_prompts, unique_prompts
 from dpo_lightning.data.sources import load_splits
 from dpo_lightning.data.split import split_by_prompt
 from dpo_lightning.data.tokenize import tokenize_pair, tokenize_prompts
+from dpo_lightning.dpo.reference import FrozenReference, Reference
 from dpo_lightning.errors import UserError
-from dpo_lightning.evaluation import compare_generations, evaluate_pairs, reward_agreement
+from dpo_lightning.evaluation.pairs import evaluate_pairs, reward_agreement
+from dpo_lightning.layout import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, library_versions, read_run_record
 from dpo_lightning.models import ModelSource, freeze, load_causal_lm, load_tokenizer, resolve_model
-from dpo_lightning.rewards import check_reward_model, load_reward
+from dpo_lightning.online.comparison import compare_generations
+from dpo_lightning.online.judges import check_judge, load_judge
+from dpo_lightning.online.sampling import SamplingSettings, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +70,13 @@ def resolve_model_path(path: str) -> ResolvedModel:
     folder = Path(path).expanduser()
     if folder.is_dir():
         if (folder / "config.json").is_file():
-            record = _read_record(folder / RUN_CONFIG) or _read_record(folder.parent / RUN_CONFIG)
+            record = read_run_record(folder / RUN_CONFIG) or read_run_record(folder.parent / RUN_CONFIG)
             return ResolvedModel(_local(folder), record)
         if (folder / "final" / "config.json").is_file():
-            return ResolvedModel(_local(folder / "final"), _read_record(folder / RUN_CONFIG))
+            return ResolvedModel(_local(folder / "final"), read_run_record(folder / RUN_CONFIG))
         checkpoint = find_resume_checkpoint(folder) if (folder / CHECKPOINTS).is_dir() else None
         if checkpoint is not None:
-            return ResolvedModel(_local(checkpoint), _read_record(checkpoint / RUN_CONFIG))
+            return ResolvedModel(_local(checkpoint), read_run_record(checkpoint / RUN_CONFIG))
         raise UserError(
             f"model_path: {path} is not a model folder (no config.json), a training output folder (no final/ "
             "and no complete checkpoint) or a checkpoint"
@@ -84,14 +86,6 @@ def resolve_model_path(path: str) -> ResolvedModel:
 
 def _local(folder: Path) -> ModelSource:
     return ModelSource(str(folder), True)
-
-
-def _read_record(path: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record.get("config"), dict) else None
 
 
 def run_settings(options: EvalOptions, record: dict | None) -> dict[str, Any]:
@@ -139,7 +133,7 @@ def check_options(options: EvalOptions, settings: dict[str, Any]) -> None:
     if not 0 < settings["top_p"] <= 1 or not settings["temperature"] > 0:
         raise UserError("--temperature must be > 0 and --top_p in (0, 1]")
     if options.reward_model is not None:
-        check_reward_model(options.reward_model, "--reward_model")
+        check_judge(options.reward_model, "--reward_model")
 
 
 # ----------------------------------------------------------------------------- data
@@ -204,12 +198,9 @@ def pair_batches(rows: list[dict], tokenizer, cfg, batch_size: int) -> tuple[lis
     return collate_in_batches(items, PairCollator(tokenizer.pad_token_id), batch_size), kept
 
 
-def prompt_batches(rows: list[dict], tokenizer, cfg, batch_size: int) -> list[dict]:
+def prompt_batches(rows: list[dict], tokenizer, cfg, batch_size: int) -> list:
     data = tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length).dataset
-    collate = PromptCollator(tokenizer.pad_token_id)
-    return [
-        collate([data[j] for j in range(i, min(i + batch_size, len(data)))]) for i in range(0, len(data), batch_size)
-    ]
+    return collate_in_batches(data, PromptCollator(tokenizer.pad_token_id), batch_size)
 
 
 def _completion_text(completion) -> str:
@@ -227,9 +218,9 @@ def _progress(items: list, description: str):
 
 class Models(NamedTuple):
     policy: torch.nn.Module
-    reference: torch.nn.Module
+    reference: Reference
     tokenizer: Any
-    reward: Any  # a RewardScorer, or None
+    judge: Any  # a Judge, or None
     device: torch.device
 
 
@@ -243,30 +234,33 @@ def preference_section(models: Models, rows: list[dict], cfg, settings: dict, ba
         beta=settings["beta"],
         loss_type=settings["loss_type"],
         label_smoothing=settings["label_smoothing"],
-        device=models.device,
     )
     metrics = dict(result.metrics)
-    if models.reward is not None:
+    if models.judge is not None:
         prompts = [row["prompt"] for row in kept]
-        chosen = models.reward.score(prompts, [_completion_text(r["chosen"]) for r in kept])
-        rejected = models.reward.score(prompts, [_completion_text(r["rejected"]) for r in kept])
+        chosen = models.judge.score(prompts, [_completion_text(r["chosen"]) for r in kept])
+        rejected = models.judge.score(prompts, [_completion_text(r["rejected"]) for r in kept])
         metrics["reward_model/agreement"] = reward_agreement(chosen, rejected)
     return {"num_pairs": len(kept), "beta": settings["beta"], "metrics": metrics, "margins": result.margins}
 
 
 def generation_section(models: Models, rows: list[dict], cfg, settings: dict, options: EvalOptions) -> dict[str, Any]:
     """The report's "generation" part: policy vs reference completions, judged by the reward model."""
+    sampling = SamplingSettings(
+        max_new_tokens=settings["max_new_tokens"],
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+        stop_ids=tuple(stop_token_ids(models.policy, models.tokenizer)),
+        pad_id=models.tokenizer.pad_token_id,
+    )
     result = compare_generations(
         models.policy,
         models.reference,
         models.tokenizer,
         _progress(prompt_batches(rows, models.tokenizer, cfg, options.batch_size), "prompts"),
-        models.reward.score,
-        max_new_tokens=settings["max_new_tokens"],
-        temperature=settings["temperature"],
-        top_p=settings["top_p"],
+        models.judge,
+        sampling,
         seed=options.seed,
-        device=models.device,
     )
     return {
         "num_prompts": len(result.policy_scores),
@@ -278,18 +272,18 @@ def generation_section(models: Models, rows: list[dict], cfg, settings: dict, op
 
 
 def load_models(options: EvalOptions, policy_source: ModelSource, reference_source, tokenizer, probe) -> Models:
-    """The reward model first, probed on one sample (one that cannot score fails before the policy loads),
-    then the policy and the reference (the policy itself when there is none)."""
+    """The judge first, probed on one sample (one that cannot score fails before the policy loads), then the
+    policy and the reference (the policy itself when there is none)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, options.dtype)
-    reward = None
+    judge = None
     if options.reward_model is not None:
-        reward = load_reward(options.reward_model, dtype=dtype, key="--reward_model").to(device)
-        reward.score([probe], ["probe"])
+        judge = load_judge(options.reward_model, dtype=dtype, key="--reward_model").to(device)
+        judge.score([probe], ["probe"])
     load = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": False}
     policy = freeze(load_causal_lm(policy_source, **load)).to(device)
     reference = freeze(load_causal_lm(reference_source, **load)).to(device) if reference_source else policy
-    return Models(policy, reference, tokenizer, reward, device)
+    return Models(policy, FrozenReference(reference), tokenizer, judge, device)
 
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
@@ -321,6 +315,6 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         "versions": library_versions(),
         "preference": preference_section(models, pairs, cfg, settings, options.batch_size) if pairs else None,
         "generation": (
-            generation_section(models, prompts, cfg, settings, options) if prompts and models.reward else None
+            generation_section(models, prompts, cfg, settings, options) if prompts and models.judge else None
         ),
     }

@@ -2,10 +2,11 @@
 
 The context is duck-typed (`.train`, `.checkpoint`, `.preempt`): Determined's real one on a cluster, its
 dummy one off-cluster (checkpoints under `<output_dir>/checkpoints/`), a strict fake in the tests. Only
-`determined_bridge.py` builds one, so only that module imports `determined`.
+`bridge.py` builds one, so only that module imports `determined`.
 
 Rules the Core API sets, and where they are kept here:
-- metrics go out from rank 0 only, as plain finite floats, `steps_completed` = optimizer steps (`report`);
+- metrics go out from rank 0 only, as plain finite floats, `steps_completed` = optimizer steps (`report`, a
+  report sink);
 - `store_path(metadata, shard=True)` is entered by every rank in step, `steps_completed` increasing, never
   twice for one step (`save`);
 - `should_preempt()` is asked by every rank at the same steps (`CoreCallback._stop_reason`).
@@ -20,18 +21,19 @@ from pathlib import Path
 
 import lightning as L
 
-from dpo_lightning.callbacks import StopSignals, validate_now
-from dpo_lightning.checkpoints import (
-    CHECKPOINTS,
+from dpo_lightning.config import DPOConfig
+from dpo_lightning.layout import CHECKPOINTS, run_record
+from dpo_lightning.lightning_compat import validate_now
+from dpo_lightning.training.checkpoints import (
     checkpoint_metadata,
     export_final,
     prune_checkpoints,
     restore_rank_state,
-    run_record,
     write_checkpoint,
 )
-from dpo_lightning.config import DPOConfig
-from dpo_lightning.training import StartPoint, TrainingInterrupted
+from dpo_lightning.training.run import StartPoint, TrainingInterrupted
+from dpo_lightning.training.signals import StopSignals
+from dpo_lightning.training.sinks import Report
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +75,20 @@ class CoreSession:
         self.record = run_record(cfg)
         resumed = start is not None and not start.weights_only
         self.last_saved: tuple[int, Path] | None = (start.step, start.path) if resumed else None
-        self.reporters = [self.report]
+        self.sinks = [self.report]
         self.callbacks: list[L.Callback] = [CoreCallback(self)]
         self._last_progress = -math.inf
 
     # ------------------------------------------------------------------ metrics
 
-    def report(self, group: str, step: int, metrics: dict[str, float]) -> None:
-        """A reporter (the module calls it on global rank 0 only)."""
-        values = plain_metrics(metrics)
-        if group == "training":
-            self.core.train.report_training_metrics(steps_completed=step, metrics=values)
+    def report(self, report: Report) -> None:
+        """A report sink (the module calls it on global rank 0 only)."""
+        values = plain_metrics(report.metrics)
+        if report.group == "training":
+            self.core.train.report_training_metrics(steps_completed=report.step, metrics=values)
         else:
-            values[TIME_METRIC] = float(step)
-            self.core.train.report_validation_metrics(steps_completed=step, metrics=values)
+            values[TIME_METRIC] = float(report.step)
+            self.core.train.report_validation_metrics(steps_completed=report.step, metrics=values)
 
     def progress(self, trainer: L.Trainer, *, force: bool = False) -> None:
         """The share of training done, at most every PROGRESS_EVERY_S seconds (the WebUI's progress bar)."""
@@ -121,7 +123,7 @@ class CoreSession:
         path = self.save(trainer, module, trainer.global_step)
         if self.write_files and trainer.is_global_zero:
             final = export_final(Path(self.cfg.output_dir), path)
-            log.info("final %s saved to %s", module.TRAINED.replace("_", " "), final)
+            log.info("final %s saved to %s", module.DESCRIPTION, final)
         self.progress(trainer, force=True)
         return path
 

@@ -1,157 +1,25 @@
-"""Policy, reference and tokenizer loading.
+"""RewardModel: a scalar head on a causal-LM backbone, the network `mode: reward` trains and a judge may load.
 
-Model names resolve before anything heavy happens: the built-in tiny model, a local folder, or a Hub name.
-A Hub name that is neither cached nor reachable fails at once with one line, rather than after the Hub
-client's retry loop (about 25 s per file here), and a cached one loads without touching the network.
+On disk it is a standard Hugging Face sequence-classification folder plus `REWARD_MARKER`, so that
+`AutoModelForSequenceClassification` loads it too.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
-from dpo_lightning.builtin import BUILTIN_MODEL, builtin_model_dir
-from dpo_lightning.errors import UserError
-from dpo_lightning.hub import hub_reachable, offline_env
-
-log = logging.getLogger(__name__)
-
-
-class ModelSource(NamedTuple):
-    name_or_path: str
-    local_files_only: bool
-
-
-def _cached_on_hub(name: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # an invalid repo id is "not cached"; the caller reports the name
-        return False
-
-
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else the user meant as a folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
-def resolve_model(name: str, key: str = "model_name") -> ModelSource:
-    """Where to load `name` from, or a UserError naming `key` and how to fix it."""
-    if name == BUILTIN_MODEL:
-        return ModelSource(str(builtin_model_dir()), True)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{key}: {path} is not a Hugging Face model folder (no config.json)")
-        return ModelSource(str(path), True)
-    if _looks_like_path(name):
-        raise UserError(f"{key}: model folder not found: {name}")
-    usable = not offline_env() and hub_reachable()
-    if not usable and _cached_on_hub(name):
-        return ModelSource(name, True)
-    if not usable:
-        why = "HF_HUB_OFFLINE is set" if offline_env() else "the Hub is unreachable"
-        raise UserError(
-            f"{key}: could not fetch model '{name}' from the Hugging Face Hub ({why}) and it is not cached; "
-            f"download it where there is network or point {key} at a local folder, e.g. --{key} ./my-model"
-        )
-    return ModelSource(name, False)
-
-
-def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
-    """The tokenizer, with pad = EOS when the model defines no pad token (masks never rely on the pad id)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source.name_or_path, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"could not load the tokenizer of '{source.name_or_path}': {_first_line(exc)}") from None
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"the tokenizer of '{source.name_or_path}' defines no EOS token; completions need one")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """DPO compares log-probs of two forward passes; dropout noise would bias the log-ratio."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    config = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
-        if config is not None and isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
-
-
-def load_causal_lm(source: ModelSource, *, dtype: torch.dtype, attn_implementation: str, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.name_or_path,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-            local_files_only=source.local_files_only,
-        )
-    except (OSError, ValueError, ImportError) as exc:
-        raise UserError(f"could not load model '{source.name_or_path}': {_first_line(exc)}") from None
-    disable_dropout(model)
-    return model
-
-
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
-    """A reference model: eval mode, no gradients, never in an optimizer."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def load_policy(cfg, source: ModelSource):
-    """The trained policy, always in fp32 master weights; `precision` decides the compute dtype."""
-    return load_causal_lm(
-        source,
-        dtype=torch.float32,
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-
-
-def load_reference(cfg, source: ModelSource, initial_policy: torch.nn.Module | None = None):
-    """The frozen reference: a copy of `initial_policy` when it is the freshly loaded policy (no second
-    read from disk), else the model at `source` (`ref_model_name`, or the initial policy when resuming)."""
-    if initial_policy is not None:
-        reference = copy.deepcopy(initial_policy).to(cfg.frozen_dtype)
-    else:
-        reference = load_causal_lm(
-            source,
-            dtype=cfg.frozen_dtype,
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-    return freeze(reference)
-
-
-# --- Reward models ------------------------------------------------------------------------------------------------
+from dpo_lightning.errors import UserError, first_line
+from dpo_lightning.models.loading import ModelSource, disable_dropout
 
 REWARD_MARKER = "reward_model.json"
 REWARD_FORMAT = 1
 
 
-def _set_pad_token_id(config, pad_token_id: int) -> None:
+def set_pad_token_id(config, pad_token_id: int) -> None:
     """Hugging Face's sequence-classification heads read the pad id from the text config (batches need one)."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     text_config.pad_token_id = pad_token_id
@@ -249,7 +117,7 @@ class RewardModel(torch.nn.Module):
                 source.name_or_path, trust_remote_code=trust_remote_code, local_files_only=source.local_files_only
             )
         except (OSError, ValueError, ImportError) as exc:
-            raise UserError(f"could not load the config of '{source.name_or_path}': {_first_line(exc)}") from None
+            raise UserError(f"could not load the config of '{source.name_or_path}': {first_line(exc)}") from None
         remote = "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
         if type(config) not in AutoModelForSequenceClassification._model_mapping and not remote:
             raise UserError(
@@ -271,7 +139,7 @@ class RewardModel(torch.nn.Module):
             )
         except (OSError, ValueError, ImportError, RuntimeError) as exc:
             raise UserError(
-                f"could not load '{source.name_or_path}' as a reward model backbone: {_first_line(exc)}"
+                f"could not load '{source.name_or_path}' as a reward model backbone: {first_line(exc)}"
             ) from None
         finally:
             hf_log.removeFilter(quiet)
@@ -282,7 +150,7 @@ class RewardModel(torch.nn.Module):
         if any(k.startswith("score.") for k in info.get("missing_keys", ())):
             reward.init_head(head_seed)
         if pad_token_id is not None:
-            _set_pad_token_id(model.config, pad_token_id)
+            set_pad_token_id(model.config, pad_token_id)
         disable_dropout(model)
         return reward
 
@@ -318,7 +186,7 @@ class RewardModel(torch.nn.Module):
                 local_files_only=True,
             )
         except (OSError, ValueError, ImportError, RuntimeError) as exc:
-            raise UserError(f"could not load reward model '{folder}': {_first_line(exc)}") from None
+            raise UserError(f"could not load reward model '{folder}': {first_line(exc)}") from None
         if model.config.num_labels != 1:
             raise UserError(
                 f"reward model '{folder}' has {model.config.num_labels} output labels; "
@@ -347,12 +215,10 @@ class RewardModel(torch.nn.Module):
         """Write a standard Hugging Face sequence-classification folder (num_labels=1, safetensors), the tokenizer
         if given, and `REWARD_MARKER`. `state_dict` (e.g. gathered from FSDP) may be keyed like the wrapped model or
         like this wrapper (`model.` prefix); by default the model's own weights are written."""
-        import json
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if tokenizer is not None and self.config.get_text_config().pad_token_id is None:
-            _set_pad_token_id(self.config, tokenizer.pad_token_id)
+            set_pad_token_id(self.config, tokenizer.pad_token_id)
         if state_dict is not None:
             state_dict = self._unwrap_state_dict(state_dict)
         self.model.save_pretrained(folder, state_dict=state_dict)

@@ -7,14 +7,14 @@ which every rank does at the same optimizer step.
 
 from __future__ import annotations
 
-import resource
 import time
 
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
-from dpo_lightning.logprobs import SequenceLogps
-from dpo_lightning.losses import LossOutput
+from dpo_lightning.data.batch import PairBatch
+from dpo_lightning.dpo.logprobs import PairLogps
+from dpo_lightning.dpo.losses import LossOutput
 
 PAIR_METRICS = (
     "loss",
@@ -32,9 +32,9 @@ def _key(name: str) -> str:
     return name.replace("/", "__")  # ModuleDict keys cannot hold "/"
 
 
-def pair_values(out: LossOutput, policy: SequenceLogps) -> dict[str, torch.Tensor]:
+def pair_values(out: LossOutput, policy: PairLogps) -> dict[str, torch.Tensor]:
     """Per-pair values (B,) of the pair-weighted metrics for one micro-batch."""
-    chosen_logps, rejected_logps = policy.logps.detach().chunk(2)
+    chosen_logps, rejected_logps = policy.chosen.logps.detach(), policy.rejected.logps.detach()
     return {
         "loss": out.losses.detach(),
         "rewards/chosen": out.chosen_rewards,
@@ -44,13 +44,6 @@ def pair_values(out: LossOutput, policy: SequenceLogps) -> dict[str, torch.Tenso
         "logps/chosen": chosen_logps,
         "logps/rejected": rejected_logps,
     }
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory allocated, or the process's peak resident memory on CPU (GB = 1e9 bytes)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
 class PairMeans(torch.nn.Module):
@@ -65,17 +58,16 @@ class PairMeans(torch.nn.Module):
         self.updates = 0
         self._started = time.perf_counter()
 
-    def update_pairs(
-        self, values: dict[str, torch.Tensor], attention_mask: torch.Tensor, weight: torch.Tensor | None
-    ) -> torch.Tensor:
-        """One micro-batch of per-pair values (B,) over a (2B, T) batch; returns the weight (B,) it used.
-        `weight` is 0 for pairs that count in no metric (evaluation padding, ties)."""
+    def update_pairs(self, values: dict[str, torch.Tensor], batch: PairBatch) -> torch.Tensor:
+        """One micro-batch of per-pair values (B,) over its pair batch; returns the weight (B,) it used, the
+        batch's pair weight (0 for pairs that count in no metric: evaluation padding, ties)."""
         some = next(iter(values.values()))
-        weight = torch.ones_like(some, dtype=torch.float32) if weight is None else weight.to(some.device).float()
+        weight = batch.weights().to(some.device)
         for name, value in values.items():
             self.means[_key(name)].update(value.float(), weight=weight)
         self.pairs.update(weight.sum())
-        self.tokens.update((attention_mask.sum(dim=1).float() * weight.repeat(2)).sum())
+        row_tokens = batch.attention_mask.sum(dim=1).float().to(some.device)
+        self.tokens.update((row_tokens * batch.row_weight(weight)).sum())
         self.updates += 1
         return weight
 
@@ -110,18 +102,12 @@ class PreferenceMetrics(PairMeans):
         super().__init__(PAIR_METRICS)
         self.token_means = torch.nn.ModuleDict({_key(n): MeanMetric() for n in TOKEN_METRICS})
 
-    def update(
-        self,
-        out: LossOutput,
-        policy: SequenceLogps,
-        attention_mask: torch.Tensor,
-        pair_weight: torch.Tensor | None = None,
-    ) -> None:
-        """One micro-batch. `pair_weight` (B,) is 0 for rows that only even out the ranks' shares, or ties."""
-        weight = self.update_pairs(pair_values(out, policy), attention_mask, pair_weight)
-        for name, logits_sum, num_tokens in zip(
-            TOKEN_METRICS, policy.logits_sum.chunk(2), policy.num_tokens.chunk(2), strict=True
-        ):
+    def update(self, out: LossOutput, policy: PairLogps, batch: PairBatch) -> None:
+        """One micro-batch: its loss, the policy's log-probs and the batch, whose pair weight is 0 for pairs
+        that only even out the ranks' shares, or ties."""
+        weight = self.update_pairs(pair_values(out, policy), batch)
+        for name, half in zip(TOKEN_METRICS, policy, strict=True):
+            logits_sum, num_tokens = half.logits_sum, half.num_tokens
             total = (num_tokens * weight).sum()
             # the token-weighted mean: each micro-batch weighs in by its completion tokens
             self.token_means[_key(name)].update((logits_sum * weight).sum() / total.clamp(min=1), weight=total)
@@ -144,8 +130,7 @@ class RewardMetrics(PairMeans):
         losses: torch.Tensor,
         chosen: torch.Tensor,
         rejected: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pair_weight: torch.Tensor | None = None,
+        batch: PairBatch,
     ) -> None:
         chosen, rejected = chosen.detach().float(), rejected.detach().float()
         values = {
@@ -155,4 +140,4 @@ class RewardMetrics(PairMeans):
             "scores/chosen": chosen,
             "scores/rejected": rejected,
         }
-        self.update_pairs(values, attention_mask, pair_weight)
+        self.update_pairs(values, batch)

@@ -15,7 +15,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from dpo_lightning.config import LOSS_TYPES, USES_LABEL_SMOOTHING
 from dpo_lightning.errors import ConfigError
+
+# The configuration names the loss choices (`config.LOSS_TYPES`, checked before any loss runs); the registry
+# below holds one function for each, as a test checks.
+__all__ = ["LOSS_TYPES", "USES_LABEL_SMOOTHING", "LossOutput", "compute_loss", "get_loss_fn", "weighted_mean"]
 
 
 class LossOutput(NamedTuple):
@@ -182,16 +187,12 @@ class _LossSpec(NamedTuple):
     uses_lengths: bool = False
 
 
-# Insertion order is the order shown to users in error messages and CLI choices.
 _REGISTRY: dict[str, _LossSpec] = {
     "sigmoid": _LossSpec(sigmoid_loss, uses_label_smoothing=True),
     "ipo": _LossSpec(ipo_loss, uses_lengths=True),
     "hinge": _LossSpec(hinge_loss),
     "robust": _LossSpec(robust_loss, uses_label_smoothing=True),
 }
-
-LOSS_TYPES: tuple[str, ...] = tuple(_REGISTRY)
-USES_LABEL_SMOOTHING: frozenset[str] = frozenset(name for name, spec in _REGISTRY.items() if spec.uses_label_smoothing)
 
 
 def _spec(name: str) -> _LossSpec:
@@ -244,3 +245,14 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
     negative log-likelihood (eq. 2). Shapes: (B,) scores in, (B,) per-pair losses out.
     """
     return -F.logsigmoid(chosen_scores.float() - rejected_scores.float())
+
+
+def weighted_mean(losses: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean loss over the pairs that count (weight 1); 0, still attached to the graph, when none does, so
+    that every rank's backward pass, and DDP's gradient all-reduce with it, still runs.
+
+    losses: (B,); weight: (B,) or None (every pair counts)."""
+    if weight is None:
+        return losses.mean()
+    weight = weight.to(losses)
+    return (losses * weight).sum() / weight.sum().clamp(min=1.0)

@@ -64,7 +64,7 @@ def build_strategy(cfg: DPOConfig, policy: torch.nn.Module):
         cluster_environment=environment,
         auto_wrap_policy=decoder_layer_classes(policy),
         sharding_strategy=cfg.fsdp_sharding_strategy,
-        # the root unit holds what the layers leave (embeddings, final norms) of both the frozen reference
+        # the root unit holds what the layers leave (embeddings, final norms) of both a frozen reference network
         # and the trained policy; FSDP mixes frozen and trainable parameters in one unit only this way
         use_orig_params=True,
         # checkpoints: every rank writes its own shard of weights and optimizer state
@@ -93,8 +93,16 @@ def full_trained_state(trainer, module) -> dict[str, torch.Tensor] | None:
         full = root.state_dict()
     if not trainer.is_global_zero:
         return None
-    prefix = f"{module.TRAINED}."
+    prefix = f"{trained_name(module)}."
     return {key[len(prefix) :]: value for key, value in full.items() if key.startswith(prefix)}
+
+
+def trained_name(module) -> str:
+    """The attribute under which `module` holds its trained submodule (the prefix of its weights' names)."""
+    for name, child in module.named_children():
+        if child is module.trained:
+            return name
+    raise ValueError(f"{type(module).__name__}.trained is not one of its submodules")
 
 
 def clip_gradients(trainer, module, max_norm: float) -> torch.Tensor:

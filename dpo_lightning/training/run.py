@@ -1,15 +1,13 @@
 """One run, top to bottom: check -> data (which decides the mode) -> models -> Trainer -> fit (or resume) ->
 validate -> finish.
 
-What happens around the run (metrics sinks, checkpoint storage, preemption) comes in through a `Session`:
-`core_session.CoreSession` (built by determined_bridge) on a cluster and off it, or none for a fast dev
-run, which writes nothing.
+What happens around the run (its report sinks, checkpoint storage, preemption) comes in through a `Session`:
+`determined.session.CoreSession` on a cluster and off it, or none for a fast dev run, which writes nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +16,12 @@ from typing import NamedTuple, Protocol
 import lightning as L
 import torch
 
-from dpo_lightning.callbacks import JsonlReporter, log_validation, print_reporter
-from dpo_lightning.checkpoints import RUN_CONFIG, lightning_state_path, run_record, write_json
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
+from dpo_lightning.data.mode import needs_judge
+from dpo_lightning.dpo.reference import FrozenReference
+from dpo_lightning.layout import METRICS, RUN_CONFIG, run_record, write_json
 from dpo_lightning.models import (
     ModelSource,
     RewardModel,
@@ -31,10 +30,13 @@ from dpo_lightning.models import (
     load_tokenizer,
     resolve_model,
 )
-from dpo_lightning.module import DPOModule, OnlineDPOModule, Reporter, TrainingModule
-from dpo_lightning.reward_module import RewardModule
-from dpo_lightning.rewards import check_reward_model, load_reward
-from dpo_lightning.strategies import build_strategy, check_strategy, launcher_layout
+from dpo_lightning.online.judges import check_judge, load_judge
+from dpo_lightning.training.checkpoints import lightning_state_path
+from dpo_lightning.training.dpo_module import DPOModule, OnlineDPOModule
+from dpo_lightning.training.module import TrainingModule
+from dpo_lightning.training.reward_module import RewardModelModule
+from dpo_lightning.training.sinks import JsonlSink, LightningLoggerSink, ReportSink, log_validation, print_report
+from dpo_lightning.training.strategies import build_strategy, check_strategy, launcher_layout
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class StartPoint:
 class Session(Protocol):
     """What a run reports to and checkpoints through."""
 
-    reporters: list[Reporter]
+    sinks: list[ReportSink]
     callbacks: list[L.Callback]
     write_files: bool  # metrics.jsonl, run_config.json, final/ under output_dir
 
@@ -102,13 +104,11 @@ def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
     check_source(cfg)
     policy_source = resolve_model(cfg.model_name, "model_name")
     ref_source = resolve_model(cfg.ref_model_name, "ref_model_name") if cfg.ref_model_name else None
-    if cfg.mode == "online" or cfg.generation_eval_every > 0:  # with `auto`, once the data shows an online run
-        check_reward_model(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
     return policy_source, ref_source
 
 
 def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSource | None, start: StartPoint | None):
-    """The policy (from the checkpoint when starting from one) and the frozen reference.
+    """The policy (from the checkpoint when starting from one) and its reference, a frozen network.
 
     The reference is always the configured one: `ref_model_name`, else the initial policy `model_name`,
     never the checkpoint's trained weights.
@@ -120,7 +120,7 @@ def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSou
         policy = load_policy(cfg, ModelSource(str(start.path), True))
         initial = None
     reference = load_reference(cfg, ref_source or policy_source, initial_policy=initial)
-    return policy, reference
+    return policy, FrozenReference(reference)
 
 
 def build_module(
@@ -129,7 +129,7 @@ def build_module(
     sources: tuple[ModelSource, ModelSource | None],
     start: StartPoint | None,
     tokenizer,
-    reporters: list[Reporter],
+    sinks: list[ReportSink],
 ) -> TrainingModule:
     """The LightningModule of the run's mode, with its models loaded."""
     if mode == "reward":
@@ -144,11 +144,11 @@ def build_module(
             )
         else:
             model = RewardModel.from_pretrained(start.path, attn_implementation=cfg.attn_implementation)
-        return RewardModule(cfg, model, reporters=reporters)
+        return RewardModelModule(cfg, model, sinks=sinks)
     policy, reference = load_models(cfg, *sources, start)
     judge = None
-    if mode == "online" or cfg.generation_eval_every > 0:
-        judge = load_reward(
+    if needs_judge(mode, cfg.generation_eval_every):
+        judge = load_judge(
             cfg.reward_model,
             dtype=cfg.frozen_dtype,
             batch_size=cfg.reward_batch_size,
@@ -157,8 +157,8 @@ def build_module(
         )
         log.info("completions scored by %s", judge.description)
     if mode == "online":
-        return OnlineDPOModule(cfg, policy, reference, judge, tokenizer, reporters=reporters)
-    return DPOModule(cfg, policy, reference, reporters=reporters, judge=judge, tokenizer=tokenizer)
+        return OnlineDPOModule(cfg, policy, reference, judge, tokenizer, sinks=sinks)
+    return DPOModule(cfg, policy, reference, sinks=sinks, judge=judge, tokenizer=tokenizer)
 
 
 class TrainOutcome(NamedTuple):
@@ -180,18 +180,19 @@ def train(
     tokenizer = load_tokenizer(sources[0], cfg.trust_remote_code)
     datamodule = DPODataModule(cfg, tokenizer)
     datamodule.prepare()  # data errors surface before the models load
-    log.info("mode: %s%s", datamodule.mode, " (chosen by the data)" if cfg.mode == "auto" else "")
-    if cfg.mode == "auto" and datamodule.mode == "online" and cfg.generation_eval_every == 0:
-        check_reward_model(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
+    mode = datamodule.mode
+    log.info("mode: %s%s", mode, " (chosen by the data)" if cfg.mode == "auto" else "")
+    if needs_judge(mode, cfg.generation_eval_every):  # checked before any model loads
+        check_judge(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
 
     output_dir = Path(cfg.output_dir)
     write_files = session is not None and session.write_files and not fast_dev_run
-    reporters = list(session.reporters) if session is not None else []
+    sinks = list(session.sinks) if session is not None else []
     if write_files:
-        reporters += [JsonlReporter(output_dir / "metrics.jsonl"), log_validation]
+        sinks += [JsonlSink(output_dir / METRICS), log_validation]
     if fast_dev_run:
-        reporters.append(print_reporter)
-    module = build_module(cfg, datamodule.mode, sources, start, tokenizer, reporters)
+        sinks.append(print_report)
+    module = build_module(cfg, mode, sources, start, tokenizer, sinks)
     trainer = build_trainer(
         cfg,
         module.trained,
@@ -200,6 +201,7 @@ def train(
         fast_dev_run=fast_dev_run,
         logger=not fast_dev_run and (session is None or session.write_files),
     )
+    module.sinks.append(LightningLoggerSink(trainer))
     if write_files and trainer.is_global_zero:
         write_json(output_dir / RUN_CONFIG, run_record(cfg))
 
@@ -215,8 +217,3 @@ def train(
     if session is not None and not fast_dev_run:
         session.finish(trainer, module)
     return TrainOutcome(module, trainer, interrupted=False)
-
-
-def configure_logging() -> None:
-    level = os.environ.get("DPO_LIGHTNING_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -15,18 +15,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Qwen2ForSequenceClassification
 
+from dpo_lightning.data.reward_text import encode_for_reward, prompt_text, render_for_reward
 from dpo_lightning.errors import UserError
 from dpo_lightning.models import REWARD_MARKER, ModelSource, RewardModel, load_tokenizer
-from dpo_lightning.rewards import (
-    FunctionReward,
-    ProjectReward,
-    SequenceClassifierReward,
-    check_reward_model,
-    encode_for_reward,
-    load_reward,
-    prompt_text,
-    render_for_reward,
-    reward_kind,
+from dpo_lightning.online.judges import (
+    ClassifierJudge,
+    FunctionJudge,
+    RewardModelJudge,
+    check_judge,
+    judge_kind,
+    load_judge,
 )
 
 PROMPTS = [
@@ -174,40 +172,40 @@ def chatml(prompt, completion: str) -> str:
 
 
 def test_reward_kind(project_folder, plain_folder, tiny_model, tmp_path, monkeypatch):
-    assert reward_kind("pkg.mod:fn") == "function"
-    assert reward_kind("reward_fns:count_a") == "function"
-    assert reward_kind("a_b.c1._d:_score2") == "function"
-    assert reward_kind(str(project_folder)) == "project"
-    assert reward_kind(str(plain_folder)) == "sequence_classification"
-    assert reward_kind(str(tiny_model)) == "sequence_classification"
-    assert reward_kind("org/name") == "sequence_classification"
-    assert reward_kind("Skywork/Skywork-Reward-V2-Qwen3-0.6B") == "sequence_classification"
-    assert reward_kind("builtin:tiny-qwen2") == "sequence_classification"  # not an identifier after the colon
-    assert reward_kind("pkg.mod:fn.attr") == "sequence_classification"
-    assert reward_kind("pkg.mod:") == "sequence_classification"
+    assert judge_kind("pkg.mod:fn") == "function"
+    assert judge_kind("reward_fns:count_a") == "function"
+    assert judge_kind("a_b.c1._d:_score2") == "function"
+    assert judge_kind(str(project_folder)) == "project"
+    assert judge_kind(str(plain_folder)) == "sequence_classification"
+    assert judge_kind(str(tiny_model)) == "sequence_classification"
+    assert judge_kind("org/name") == "sequence_classification"
+    assert judge_kind("Skywork/Skywork-Reward-V2-Qwen3-0.6B") == "sequence_classification"
+    assert judge_kind("builtin:tiny-qwen2") == "sequence_classification"  # not an identifier after the colon
+    assert judge_kind("pkg.mod:fn.attr") == "sequence_classification"
+    assert judge_kind("pkg.mod:") == "sequence_classification"
     # A path-like string with a colon that exists is a folder, never a function.
     monkeypatch.chdir(tmp_path)
     shutil.copytree(project_folder, tmp_path / "rm:v1")
     shutil.copytree(plain_folder, tmp_path / "cls:v1")
-    assert reward_kind("rm:v1") == "project"
-    assert reward_kind("cls:v1") == "sequence_classification"
-    assert reward_kind("other:v1") == "function"
+    assert judge_kind("rm:v1") == "project"
+    assert judge_kind("cls:v1") == "sequence_classification"
+    assert judge_kind("other:v1") == "function"
 
 
 # --- Kind 1: functions --------------------------------------------------------------------------------------------
 
 
 def test_function_reward_scores_as_scripted(fns):
-    scorer = load_reward("reward_fns:count_a")
-    assert isinstance(scorer, FunctionReward)
+    scorer = load_judge("reward_fns:count_a")
+    assert isinstance(scorer, FunctionJudge)
     assert scorer.description == "function reward_fns:count_a"
     assert scorer.to("cpu") is scorer
     scores = scorer.score(PROMPTS, COMPLETIONS)
     assert scores.dtype == torch.float32 and scores.shape == (5,)
     assert scores.tolist() == [float(c.count("a")) for c in COMPLETIONS]
-    assert load_reward("reward_fns:as_numpy").score(PROMPTS, COMPLETIONS).tolist() == [0, 1, 2, 3, 4]
-    assert load_reward("reward_fns:as_tensor").score(PROMPTS, COMPLETIONS).tolist() == [0, 0.5, 1, 1.5, 2]
-    assert load_reward("reward_fns:count_a").score([], []).shape == (0,)
+    assert load_judge("reward_fns:as_numpy").score(PROMPTS, COMPLETIONS).tolist() == [0, 1, 2, 3, 4]
+    assert load_judge("reward_fns:as_tensor").score(PROMPTS, COMPLETIONS).tolist() == [0, 0.5, 1, 1.5, 2]
+    assert load_judge("reward_fns:count_a").score([], []).shape == (0,)
 
 
 def test_function_reward_sees_chat_prompts_as_text(fns):
@@ -215,7 +213,7 @@ def test_function_reward_sees_chat_prompts_as_text(fns):
     text = "system: Be brief.\n\nuser: Describe the castle."
     assert prompt_text(chat) == text
     assert prompt_text("plain\n") == "plain\n"
-    scores = load_reward("reward_fns:prompt_length").score(PROMPTS[1:3], COMPLETIONS[1:3])
+    scores = load_judge("reward_fns:prompt_length").score(PROMPTS[1:3], COMPLETIONS[1:3])
     assert scores.tolist() == [len(PROMPTS[1]), len(text)]
 
 
@@ -231,28 +229,28 @@ def test_function_reward_sees_chat_prompts_as_text(fns):
     ],
 )
 def test_function_reward_bad_output(fns, fn, expected):
-    scorer = load_reward(f"reward_fns:{fn}")
+    scorer = load_judge(f"reward_fns:{fn}")
     with pytest.raises(UserError) as exc:
         scorer.score(PROMPTS, COMPLETIONS)
     assert expected in one_line(exc)
 
 
 def test_check_reward_model_functions(fns):
-    check_reward_model("reward_fns:count_a")
+    check_judge("reward_fns:count_a")
     with pytest.raises(UserError) as exc:
-        check_reward_model("nope_pkg_xyz.sub:fn")
+        check_judge("nope_pkg_xyz.sub:fn")
     assert one_line(exc) == (
         "reward_model: cannot import module 'nope_pkg_xyz.sub' (No module named 'nope_pkg_xyz'); "
         "expected package.module:function"
     )
     with pytest.raises(UserError) as exc:
-        check_reward_model("reward_fns:missing", key="eval.reward_model")
+        check_judge("reward_fns:missing", key="eval.reward_model")
     assert one_line(exc) == "eval.reward_model: module 'reward_fns' has no function 'missing' (from reward_fns:missing)"
     with pytest.raises(UserError) as exc:
-        check_reward_model("reward_fns:NOT_CALLABLE")
+        check_judge("reward_fns:NOT_CALLABLE")
     assert one_line(exc) == "reward_model: reward_fns:NOT_CALLABLE is a int, not a function"
     with pytest.raises(UserError) as exc:
-        load_reward("reward_fns:missing")
+        load_judge("reward_fns:missing")
     assert "has no function 'missing'" in one_line(exc)
 
 
@@ -296,8 +294,8 @@ def test_encode_keeps_the_start(tokenizer):
 
 
 def test_sequence_classifier_matches_hf(plain_folder):
-    scorer = load_reward(str(plain_folder), batch_size=3)
-    assert isinstance(scorer, SequenceClassifierReward)
+    scorer = load_judge(str(plain_folder), batch_size=3)
+    assert isinstance(scorer, ClassifierJudge)
     assert scorer.description == f"sequence-classification model {plain_folder}"
     assert not scorer.model.training and not any(p.requires_grad for p in scorer.model.parameters())
     scores = scorer.score(PROMPTS, COMPLETIONS)
@@ -312,7 +310,7 @@ def test_sequence_classifier_matches_hf(plain_folder):
             expected.append(model(**enc).logits[0, 0].item())
     torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-5, atol=1e-6)
 
-    one_by_one = load_reward(str(plain_folder), batch_size=1).score(PROMPTS, COMPLETIONS)
+    one_by_one = load_judge(str(plain_folder), batch_size=1).score(PROMPTS, COMPLETIONS)
     torch.testing.assert_close(scores, one_by_one, rtol=1e-5, atol=1e-6)
     assert scores.std() > 0  # a random head on different texts: the comparison above is not vacuous
 
@@ -336,11 +334,11 @@ def test_saved_reward_model_folder(project_folder, tiny_model):
 
 
 def test_project_reward_loads_as_both_kinds(project_folder, project_as_plain, reward_model, tokenizer):
-    project = load_reward(str(project_folder), batch_size=2)
-    assert isinstance(project, ProjectReward)
+    project = load_judge(str(project_folder), batch_size=2)
+    assert isinstance(project, RewardModelJudge)
     assert project.description == f"RewardModel {project_folder}"
-    plain = load_reward(str(project_as_plain), batch_size=3)
-    assert isinstance(plain, SequenceClassifierReward)
+    plain = load_judge(str(project_as_plain), batch_size=3)
+    assert isinstance(plain, ClassifierJudge)
     project_scores = project.score(PROMPTS, COMPLETIONS)
     torch.testing.assert_close(project_scores, plain.score(PROMPTS, COMPLETIONS), rtol=1e-5, atol=1e-6)
 
@@ -417,7 +415,7 @@ def test_save_gathered_state_dict(reward_model, tokenizer, tmp_path):
 
 
 def test_causal_lm_is_not_a_reward_model(tiny_model):
-    for call in (check_reward_model, load_reward):
+    for call in (check_judge, load_judge):
         with pytest.raises(UserError) as exc:
             call(str(tiny_model))
         message = one_line(exc)
@@ -426,7 +424,7 @@ def test_causal_lm_is_not_a_reward_model(tiny_model):
 
 
 def test_many_labels_is_not_a_reward_model(three_labels_folder):
-    for call in (check_reward_model, load_reward):
+    for call in (check_judge, load_judge):
         with pytest.raises(UserError) as exc:
             call(str(three_labels_folder))
         assert "has 3 output labels" in one_line(exc) and "num_labels=1" in one_line(exc)
@@ -436,28 +434,28 @@ def test_many_labels_is_not_a_reward_model(three_labels_folder):
 
 
 def test_missing_or_bad_folders(tmp_path, project_folder):
-    for call in (check_reward_model, load_reward):
+    for call in (check_judge, load_judge):
         with pytest.raises(UserError) as exc:
             call("./nope")
         assert one_line(exc) == "reward_model: model folder not found: ./nope"
     with pytest.raises(UserError) as exc:
-        load_reward(str(tmp_path))
+        load_judge(str(tmp_path))
     assert "no config.json" in one_line(exc)
     broken = tmp_path / "broken"
     shutil.copytree(project_folder, broken)
     (broken / REWARD_MARKER).write_text(json.dumps({"format": 2, "kind": "dpo_lightning.RewardModel"}))
     with pytest.raises(UserError) as exc:
-        check_reward_model(str(broken))
+        check_judge(str(broken))
     assert "has format 2" in one_line(exc)
 
 
 def test_check_passes_for_good_folders(project_folder, plain_folder):
-    check_reward_model(str(project_folder))
-    check_reward_model(str(plain_folder))
+    check_judge(str(project_folder))
+    check_judge(str(plain_folder))
 
 
 def test_numpy_scores_are_numeric():
-    scorer = FunctionReward(lambda p, c: np.array(["x"] * len(c)), "inline:fn")
+    scorer = FunctionJudge(lambda p, c: np.array(["x"] * len(c)), "inline:fn")
     with pytest.raises(UserError) as exc:
         scorer.score(["a"], ["b"])
     assert one_line(exc).startswith("reward_model inline:fn returned non-numeric scores")

@@ -12,7 +12,6 @@ import json
 import logging
 from pathlib import Path
 
-from dpo_lightning.checkpoints import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, read_metadata
 from dpo_lightning.config import (
     RESUMABLE_CHANGES,
     DPOConfig,
@@ -21,10 +20,11 @@ from dpo_lightning.config import (
     make_config,
     resolve_hparams,
 )
-from dpo_lightning.core_session import CoreSession
+from dpo_lightning.determined.session import CoreSession
 from dpo_lightning.errors import ConfigError, UserError
-from dpo_lightning.strategies import launched_world_size
-from dpo_lightning.training import StartPoint, TrainOutcome, train
+from dpo_lightning.layout import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, read_metadata
+from dpo_lightning.training.run import StartPoint, TrainOutcome, train
+from dpo_lightning.training.strategies import launched_world_size
 
 log = logging.getLogger(__name__)
 

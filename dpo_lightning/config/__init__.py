@@ -1,0 +1,47 @@
+"""The configuration: one typed, frozen `DPOConfig` per run, read from an experiment file's `hyperparameters:`
+with command-line overrides on top (one parser for local runs, Determined trials and evaluation).
+
+`schema.py` holds every key with its default, documentation and checks; `parse.py` reads files, overrides and
+Determined's hyperparameter values. This package is the bottom layer: it imports nothing from dpo_lightning
+beyond the foundation modules.
+
+Imports: foundation
+"""
+
+from dpo_lightning.config.parse import (
+    config_changes,
+    load_config,
+    make_config,
+    parse_overrides,
+    read_experiment_hparams,
+    resolve_hparams,
+    unknown_key_message,
+)
+from dpo_lightning.config.schema import (
+    FIELDS,
+    LOSS_TYPES,
+    MODES,
+    PAIR_MODES,
+    RESUMABLE_CHANGES,
+    USES_LABEL_SMOOTHING,
+    DPOConfig,
+    online_problem,
+)
+
+__all__ = [
+    "FIELDS",
+    "LOSS_TYPES",
+    "MODES",
+    "PAIR_MODES",
+    "RESUMABLE_CHANGES",
+    "USES_LABEL_SMOOTHING",
+    "DPOConfig",
+    "config_changes",
+    "load_config",
+    "make_config",
+    "online_problem",
+    "parse_overrides",
+    "read_experiment_hparams",
+    "resolve_hparams",
+    "unknown_key_message",
+]

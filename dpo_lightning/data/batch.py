@@ -1,0 +1,150 @@
+"""The batches the collators make and every step reads, typed so that no other code re-derives their layout.
+
+- `SequenceBatch`: N right-padded prompt + completion rows, masks built from lengths (never from the pad id,
+  which may equal EOS).
+- `PairBatch`: B preference pairs as one SequenceBatch of 2B rows, B chosen then B rejected, and a pair
+  weight. It alone knows that order: `split` turns a per-row result (2B, ...) into its chosen and rejected
+  halves, and `row_weight` spreads the pair weights over the rows.
+- `PromptBatch`: P left-padded prompts for generation, with the prompts themselves for the judge.
+
+They live with the collators, below the objective code that reads them: the data layer makes them, the
+layers above only read them. Plain (non-frozen) dataclasses, so that Lightning moves them between devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+
+
+def _pad(rows: list[list[int]], value: int, width: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def _to(batch, device):
+    moved = {
+        f.name: value.to(device) if isinstance(value := getattr(batch, f.name), torch.Tensor) else value
+        for f in fields(batch)
+    }
+    return replace(batch, **moved)
+
+
+@dataclass
+class SequenceBatch:
+    """N prompt + completion rows, right-padded to a common width T."""
+
+    input_ids: torch.Tensor  # (N, T) long
+    attention_mask: torch.Tensor  # (N, T) long, 1 on real tokens
+    completion_mask: torch.Tensor  # (N, T) long, 1 on completion tokens (prompt and padding 0)
+
+    @classmethod
+    def from_rows(
+        cls, prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, pad_to_multiple_of=None
+    ) -> SequenceBatch:
+        """Row i is prompts[i] + completions[i], then padding."""
+        pairs = list(zip(prompts, completions, strict=True))
+        sequences = [list(p) + list(c) for p, c in pairs]
+        width = max(len(s) for s in sequences)
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        return cls(
+            input_ids=_pad(sequences, pad_token_id, width),
+            attention_mask=_pad([[1] * len(s) for s in sequences], 0, width),
+            completion_mask=_pad([[0] * len(p) + [1] * len(c) for p, c in pairs], 0, width),
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device) -> SequenceBatch:
+        return _to(self, device)
+
+
+@dataclass
+class PairBatch(SequenceBatch):
+    """B preference pairs: rows 0..B-1 hold prompt + chosen, rows B..2B-1 prompt + rejected, pair by pair."""
+
+    pair_weight: torch.Tensor | None = None  # (B,) float; 0 for pairs that count nowhere (ties, shard padding)
+
+    @classmethod
+    def from_pairs(
+        cls,
+        prompts: list[list[int]],
+        chosen: list[list[int]],
+        rejected: list[list[int]],
+        pad_token_id: int,
+        *,
+        weight: torch.Tensor | None = None,
+        pad_to_multiple_of: int | None = None,
+    ) -> PairBatch:
+        rows = SequenceBatch.from_rows(
+            [list(p) for p in prompts] * 2, [*chosen, *rejected], pad_token_id, pad_to_multiple_of
+        )
+        return cls(rows.input_ids, rows.attention_mask, rows.completion_mask, weight)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_rows // 2
+
+    def split(self, per_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen (B, ...), rejected (B, ...)) of a per-row result (2B, ...)."""
+        if per_row.shape[0] != self.num_rows:
+            raise ValueError(f"a per-row result of {per_row.shape[0]} rows for a batch of {self.num_rows} rows")
+        return per_row[: self.num_pairs], per_row[self.num_pairs :]
+
+    def weights(self) -> torch.Tensor:
+        """(B,) float pair weights: the stored ones, else 1 for every pair."""
+        if self.pair_weight is not None:
+            return self.pair_weight.float()
+        return torch.ones(self.num_pairs, dtype=torch.float32, device=self.input_ids.device)
+
+    def row_weight(self, pair_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(2B,) each row's pair weight (`pair_weight` (B,) in place of the stored one when given)."""
+        weight = self.weights() if pair_weight is None else pair_weight
+        return torch.cat([weight, weight])
+
+
+@dataclass
+class PromptBatch:
+    """P prompts, left-padded so that every row's next token is at the last position (batched generation)."""
+
+    input_ids: torch.Tensor  # (P, T) long
+    attention_mask: torch.Tensor  # (P, T) long, 1 on real tokens
+    prompts: list[Any]  # the P prompts as text or chat messages, for the judge
+    prompt_weight: torch.Tensor | None = None  # (P,) float; 0 for rows that only even out evaluation shards
+
+    @classmethod
+    def from_prompts(
+        cls, rows: list[list[int]], prompts: list[Any], pad_token_id: int, weight: torch.Tensor | None = None
+    ) -> PromptBatch:
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, width - len(row) :] = 1
+        return cls(input_ids, attention_mask, list(prompts), weight)
+
+    @property
+    def num_prompts(self) -> int:
+        return self.input_ids.shape[0]
+
+    def weights(self) -> torch.Tensor:
+        """(P,) float prompt weights on CPU: the stored ones, else 1 for every prompt."""
+        if self.prompt_weight is not None:
+            return self.prompt_weight.float().cpu()
+        return torch.ones(self.num_prompts, dtype=torch.float32)
+
+    def prompt_ids(self) -> list[list[int]]:
+        """Each prompt's own tokens, padding removed."""
+        rows = zip(self.input_ids.cpu(), self.attention_mask.cpu(), strict=True)
+        return [row[mask.bool()].tolist() for row, mask in rows]
+
+    def to(self, device) -> PromptBatch:
+        return _to(self, device)

@@ -1,0 +1,55 @@
+"""One DPO evaluation of a pair batch, shared by training, validation, online DPO and evaluate.py: the
+policy's log-probs (with gradients), the reference's (from the `Reference` seam) and the per-pair loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from dpo_lightning.data.batch import PairBatch
+from dpo_lightning.dpo.logprobs import PairLogps, forward_logps
+from dpo_lightning.dpo.losses import LossOutput, compute_loss
+from dpo_lightning.dpo.reference import Reference
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What the loss needs beyond log-probs: the variant, beta and the label-flip rate."""
+
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def of(cls, cfg) -> LossSettings:
+        return cls(cfg.loss_type, cfg.beta, cfg.label_smoothing)
+
+
+class PairResult(NamedTuple):
+    loss: LossOutput  # per pair (B,)
+    policy: PairLogps  # the policy's log-probs, chosen and rejected (B,) each, with gradients
+    reference: PairLogps  # the reference's, without
+
+
+def pair_loss(settings: LossSettings, policy: PairLogps, reference: PairLogps) -> LossOutput:
+    """The configured loss of B pairs from their policy and reference log-probs."""
+    return compute_loss(
+        settings.loss_type,
+        policy.chosen.logps,
+        policy.rejected.logps,
+        reference.chosen.logps.float(),
+        reference.rejected.logps.float(),
+        beta=settings.beta,
+        label_smoothing=settings.label_smoothing,
+        chosen_lengths=policy.chosen.num_tokens,
+        rejected_lengths=policy.rejected.num_tokens,
+    )
+
+
+def pair_forward(policy: torch.nn.Module, reference: Reference, batch: PairBatch, settings: LossSettings) -> PairResult:
+    """Policy and reference log-probs of a pair batch's 2B rows, and the per-pair loss."""
+    policy_logps = PairLogps.of(batch, forward_logps(policy, batch))
+    reference_logps = PairLogps.of(batch, reference.logps(batch))
+    return PairResult(pair_loss(settings, policy_logps, reference_logps), policy_logps, reference_logps)

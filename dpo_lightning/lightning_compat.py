@@ -1,0 +1,35 @@
+"""Every use of Lightning's loop internals, in one place (checked against lightning 2.6.6).
+
+Each function stands in for a public behaviour that Lightning has no public API for;
+`tests/test_lightning_compat.py` fails if that behaviour changes, so an upgrade that breaks one breaks a test
+here rather than a run silently.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+
+
+def validate_now(trainer: L.Trainer) -> None:
+    """Run a full validation from inside `fit`, as the training loop runs one between two batches.
+
+    Stands in for: "validate at this point of fit" (a baseline before the first step; on resume, the
+    validation due at the checkpoint's step, which Lightning would skip). It runs the fit loop's validation
+    loop afresh, not as a restart: on resume the restored state of the last validation before the checkpoint
+    would otherwise make Lightning skip it.
+    """
+    val_loop = trainer.fit_loop.epoch_loop.val_loop
+    val_loop.restarting = False
+    trainer.validating = True
+    val_loop.run()
+    trainer.training = True
+
+
+def micro_batches_done(trainer: L.Trainer) -> int:
+    """Micro-batches of the current epoch whose training step has run, the current one included once its
+    step has run (from `on_train_batch_end` on).
+
+    Stands in for: "how far into the epoch training is", which the data sampler cannot tell, since the
+    DataLoader (and Lightning's prefetch) reads batches ahead of the step that uses them.
+    """
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed

@@ -1,0 +1,137 @@
+"""Loading causal LMs and tokenizers: the policy, the reference model, and names resolved before anything loads.
+
+Model names resolve before anything heavy happens: the built-in tiny model, a local folder, or a Hub name.
+A Hub name that is neither cached nor reachable fails at once with one line, rather than after the Hub
+client's retry loop (about 25 s per file here), and a cached one loads without touching the network.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from dpo_lightning.builtin import BUILTIN_MODEL, builtin_model_dir
+from dpo_lightning.errors import UserError, first_line
+from dpo_lightning.hub import hub_reachable, offline_env
+
+
+class ModelSource(NamedTuple):
+    name_or_path: str
+    local_files_only: bool
+
+
+def _cached_on_hub(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an invalid repo id is "not cached"; the caller reports the name
+        return False
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else the user meant as a folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_model(name: str, key: str = "model_name") -> ModelSource:
+    """Where to load `name` from, or a UserError naming `key` and how to fix it."""
+    if name == BUILTIN_MODEL:
+        return ModelSource(str(builtin_model_dir()), True)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{key}: {path} is not a Hugging Face model folder (no config.json)")
+        return ModelSource(str(path), True)
+    if _looks_like_path(name):
+        raise UserError(f"{key}: model folder not found: {name}")
+    usable = not offline_env() and hub_reachable()
+    if not usable and _cached_on_hub(name):
+        return ModelSource(name, True)
+    if not usable:
+        why = "HF_HUB_OFFLINE is set" if offline_env() else "the Hub is unreachable"
+        raise UserError(
+            f"{key}: could not fetch model '{name}' from the Hugging Face Hub ({why}) and it is not cached; "
+            f"download it where there is network or point {key} at a local folder, e.g. --{key} ./my-model"
+        )
+    return ModelSource(name, False)
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    """The tokenizer, with pad = EOS when the model defines no pad token (masks never rely on the pad id)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.name_or_path, local_files_only=source.local_files_only, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load the tokenizer of '{source.name_or_path}': {first_line(exc)}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer of '{source.name_or_path}' defines no EOS token; completions need one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO compares log-probs of two forward passes; dropout noise would bias the log-ratio."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if config is not None and isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def load_causal_lm(source: ModelSource, *, dtype: torch.dtype, attn_implementation: str, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.name_or_path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            local_files_only=source.local_files_only,
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise UserError(f"could not load model '{source.name_or_path}': {first_line(exc)}") from None
+    disable_dropout(model)
+    return model
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """A reference model: eval mode, no gradients, never in an optimizer."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_policy(cfg, source: ModelSource):
+    """The trained policy, always in fp32 master weights; `precision` decides the compute dtype."""
+    return load_causal_lm(
+        source,
+        dtype=torch.float32,
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+def load_reference(cfg, source: ModelSource, initial_policy: torch.nn.Module | None = None):
+    """The frozen reference: a copy of `initial_policy` when it is the freshly loaded policy (no second
+    read from disk), else the model at `source` (`ref_model_name`, or the initial policy when resuming)."""
+    if initial_policy is not None:
+        reference = copy.deepcopy(initial_policy).to(cfg.frozen_dtype)
+    else:
+        reference = load_causal_lm(
+            source,
+            dtype=cfg.frozen_dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    return freeze(reference)

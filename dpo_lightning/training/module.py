@@ -1,0 +1,150 @@
+"""TrainingModule: what every trained model's LightningModule shares, the optimizer and schedule, gradient
+clipping, and reports at the configured cadence through one list of sinks.
+
+Subclasses (`dpo_module.py`, `reward_module.py`) say which submodule is trained (`trained`), build their
+metrics and define one shared step for training and validation.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import lightning as L
+import torch
+
+from dpo_lightning.config import DPOConfig
+from dpo_lightning.lightning_compat import validate_now
+from dpo_lightning.training.optim import decay_groups, lr_lambda, warmup_steps_for
+from dpo_lightning.training.sinks import Report, ReportSink
+from dpo_lightning.training.strategies import clip_gradients, is_fsdp
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated, or the process's peak resident memory on CPU (GB = 1e9 bytes)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+class TrainingModule(L.LightningModule):
+    """The optimizer, schedule, clipping and reporting of every trained model."""
+
+    DESCRIPTION = "model"  # what the trained model is called in log lines
+    PROGRESS_BAR = ("loss", "rewards/accuracies")  # shown as <prefix>_loss and <prefix>_acc
+
+    def __init__(self, cfg: DPOConfig, sinks: list[ReportSink] | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.sinks: list[ReportSink] = list(sinks or [])
+        self.last_validated_step = -1
+        self._grad_norms: list[float] = []
+        self._seen_step = 0
+        # Checkpoints keep the trained weights once, in Hugging Face format beside the trainer state, and frozen
+        # models are rebuilt from the configuration: the Lightning state restored on resume holds no weights.
+        self.strict_loading = False
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """The submodule the optimizer trains and checkpoints save."""
+        raise NotImplementedError
+
+    def save_pretrained(self, folder, state_dict: dict | None) -> None:
+        """The trained model in Hugging Face format (rank 0, with the full `state_dict` under FSDP)."""
+        self.trained.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+
+    def rank_state_dict(self) -> dict:
+        """Per-rank state a resumed run needs beside the RNG (each rank's sampling stream, for one)."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        pass
+
+    def extra_report(self, group: str) -> dict[str, float]:
+        """Metrics beyond the main group's, added to each report (every rank calls this together)."""
+        return {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The trained weights are at the checkpoint's root in Hugging Face format, once; under FSDP every rank
+        # keeps its own shard in the Lightning state instead, since no rank holds the whole model.
+        if not is_fsdp(self.trainer):
+            checkpoint["state_dict"] = {}
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(
+            decay_groups(self.trained, cfg.weight_decay),
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = lr_lambda(cfg.lr_scheduler, warmup_steps_for(cfg, total), total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Clip here rather than through the Trainer so that the pre-clip norm is measured once and reported.
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        norm = clip_gradients(self.trainer, self, max_norm)
+        self._grad_norms.append(float(norm))
+
+    # ------------------------------------------------------------------ reporting
+
+    def on_train_start(self) -> None:
+        self._seen_step = self.global_step  # a resumed run starts past step 0
+        trainer = self.trainer
+        if (
+            self.cfg.validate_at_start
+            and self.global_step == 0
+            and trainer.limit_val_batches
+            and not trainer.fast_dev_run
+        ):
+            validate_now(trainer)  # the baseline: the policy before its first update
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        step = self.global_step
+        if step == self._seen_step:  # mid-accumulation: no optimizer step finished
+            return
+        self._seen_step = step
+        if step % self.cfg.report_every_n_steps == 0:
+            self._report_training(in_step_hook=True)
+
+    def on_train_epoch_end(self) -> None:
+        self.flush_training_report(in_step_hook=False)
+
+    def flush_training_report(self, in_step_hook: bool = True) -> None:
+        """Report the optimizer steps since the last report, if any (before a stop, at epoch end)."""
+        if self.train_metrics.updates and self._grad_norms:
+            self._report_training(in_step_hook=in_step_hook)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self.val_metrics.updates:
+            return
+        self.last_validated_step = self.global_step
+        metrics = self.val_metrics.report()
+        metrics.update(self.extra_report("validation"))
+        self._emit("validation", metrics, in_step_hook=False)
+
+    def _report_training(self, in_step_hook: bool) -> None:
+        metrics = self.train_metrics.report()
+        metrics.update(self.extra_report("training"))
+        grad_norms = torch.tensor(self._grad_norms or [float("nan")], device=self.device)
+        metrics["grad_norm"] = self.trainer.strategy.reduce(grad_norms.mean(), reduce_op="mean").item()
+        metrics["learning_rate"] = self.lr_schedulers().get_last_lr()[0]
+        metrics["peak_memory_gb"] = peak_memory_gb(self.device)
+        self._grad_norms.clear()
+        self._emit("training", metrics, in_step_hook)
+
+    def _emit(self, group: str, metrics: dict[str, float], in_step_hook: bool) -> None:
+        """Show the headline numbers in the progress bar and hand the report to every sink (rank 0)."""
+        prefix = "train" if group == "training" else "val"
+        loss, accuracy = self.PROGRESS_BAR
+        bar = {f"{prefix}_loss": metrics[loss], f"{prefix}_acc": metrics[accuracy]}
+        # Lightning accepts only epoch-level logs from epoch hooks; either way the value is shown once, as is.
+        self.log_dict(bar, on_step=in_step_hook, on_epoch=not in_step_hook, prog_bar=True, logger=False, batch_size=1)
+        if self.trainer.is_global_zero:
+            report = Report(group, self.global_step, metrics)
+            for sink in self.sinks:
+                sink(report)
