@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from contract import PREFERENCE_METRICS, online_demo_values, write_jsonl
+from contract import PREFERENCE_METRICS, write_jsonl
 
 from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
 from dpo_lightning.data.collate import PairCollator
 from dpo_lightning.data.tokenize import tokenize_pair
-from dpo_lightning.determined import bridge
 from dpo_lightning.dpo.reference import FrozenReference
 from dpo_lightning.errors import UserError
 from dpo_lightning.evaluation.pairs import evaluate_pairs
@@ -49,13 +48,10 @@ def _cli_module():
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model, tmp_path_factory) -> Path:
-    """The tiny policy trained online toward `sentiment_reward` (test_online_train's demo settings), once."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    values = online_demo_values(tiny_model, out)
-    bridge.run_local(make_config(values))
-    assert (out / "final" / "config.json").is_file() and (out / "run_config.json").is_file()
-    return out
+def trained(online_demo) -> Path:
+    """The tiny policy trained online toward `sentiment_reward` (the session's shortened online demo)."""
+    assert (online_demo / "final" / "config.json").is_file() and (online_demo / "run_config.json").is_file()
+    return online_demo
 
 
 # ----------------------------------------------------------------------------- Wilson interval and win rate

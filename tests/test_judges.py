@@ -1,4 +1,4 @@
-"""Reward scorers of the three kinds (function, project RewardModel, Hugging Face sequence classifier), on tiny
+"""Judges of the three kinds (function, the project's RewardModel, Hugging Face sequence classifier), on tiny
 random models built from the session's tiny causal LM: CPU, offline."""
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def test_function_reward_bad_output(fns, fn, expected):
     assert expected in one_line(exc)
 
 
-def test_check_reward_model_functions(fns):
+def test_check_judge_functions(fns):
     check_judge("reward_fns:count_a")
     with pytest.raises(UserError) as exc:
         check_judge("nope_pkg_xyz.sub:fn")

@@ -1,6 +1,7 @@
-"""Online DPO's pieces (online.py) and OnlineDPOModule's sampling step, on the session's tiny random Qwen2: CPU,
-offline. Expected values are worked out here by hand or by an independent re-implementation (a plain sampling
-loop without KV cache, our own EOS scan, our own log-prob sums), never by calling the code under test again."""
+"""Online DPO's pieces (online/: sampling, pairing, metrics) and OnlineDPOModule's sampling step, on the
+session's tiny random Qwen2: CPU, offline. Expected values are worked out here by hand or by an independent
+re-implementation (a plain sampling loop without KV cache, our own EOS scan, our own log-prob sums), never by
+calling the code under test again."""
 
 from __future__ import annotations
 

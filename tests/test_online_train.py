@@ -16,7 +16,6 @@ from contract import (
     OBJECTIVE_METRICS,
     TIME_SHARES,
     TRAINING_METRICS,
-    online_demo_values,
     stepwise_run_values,
     write_jsonl,
 )
@@ -143,11 +142,9 @@ def _reports(output_dir: Path, group: str) -> dict[int, dict[str, float]]:
     return {r["step"]: r["metrics"] for r in rows if r["group"] == group}
 
 
-def test_online_loop_raises_the_held_out_reward(tiny_model, tmp_path):
+def test_online_loop_raises_the_held_out_reward(online_demo):
     """The built-in demo, shortened: the mean reward of the policy's samples on prompts it never trains on."""
-    out = tmp_path / "demo"
-    values = online_demo_values(tiny_model, out, validate_at_start=True)
-    bridge.run_local(make_config(values))
+    out = online_demo
     validation, training = _reports(out, "validation"), _reports(out, "training")
     assert sorted(validation) == [0, 30, 60]
     assert {10, 20, 30, 40, 50, 60} <= set(training)  # and the epoch ends

@@ -295,7 +295,7 @@ def load_judge(
     trust_remote_code: bool = False,
     key: str = "reward_model",
 ) -> Judge:
-    """The scorer `spec` names (see the module docstring), frozen, in eval mode, on `device`."""
+    """The judge `spec` names (see the module docstring), frozen, in eval mode, on `device`."""
     kind = judge_kind(spec)
     if kind == "function":
         return FunctionJudge(_load_function(spec, key), spec, key)
@@ -304,12 +304,12 @@ def load_judge(
     _check_classifier_config(spec, source, key, trust_remote_code)
     if kind == "project":
         model, tokenizer = _load_reward_model(spec, source, key, dtype, trust_remote_code)
-        scorer_type, description = RewardModelJudge, f"RewardModel {spec}"
+        judge_type, description = RewardModelJudge, f"RewardModel {spec}"
     else:
         model, tokenizer = _load_classifier(spec, source, key, dtype, trust_remote_code)
-        scorer_type, description = ClassifierJudge, f"sequence-classification model {spec}"
-    scorer = scorer_type(model, tokenizer, description=description, batch_size=batch_size, max_length=max_length)
-    return scorer.to(device)
+        judge_type, description = ClassifierJudge, f"sequence-classification model {spec}"
+    judge = judge_type(model, tokenizer, description=description, batch_size=batch_size, max_length=max_length)
+    return judge.to(device)
 
 
 def _load_reward_model(spec: str, source: ModelSource, key: str, dtype, trust_remote_code: bool):

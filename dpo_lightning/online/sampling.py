@@ -25,9 +25,10 @@ SAMPLES_PER_PROMPT = 2  # online DPO's pair per prompt
 class SamplingRNG:
     """A random stream of its own for sampling, saved and restored with each rank's checkpoint.
 
-    Generation draws from torch's global generator; running it inside `fork_rng` with this stream's state
-    keeps it apart from everything else that draws (data loading, initialisation), so that a resumed run
-    samples exactly what the uninterrupted run would have.
+    Hugging Face `generate` draws from torch's global generator (it takes no generator of its own); running it
+    inside `active`, a `fork_rng` with this stream's state, keeps it apart from everything else that draws
+    (data loading, initialisation), so that a resumed run samples exactly what the uninterrupted run would
+    have. An engine that seeds each request itself would derive its seeds from `seed` and its own counter.
     """
 
     def __init__(self, seed: int) -> None:
