@@ -9,7 +9,7 @@ The package is layered; a module imports only from its own layer and those below
     models/      loading causal LMs, tokenizers and the RewardModel network
     dpo/         losses, log-probs, the reference seam, the pair objective and its metrics
     online/      samplers, judges, pairing of samples, generation comparison
-    evaluation/  evaluate.py's run, pair metrics and report        (beside training: neither imports the other)
+    evaluation/  evaluate.py's run, pair metrics, report and plots (beside training: neither imports the other)
     training/    Lightning modules, the run, checkpoints, strategies, report sinks
     determined/  the bridge to Determined's Core API (the only importer of `determined`)
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from dpo_lightning.evaluation.formatting import NOT_AVAILABLE, format_value
 from dpo_lightning.evaluation.report import (
-    NOT_AVAILABLE,
     PLOT_NAMES,
-    format_value,
     summary_rows,
     summary_table,
     write_report,
