@@ -19,8 +19,9 @@ MODES = ("auto", "offline", "online", "reward")
 PAIR_MODES = ("offline", "reward")  # modes that train on preference pairs
 STRATEGIES = ("ddp", "fsdp")
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
-# Keys a resumed run may change: how long it trains and where it writes, never what it trains.
-RESUMABLE_CHANGES = ("max_steps", "num_epochs", "output_dir")
+# Keys a resumed run may change: how long it trains, where it writes and how a step is computed, never what
+# it trains.
+RESUMABLE_CHANGES = ("max_steps", "num_epochs", "output_dir", "logps_chunk_size", "gradient_checkpointing")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("32", "bf16-mixed")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -129,6 +130,15 @@ class DPOConfig:
     """Compute precision; bf16-mixed autocasts forward passes while master weights stay fp32."""
     seed: int = 42
     """Seed for weights init (built-in model), data order, splits and dropout-free sampling."""
+
+    # --- speed and memory (how a step is computed, never what it computes) ---
+    logps_chunk_size: int = 512
+    """Completion log-probs go through the output head this many tokens at a time, from the final hidden states
+    at completion positions only, and the backward recomputes each chunk's logits instead of keeping them; 0
+    computes the full (rows x length x vocabulary) logits instead (the plain path, for comparison)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them: less memory
+    for about a third more compute."""
 
     # --- distribution ---
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -285,6 +295,7 @@ _CHECKS = (
     _positive("generation_eval_prompts"),
     _check_sampling,
     _non_negative("weight_decay", "max_grad_norm", "warmup_steps", "checkpoint_every_n_steps", "num_workers"),
+    _non_negative("logps_chunk_size"),
     _check_loss,
     _check_lengths,
     _check_fractions,

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from dpo_lightning.data.batch import PairBatch, SequenceBatch
+from dpo_lightning.dpo.chunked import body_and_head, chunked_token_logps
 
 
 class SequenceLogps(NamedTuple):
@@ -55,14 +56,30 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mas
     )
 
 
-def forward_logps(model: torch.nn.Module, batch: SequenceBatch) -> SequenceLogps:
-    """One forward pass over a collated batch's rows (a PairBatch's 2B rows, or any SequenceBatch)."""
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        use_cache=False,
-    ).logits
-    return sequence_logps(logits, batch.input_ids, batch.completion_mask)
+def forward_logps(model: torch.nn.Module, batch: SequenceBatch, chunk_size: int = 0) -> SequenceLogps:
+    """One forward pass over a collated batch's rows (a PairBatch's 2B rows, or any SequenceBatch).
+
+    With `chunk_size` > 0 (and a model whose logits are its head applied to its final hidden states) only the
+    completion positions go through the head, `chunk_size` tokens at a time (`chunked.py`); else the plain path
+    computes the logits of every position.
+    """
+    parts = body_and_head(model) if chunk_size > 0 else None
+    if parts is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        return sequence_logps(logits, batch.input_ids, batch.completion_mask)
+    body, head = parts
+    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    scored = batch.completion_mask[:, 1:].bool()  # position t scores token t + 1
+    rows, positions = scored.nonzero(as_tuple=True)
+    token_logps, mean_logit = chunked_token_logps(
+        hidden[:, :-1][rows, positions], head, batch.input_ids[:, 1:][rows, positions], chunk_size
+    )
+    zeros = torch.zeros(batch.num_rows, dtype=torch.float32, device=token_logps.device)
+    return SequenceLogps(
+        logps=zeros.index_add(0, rows, token_logps),
+        num_tokens=scored.to(torch.float32).sum(dim=-1),
+        logits_sum=zeros.index_add(0, rows, mean_logit.detach()),
+    )
 
 
 class PairLogps(NamedTuple):

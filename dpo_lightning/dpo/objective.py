@@ -48,8 +48,11 @@ def pair_loss(settings: LossSettings, policy: PairLogps, reference: PairLogps) -
     )
 
 
-def pair_forward(policy: torch.nn.Module, reference: Reference, batch: PairBatch, settings: LossSettings) -> PairResult:
-    """Policy and reference log-probs of a pair batch's 2B rows, and the per-pair loss."""
-    policy_logps = PairLogps.of(batch, forward_logps(policy, batch))
+def pair_forward(
+    policy: torch.nn.Module, reference: Reference, batch: PairBatch, settings: LossSettings, *, chunk_size: int = 0
+) -> PairResult:
+    """Policy and reference log-probs of a pair batch's 2B rows, and the per-pair loss. `chunk_size`: how the
+    policy's log-probs are computed (`logprobs.forward_logps`); the reference computes its own its way."""
+    policy_logps = PairLogps.of(batch, forward_logps(policy, batch, chunk_size))
     reference_logps = PairLogps.of(batch, reference.logps(batch))
     return PairResult(pair_loss(settings, policy_logps, reference_logps), policy_logps, reference_logps)

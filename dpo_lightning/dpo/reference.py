@@ -36,9 +36,10 @@ class FrozenReference(torch.nn.Module):
     beside the policy; its weights are never saved, since the configuration rebuilds it.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 0) -> None:
         super().__init__()
         self.model = model
+        self.chunk_size = chunk_size  # `logps_chunk_size`: how its log-probs are computed
         self.model.requires_grad_(False)
         self.train(False)
 
@@ -49,7 +50,7 @@ class FrozenReference(torch.nn.Module):
 
     @torch.no_grad()
     def logps(self, batch: SequenceBatch) -> SequenceLogps:
-        return forward_logps(self.model, batch)
+        return forward_logps(self.model, batch, self.chunk_size)
 
     @contextmanager
     def sampling_model(self) -> Iterator[torch.nn.Module]:

@@ -33,6 +33,7 @@ def evaluate_pairs(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chunk_size: int = 0,
 ) -> PairEvaluation:
     """DPO metrics of collated pair batches, with validation's code."""
     settings = LossSettings(loss_type, beta, label_smoothing)
@@ -41,7 +42,7 @@ def evaluate_pairs(
     margins: list[float] = []
     for batch in batches:
         batch = batch.to(device)
-        result = pair_forward(policy, reference, batch, settings)
+        result = pair_forward(policy, reference, batch, settings, chunk_size=chunk_size)
         metrics.update(result.loss, result.policy, batch)
         margins += (result.loss.chosen_rewards - result.loss.rejected_rewards).tolist()
     values = metrics.report()

@@ -222,6 +222,7 @@ class Models(NamedTuple):
     tokenizer: Any
     judge: Any  # a Judge, or None
     device: torch.device
+    logps_chunk_size: int  # the run's (see DPOConfig.logps_chunk_size)
 
 
 def preference_section(models: Models, rows: list[dict], cfg, settings: dict, batch_size: int) -> dict[str, Any]:
@@ -234,6 +235,7 @@ def preference_section(models: Models, rows: list[dict], cfg, settings: dict, ba
         beta=settings["beta"],
         loss_type=settings["loss_type"],
         label_smoothing=settings["label_smoothing"],
+        chunk_size=models.logps_chunk_size,
     )
     metrics = dict(result.metrics)
     if models.judge is not None:
@@ -261,6 +263,7 @@ def generation_section(models: Models, rows: list[dict], cfg, settings: dict, op
         models.judge,
         sampling,
         seed=options.seed,
+        logps_chunk_size=models.logps_chunk_size,
     )
     return {
         "num_prompts": len(result.policy_scores),
@@ -271,7 +274,9 @@ def generation_section(models: Models, rows: list[dict], cfg, settings: dict, op
     }
 
 
-def load_models(options: EvalOptions, policy_source: ModelSource, reference_source, tokenizer, probe) -> Models:
+def load_models(
+    options: EvalOptions, policy_source: ModelSource, reference_source, tokenizer, probe, chunk_size: int
+) -> Models:
     """The judge first, probed on one sample (one that cannot score fails before the policy loads), then the
     policy and the reference (the policy itself when there is none)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -283,7 +288,7 @@ def load_models(options: EvalOptions, policy_source: ModelSource, reference_sour
     load = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": False}
     policy = freeze(load_causal_lm(policy_source, **load)).to(device)
     reference = freeze(load_causal_lm(reference_source, **load)).to(device) if reference_source else policy
-    return Models(policy, FrozenReference(reference), tokenizer, judge, device)
+    return Models(policy, FrozenReference(reference, chunk_size), tokenizer, judge, device, chunk_size)
 
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
@@ -303,7 +308,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             "(--num_pairs > 0), generation metrics need prompts and --reward_model"
         )
     probe = prompts[0]["prompt"] if prompts else pairs[0]["prompt"]
-    models = load_models(options, resolved.source, reference_source, tokenizer, probe)
+    models = load_models(options, resolved.source, reference_source, tokenizer, probe, cfg.logps_chunk_size)
     return {
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "config": {**asdict(options), **settings},

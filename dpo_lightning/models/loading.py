@@ -113,13 +113,26 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_policy(cfg, source: ModelSource):
-    """The trained policy, always in fp32 master weights; `precision` decides the compute dtype."""
-    return load_causal_lm(
+    """The trained policy, always in fp32 master weights (`precision` decides the compute dtype), with
+    gradient checkpointing when the configuration asks for it."""
+    policy = load_causal_lm(
         source,
         dtype=torch.float32,
         attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
     )
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(policy)
+    return policy
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant: it works with inputs that need no
+    gradient and with frozen layers). transformers 5.x renamed the method, 4.x has only the old name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def load_reference(cfg, source: ModelSource, initial_policy: torch.nn.Module | None = None):

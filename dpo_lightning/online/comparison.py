@@ -82,12 +82,13 @@ def sample_one(sampler: Sampler, tokenizer, batch: PromptBatch, settings: Sampli
 
 @torch.no_grad()
 def sequence_log_ratio(
-    policy, reference: Reference, prompts: list[list[int]], completions: list[list[int]], pad_id: int
+    policy, reference: Reference, prompts: list[list[int]], completions: list[list[int]], pad_id: int, chunk_size=0
 ) -> torch.Tensor:
     """(N,) log pi(y|x) - log pi_ref(y|x) of each completion, summed over its tokens."""
     device = next(policy.parameters()).device
     batch = SequenceBatch.from_rows(prompts, completions, pad_id).to(device)
-    return (forward_logps(policy, batch).logps.float() - reference.logps(batch).logps.float()).cpu()
+    policy_logps = forward_logps(policy, batch, chunk_size).logps.float()
+    return (policy_logps - reference.logps(batch).logps.float()).cpu()
 
 
 def compare_generations(
@@ -100,6 +101,7 @@ def compare_generations(
     *,
     seed: int,
     sampler_for: Callable[[torch.nn.Module], Sampler] = HFSampler,
+    logps_chunk_size: int = 0,
     num_samples_shown: int = 5,
 ) -> GenerationEvaluation:
     """Policy vs reference on prompt batches: one completion each (from `sampler_for(model)`), judged."""
@@ -115,7 +117,9 @@ def compare_generations(
             prompts = batch.prompts
             policy_scores = judge.score(prompts, mine.texts).float()
             reference_scores = judge.score(prompts, theirs.texts).float()
-            kl = sequence_log_ratio(policy, reference, batch.prompt_ids(), mine.ids, tokenizer.pad_token_id)
+            kl = sequence_log_ratio(
+                policy, reference, batch.prompt_ids(), mine.ids, tokenizer.pad_token_id, logps_chunk_size
+            )
             collected["policy"] += policy_scores.tolist()
             collected["reference"] += reference_scores.tolist()
             collected["kl"] += kl.tolist()

@@ -44,6 +44,7 @@ class DPOModule(TrainingModule):
         self.policy = policy
         self.reference = reference
         self.loss_settings = LossSettings.of(cfg)
+        self.chunk_size = cfg.logps_chunk_size
         self.train_metrics = PreferenceMetrics()
         self.val_metrics = PreferenceMetrics()
         # generation metrics every `generation_eval_every` validations: a Judge, not a submodule, so no strategy
@@ -76,6 +77,7 @@ class DPOModule(TrainingModule):
             self.judge,
             SamplingSettings.of(self.cfg, self.policy, self.tokenizer),
             seed=sampling_seed(self.cfg.seed, 0, "validation"),  # every rank the same draws: one verdict
+            logps_chunk_size=self.chunk_size,
         )
         return {f"generation/{name}": float(value) for name, value in result.metrics.items()}
 
@@ -92,7 +94,7 @@ class DPOModule(TrainingModule):
 
     def shared_step(self, batch: PairBatch, metrics: PreferenceMetrics) -> torch.Tensor:
         """The loss of one micro-batch of pairs, and the metrics' update."""
-        result = pair_forward(self.policy, self.reference, batch, self.loss_settings)
+        result = pair_forward(self.policy, self.reference, batch, self.loss_settings, chunk_size=self.chunk_size)
         metrics.update(result.loss, result.policy, batch)
         return weighted_mean(result.loss.losses, batch.pair_weight)
 
@@ -158,7 +160,9 @@ class OnlineDPOModule(DPOModule):
 
     def online_step(self, batch: PromptBatch, metrics: PreferenceMetrics, samples: SampleMetrics, rng: SamplingRNG):
         sampled = self.sample_pairs(batch, rng, samples)
-        result = pair_forward(self.policy, self.reference, sampled.pairs, self.loss_settings)
+        result = pair_forward(
+            self.policy, self.reference, sampled.pairs, self.loss_settings, chunk_size=self.chunk_size
+        )
         metrics.update(result.loss, result.policy, sampled.pairs)
         samples.update(
             scores=sampled.scores,

@@ -120,7 +120,7 @@ def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSou
         policy = load_policy(cfg, ModelSource(str(start.path), True))
         initial = None
     reference = load_reference(cfg, ref_source or policy_source, initial_policy=initial)
-    return policy, FrozenReference(reference)
+    return policy, FrozenReference(reference, chunk_size=cfg.logps_chunk_size)
 
 
 def build_module(

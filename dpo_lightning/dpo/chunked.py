@@ -1,0 +1,109 @@
+"""Completion log-probs through the output head in chunks, never holding the (N, T, V) logits.
+
+The plain path runs the whole model, materialises fp32 logits for every position of every row (prompt and
+padding included) and keeps them for backward: for a 150k vocabulary that is most of a step's memory and much
+of its time. Here the decoder body gives the final hidden states, only the positions that score a
+completion token are kept, and `ChunkedTokenLogps` runs the head over `chunk_size` of them at a time: its
+forward keeps only each token's log-prob and vocabulary-mean logit, and its backward recomputes each
+chunk's logits instead of saving them, so the head's activations never exceed one chunk.
+
+The gradient of log softmax(z)[y] with respect to the logits z is onehot(y) - softmax(z); the head's input
+and weight gradients follow from it by the chain rule through z = h W^T + b.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(decoder body giving the final hidden states, output head) when the model's logits are exactly
+    head(hidden) for the body's `last_hidden_state`; None when they are not (logit soft-capping or scaling,
+    or a head that is not a plain Linear), and the plain path must be used."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper's model
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    body = getattr(inner, getattr(inner, "base_model_prefix", "") or "", None)
+    config = getattr(inner, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    reshaped = getattr(text, "final_logit_softcapping", None) or getattr(text, "logit_scale", None) not in (None, 1.0)
+    if not isinstance(head, torch.nn.Linear) or not isinstance(body, torch.nn.Module) or body is inner or reshaped:
+        return None
+    return body, head
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmuls run in: autocast's (bf16-mixed) when it is on, else the hidden states'."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and sums run in fp32 at least (bf16 logits would lose the log-probs' small differences)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_logits(hidden, weight, bias, dtype: torch.dtype) -> torch.Tensor:
+    """(C, V) logits of C hidden states in fp32 (or wider), the matmul in `dtype` as the model's head runs it."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return logits.to(_accumulation_dtype(dtype))
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(h W^T + b)[y] and the vocabulary-mean logit of M hidden states, `chunk_size` rows at a time.
+
+    hidden: (M, H); weight: (V, H); bias: (V,) or None; labels: (M,) -> token log-probs (M,) fp32 and mean
+    logits (M,) fp32 (not differentiable; for the logits/* metrics).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int):
+        dtype = _compute_dtype(hidden)
+        count = hidden.shape[0]
+        logps = torch.empty(count, dtype=_accumulation_dtype(dtype), device=hidden.device)
+        mean_logit = torch.empty_like(logps)
+        for start in range(0, count, chunk_size):
+            end = min(start + chunk_size, count)
+            logits = _chunk_logits(hidden[start:end], weight, bias, dtype)
+            picked = logits.gather(-1, labels[start:end, None]).squeeze(-1)
+            logps[start:end] = picked - torch.logsumexp(logits, dim=-1)
+            mean_logit[start:end] = logits.mean(dim=-1)
+        ctx.save_for_backward(hidden, weight, labels, *([] if bias is None else [bias]))
+        ctx.chunk_size, ctx.dtype, ctx.has_bias = chunk_size, dtype, bias is not None
+        ctx.mark_non_differentiable(mean_logit)
+        return logps, mean_logit
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_mean_logit):
+        hidden, weight, labels, *rest = ctx.saved_tensors
+        bias = rest[0] if ctx.has_bias else None
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        wide = _accumulation_dtype(ctx.dtype)
+        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden[start:end], weight, bias, ctx.dtype)
+            scale = grad_logps[start:end].to(logits.dtype)[:, None]
+            # d logp / d logits = onehot(label) - softmax(logits), times the incoming gradient
+            grad_logits = torch.softmax(logits, dim=-1).mul_(-scale)
+            grad_logits.scatter_add_(-1, labels[start:end, None], scale)
+            with torch.autocast(hidden.device.type, enabled=False):
+                low = grad_logits.to(ctx.dtype)
+                if need_hidden:
+                    grad_hidden[start:end] = (low @ weight.to(ctx.dtype)).to(hidden.dtype)
+                if need_weight:
+                    grad_weight += (low.t() @ hidden[start:end].to(ctx.dtype)).to(wide)
+            if need_bias:
+                grad_bias += grad_logits.sum(dim=0)
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def chunked_token_logps(hidden, head: torch.nn.Linear, labels, chunk_size: int):
+    """(token log-probs (M,), mean logits (M,)) of hidden states (M, H) under `head`, chunk by chunk."""
+    return ChunkedTokenLogps.apply(hidden, head.weight, head.bias, labels, chunk_size)
