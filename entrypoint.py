@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from dpo_lightning.console import configure_logging
         from dpo_lightning.determined.bridge import run
+        from dpo_lightning.memory import tune_cpu_allocator
 
         configure_logging()
+        tune_cpu_allocator()  # before the first large allocation
         return run(args.config, overrides, fast_dev_run=args.fast_dev_run, resume=args.resume)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -48,8 +48,10 @@ def main(argv: list[str]) -> int:
     from dpo_lightning.console import configure_logging
     from dpo_lightning.evaluation.report import summary_table, write_report
     from dpo_lightning.evaluation.run import evaluate
+    from dpo_lightning.memory import tune_cpu_allocator
 
     configure_logging()
+    tune_cpu_allocator()
     options = parse_args(argv)
     report = evaluate(options)
     files = write_report(Path(options.output_dir), report)

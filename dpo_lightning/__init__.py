@@ -2,7 +2,7 @@
 
 The package is layered; a module imports only from its own layer and those below it:
 
-    foundation   errors, hub, builtin, layout, console, lightning_compat
+    foundation   errors, hub, builtin, layout, console, lightning_compat, memory
                  (top-level modules; they import nothing else of the package)
     config/      the typed configuration and its one parser
     data/        sources -> formats -> tokenize -> collate -> DataModule; the typed batches; the mode decision

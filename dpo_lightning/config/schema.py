@@ -21,7 +21,15 @@ STRATEGIES = ("ddp", "fsdp")
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
 # Keys a resumed run may change: how long it trains, where it writes and how a step is computed, never what
 # it trains.
-RESUMABLE_CHANGES = ("max_steps", "num_epochs", "output_dir", "logps_chunk_size", "gradient_checkpointing")
+RESUMABLE_CHANGES = (
+    "max_steps",
+    "num_epochs",
+    "output_dir",
+    "logps_chunk_size",
+    "gradient_checkpointing",
+    "precompute_ref_logps",
+    "padding_free",
+)
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("32", "bf16-mixed")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -139,6 +147,14 @@ class DPOConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them: less memory
     for about a third more compute."""
+    padding_free: bool = False
+    """Pack each micro-batch's sequences into one row (position ids restarting per sequence, attention kept
+    within each) instead of padding them to a common length, so that no compute is spent on padding.
+    DPO only (offline and online); the report's `padding_share` says what padding costs either way."""
+    precompute_ref_logps: bool = False
+    """Offline DPO: compute the reference's log-probs of every pair once before training (cached on disk under
+    ~/.cache/dpo_lightning/ref_logps, keyed by the reference's weights, the data and the settings, and reused by
+    later runs and resumes) and train without the reference model in memory."""
 
     # --- distribution ---
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -256,6 +272,15 @@ def _check_sampling(cfg: DPOConfig) -> str | None:
         return "reward_model must not be empty; leave it null for offline runs"
     if cfg.generation_eval_every > 0 and cfg.reward_model is None:
         return "generation_eval_every needs a reward_model to judge the policy's completions against the reference's"
+    if cfg.precompute_ref_logps and (cfg.mode in ("online", "reward") or cfg.generation_eval_every > 0):
+        why = (
+            f"mode {cfg.mode} has no fixed pairs"
+            if cfg.mode in ("online", "reward")
+            else ("generation_eval_every samples the reference model, which precomputing leaves out of memory")
+        )
+        return f"precompute_ref_logps works only for offline DPO without generation metrics: {why}"
+    if cfg.padding_free and cfg.mode == "reward":
+        return "padding_free packs DPO's sequences; mode reward scores padded rows (set padding_free: false)"
     if cfg.mode == "online":
         return online_problem(cfg)
     return None

@@ -1,7 +1,9 @@
 """The batches the collators make and every step reads, typed so that no other code re-derives their layout.
 
-- `SequenceBatch`: N right-padded prompt + completion rows, masks built from lengths (never from the pad id,
-  which may equal EOS).
+- `SequenceBatch`: N prompt + completion sequences, masks built from lengths (never from the pad id, which may
+  equal EOS), in one of two layouts: N rows right-padded to a common width, or all N packed into one row with
+  `position_ids` restarting at each sequence (`packed`), so that no compute is spent on padding. Its methods
+  (`scored_positions`, `row_lengths`, `model_inputs`) serve both layouts alike.
 - `PairBatch`: B preference pairs as one SequenceBatch of 2B rows, B chosen then B rejected, and a pair
   weight. It alone knows that order: `split` turns a per-row result (2B, ...) into its chosen and rejected
   halves, and `row_weight` spreads the pair weights over the rows.
@@ -36,31 +38,81 @@ def _to(batch, device):
 
 @dataclass
 class SequenceBatch:
-    """N prompt + completion rows, right-padded to a common width T."""
+    """N prompt + completion sequences: N rows right-padded to a common width T, or packed into one row."""
 
-    input_ids: torch.Tensor  # (N, T) long
-    attention_mask: torch.Tensor  # (N, T) long, 1 on real tokens
-    completion_mask: torch.Tensor  # (N, T) long, 1 on completion tokens (prompt and padding 0)
+    input_ids: torch.Tensor  # (N, T) long; packed: (1, L), L the sum of the N lengths
+    attention_mask: torch.Tensor  # (N, T) long, 1 on real tokens; packed: (1, L) all 1
+    completion_mask: torch.Tensor  # (N, T) long, 1 on completion tokens (prompt and padding 0); packed: (1, L)
+    position_ids: torch.Tensor | None = None  # packed only: (1, L), restarting at 0 at each sequence
+    sequence_lengths: torch.Tensor | None = None  # packed only: (N,) long, the sequences' lengths in order
 
     @classmethod
     def from_rows(
-        cls, prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, pad_to_multiple_of=None
+        cls,
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        pad_token_id: int,
+        pad_to_multiple_of=None,
+        *,
+        packed: bool = False,
     ) -> SequenceBatch:
-        """Row i is prompts[i] + completions[i], then padding."""
+        """Sequence i is prompts[i] + completions[i]: row i followed by padding, or the i-th span of one row."""
         pairs = list(zip(prompts, completions, strict=True))
         sequences = [list(p) + list(c) for p, c in pairs]
+        completion = [[0] * len(p) + [1] * len(c) for p, c in pairs]
+        if packed:
+            flat = [token for sequence in sequences for token in sequence]
+            return cls(
+                input_ids=torch.tensor([flat], dtype=torch.long),
+                attention_mask=torch.ones((1, len(flat)), dtype=torch.long),
+                completion_mask=torch.tensor([[flag for flags in completion for flag in flags]], dtype=torch.long),
+                position_ids=torch.tensor([[i for s in sequences for i in range(len(s))]], dtype=torch.long),
+                sequence_lengths=torch.tensor([len(s) for s in sequences], dtype=torch.long),
+            )
         width = max(len(s) for s in sequences)
         if pad_to_multiple_of:
             width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
         return cls(
             input_ids=_pad(sequences, pad_token_id, width),
             attention_mask=_pad([[1] * len(s) for s in sequences], 0, width),
-            completion_mask=_pad([[0] * len(p) + [1] * len(c) for p, c in pairs], 0, width),
+            completion_mask=_pad(completion, 0, width),
         )
 
     @property
+    def packed(self) -> bool:
+        return self.sequence_lengths is not None
+
+    @property
     def num_rows(self) -> int:
-        return self.input_ids.shape[0]
+        """N, the number of sequences (rows of the padded layout)."""
+        return len(self.sequence_lengths) if self.packed else self.input_ids.shape[0]
+
+    def row_lengths(self) -> torch.Tensor:
+        """(N,) real tokens of each sequence."""
+        return self.sequence_lengths if self.packed else self.attention_mask.sum(dim=1)
+
+    def padding_share(self) -> float:
+        """The share of the padded layout's positions that are padding (what packing saves)."""
+        lengths = self.row_lengths()
+        return 1.0 - float(lengths.sum()) / float(len(lengths) * int(lengths.max())) if len(lengths) else 0.0
+
+    def model_inputs(self) -> dict[str, torch.Tensor | bool | None]:
+        """Keyword arguments of a causal LM's forward: padded rows with their attention mask, or the packed row
+        with restarting `position_ids` and no mask (transformers then keeps each sequence's attention to its
+        own tokens: a block-diagonal causal mask for sdpa and eager, variable lengths for flash attention)."""
+        if self.packed:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
+
+    def scored_positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, position, sequence) of every position t whose next token t + 1 is a completion token: the
+        positions whose logits score the completion (the one-token shift), and the sequence each belongs to."""
+        rows, positions = self.completion_mask[:, 1:].nonzero(as_tuple=True)
+        if not self.packed:
+            return rows, positions, rows
+        starts = torch.cumsum(self.sequence_lengths, 0) - self.sequence_lengths
+        sequences = torch.searchsorted(starts, positions + 1, right=True) - 1
+        return rows, positions, sequences
 
     def to(self, device) -> SequenceBatch:
         return _to(self, device)
@@ -71,6 +123,7 @@ class PairBatch(SequenceBatch):
     """B preference pairs: rows 0..B-1 hold prompt + chosen, rows B..2B-1 prompt + rejected, pair by pair."""
 
     pair_weight: torch.Tensor | None = None  # (B,) float; 0 for pairs that count nowhere (ties, shard padding)
+    ref_logps: torch.Tensor | None = None  # (2B,) float, per row: the reference's log-probs, when precomputed
 
     @classmethod
     def from_pairs(
@@ -82,11 +135,16 @@ class PairBatch(SequenceBatch):
         *,
         weight: torch.Tensor | None = None,
         pad_to_multiple_of: int | None = None,
+        ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
+        packed: bool = False,
     ) -> PairBatch:
+        """`ref_logps`: the reference's (chosen (B,), rejected (B,)) log-probs, when they were precomputed;
+        `packed`: the 2B sequences in one row (padding-free)."""
         rows = SequenceBatch.from_rows(
-            [list(p) for p in prompts] * 2, [*chosen, *rejected], pad_token_id, pad_to_multiple_of
+            [list(p) for p in prompts] * 2, [*chosen, *rejected], pad_token_id, pad_to_multiple_of, packed=packed
         )
-        return cls(rows.input_ids, rows.attention_mask, rows.completion_mask, weight)
+        per_row = None if ref_logps is None else torch.cat(ref_logps)
+        return cls(**{f.name: getattr(rows, f.name) for f in fields(rows)}, pair_weight=weight, ref_logps=per_row)
 
     @property
     def num_pairs(self) -> int:

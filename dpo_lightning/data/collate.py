@@ -21,17 +21,29 @@ def _weights(items: list[dict]) -> torch.Tensor | None:
     return torch.tensor([float(item["weight"]) for item in items]) if "weight" in items[0] else None
 
 
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # the reference's log-probs, when precomputed
+
+
+def _ref_logps(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if REF_COLUMNS[0] not in items[0]:
+        return None
+    chosen, rejected = (torch.tensor([float(item[c]) for item in items], dtype=torch.float32) for c in REF_COLUMNS)
+    return chosen, rejected
+
+
 class PairCollator:
     """Right-pads prompt+completion sequences; masks are built from lengths, never from the pad id.
 
-    Input: B items with `prompt_ids`, `chosen_ids`, `rejected_ids` (int lists), and a `weight` on evaluation
-    shards (where padding rows weigh 0). Output: a PairBatch of 2B rows, with `pair_weight` when the items
-    carry weights.
+    Input: B items with `prompt_ids`, `chosen_ids`, `rejected_ids` (int lists), a `weight` on evaluation shards
+    (where padding rows weigh 0), and `ref_chosen_logps`/`ref_rejected_logps` when the reference's log-probs
+    were precomputed. Output: a PairBatch of 2B rows, with `pair_weight` and `ref_logps` when the items carry
+    them.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, *, packed: bool = False):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.packed = packed  # padding-free: the 2B sequences in one row
 
     def __call__(self, items: list[dict]) -> PairBatch:
         return PairBatch.from_pairs(
@@ -41,6 +53,8 @@ class PairCollator:
             self.pad_token_id,
             weight=_weights(items),
             pad_to_multiple_of=self.pad_to_multiple_of,
+            ref_logps=_ref_logps(items),
+            packed=self.packed,
         )
 
 

@@ -6,7 +6,7 @@ import lightning as L
 from torch.utils.data import DataLoader, SequentialSampler
 
 from dpo_lightning.config import DPOConfig
-from dpo_lightning.data.collate import PairCollator, PromptCollator, collate_in_batches
+from dpo_lightning.data.collate import REF_COLUMNS, PairCollator, PromptCollator, collate_in_batches
 from dpo_lightning.data.pipeline import PreparedData, prepare_data
 from dpo_lightning.data.sampler import EvalShard, ResumableSampler
 from dpo_lightning.lightning_compat import micro_batches_done
@@ -41,7 +41,19 @@ class DPODataModule(L.LightningDataModule):
     @property
     def collate(self):
         pad = self.tokenizer.pad_token_id
-        return PromptCollator(pad) if self.mode == "online" else PairCollator(pad)
+        return PromptCollator(pad) if self.mode == "online" else PairCollator(pad, packed=self.cfg.padding_free)
+
+    def attach_reference_logps(self, values: dict) -> None:
+        """Add the precomputed reference log-probs ((pairs, 2) per split: chosen, rejected) as two columns, which
+        the collator puts into every batch (`PairBatch.ref_logps`)."""
+        data = self.prepare()
+        splits = {"train": data.train, "val": data.val}
+        for name, logps in values.items():
+            split = splits[name]
+            for index, column in enumerate(REF_COLUMNS):
+                split = split.add_column(column, logps[:, index].tolist())
+            splits[name] = split
+        self.data = data._replace(train=splits["train"], val=splits["val"])
 
     @property
     def has_validation(self) -> bool:

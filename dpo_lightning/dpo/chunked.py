@@ -86,17 +86,21 @@ class ChunkedTokenLogps(torch.autograd.Function):
         grad_bias = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) if need_bias else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
-            logits = _chunk_logits(hidden[start:end], weight, bias, ctx.dtype)
-            scale = grad_logps[start:end].to(logits.dtype)[:, None]
-            # d logp / d logits = onehot(label) - softmax(logits), times the incoming gradient
-            grad_logits = torch.softmax(logits, dim=-1).mul_(-scale)
-            grad_logits.scatter_add_(-1, labels[start:end, None], scale)
+            # d logp / d logits = onehot(label) - softmax(logits), times the incoming gradient; built in place in
+            # the recomputed logits' buffer, so that a chunk needs one (C, V) buffer, not three
+            grad_logits = _chunk_logits(hidden[start:end], weight, bias, ctx.dtype)
+            grad_logits.sub_(torch.logsumexp(grad_logits, dim=-1, keepdim=True)).exp_()  # softmax
+            scale = grad_logps[start:end].to(grad_logits.dtype)[:, None]
+            grad_logits.mul_(-scale).scatter_add_(-1, labels[start:end, None], scale)
             with torch.autocast(hidden.device.type, enabled=False):
                 low = grad_logits.to(ctx.dtype)
                 if need_hidden:
                     grad_hidden[start:end] = (low @ weight.to(ctx.dtype)).to(hidden.dtype)
                 if need_weight:
-                    grad_weight += (low.t() @ hidden[start:end].to(ctx.dtype)).to(wide)
+                    if grad_weight.dtype == ctx.dtype:
+                        grad_weight.addmm_(low.t(), hidden[start:end].to(ctx.dtype))  # no (V, H) temporary
+                    else:
+                        grad_weight += (low.t() @ hidden[start:end].to(ctx.dtype)).to(grad_weight.dtype)
             if need_bias:
                 grad_bias += grad_logits.sum(dim=0)
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None

@@ -57,7 +57,8 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mas
 
 
 def forward_logps(model: torch.nn.Module, batch: SequenceBatch, chunk_size: int = 0) -> SequenceLogps:
-    """One forward pass over a collated batch's rows (a PairBatch's 2B rows, or any SequenceBatch).
+    """One forward pass over a collated batch's sequences (a PairBatch's 2B, or any SequenceBatch), padded or
+    packed into one row.
 
     With `chunk_size` > 0 (and a model whose logits are its head applied to its final hidden states) only the
     completion positions go through the head, `chunk_size` tokens at a time (`chunked.py`); else the plain path
@@ -65,20 +66,34 @@ def forward_logps(model: torch.nn.Module, batch: SequenceBatch, chunk_size: int 
     """
     parts = body_and_head(model) if chunk_size > 0 else None
     if parts is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        return sequence_logps(logits, batch.input_ids, batch.completion_mask)
+        logits = model(**batch.model_inputs()).logits
+        if not batch.packed:
+            return sequence_logps(logits, batch.input_ids, batch.completion_mask)
+        return _per_sequence(batch, *_packed_token_values(logits, batch))
     body, head = parts
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-    scored = batch.completion_mask[:, 1:].bool()  # position t scores token t + 1
-    rows, positions = scored.nonzero(as_tuple=True)
+    hidden = body(**batch.model_inputs()).last_hidden_state
+    rows, positions, sequences = batch.scored_positions()
     token_logps, mean_logit = chunked_token_logps(
-        hidden[:, :-1][rows, positions], head, batch.input_ids[:, 1:][rows, positions], chunk_size
+        hidden[rows, positions], head, batch.input_ids[rows, positions + 1], chunk_size
     )
+    return _per_sequence(batch, sequences, token_logps, mean_logit)
+
+
+def _packed_token_values(logits: torch.Tensor, batch: SequenceBatch):
+    """The plain path on a packed row: (sequence, log-prob, mean logit) of each scored position."""
+    rows, positions, sequences = batch.scored_positions()
+    per_token = token_logps(logits[:, :-1], batch.input_ids[:, 1:])  # (1, L - 1)
+    mean_logit = logits[:, :-1].detach().mean(dim=-1, dtype=torch.float32)
+    return sequences, per_token[rows, positions], mean_logit[rows, positions]
+
+
+def _per_sequence(batch: SequenceBatch, sequences, token_logps, mean_logit) -> SequenceLogps:
+    """Per-token values summed into their sequences."""
     zeros = torch.zeros(batch.num_rows, dtype=torch.float32, device=token_logps.device)
     return SequenceLogps(
-        logps=zeros.index_add(0, rows, token_logps),
-        num_tokens=scored.to(torch.float32).sum(dim=-1),
-        logits_sum=zeros.index_add(0, rows, mean_logit.detach()),
+        logps=zeros.index_add(0, sequences, token_logps.float()),
+        num_tokens=zeros.index_add(0, sequences, torch.ones_like(token_logps, dtype=torch.float32)),
+        logits_sum=zeros.index_add(0, sequences, mean_logit.detach().float()),
     )
 
 

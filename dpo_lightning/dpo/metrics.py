@@ -55,6 +55,7 @@ class PairMeans(torch.nn.Module):
         self.means = torch.nn.ModuleDict({_key(n): MeanMetric(sync_on_compute=True) for n in names})
         self.pairs = SumMetric()
         self.tokens = SumMetric()
+        self.padding = MeanMetric()  # share of the padded layout that is padding, per micro-batch
         self.updates = 0
         self._started = time.perf_counter()
 
@@ -66,8 +67,9 @@ class PairMeans(torch.nn.Module):
         for name, value in values.items():
             self.means[_key(name)].update(value.float(), weight=weight)
         self.pairs.update(weight.sum())
-        row_tokens = batch.attention_mask.sum(dim=1).float().to(some.device)
+        row_tokens = batch.row_lengths().float().to(some.device)
         self.tokens.update((row_tokens * batch.row_weight(weight)).sum())
+        self.padding.update(torch.tensor(batch.padding_share(), device=some.device))
         self.updates += 1
         return weight
 
@@ -78,6 +80,7 @@ class PairMeans(torch.nn.Module):
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         values["samples_per_second"] = self.pairs.compute().item() / elapsed
         values["tokens_per_second"] = self.tokens.compute().item() / elapsed
+        values["padding_share"] = self.padding.compute().item()
         self.reset()
         return values
 

@@ -46,8 +46,8 @@ def evaluate_pairs(
         metrics.update(result.loss, result.policy, batch)
         margins += (result.loss.chosen_rewards - result.loss.rejected_rewards).tolist()
     values = metrics.report()
-    for throughput in ("samples_per_second", "tokens_per_second"):
-        values.pop(throughput)  # of this machine, not of the model
+    for throughput in ("samples_per_second", "tokens_per_second", "padding_share"):
+        values.pop(throughput)  # of this machine and batching, not of the model
     return PairEvaluation(values, margins)
 
 

@@ -71,6 +71,7 @@ def sample_pairs(
     missing_eos_penalty: float,
     timer: StepTimer,
     device: torch.device,
+    packed: bool = False,
 ) -> SampledPairs:
     """Sample two completions per prompt, have the judge score them and order them into pairs."""
     with timer.measure("generation", device):
@@ -90,6 +91,7 @@ def sample_pairs(
         [item["rejected_ids"] for item in items],
         settings.pad_id,
         weight=weight * (~tie).float(),
+        packed=packed,
     )
     index = torch.arange(len(chosen))
     return SampledPairs(

@@ -156,6 +156,7 @@ class OnlineDPOModule(DPOModule):
             missing_eos_penalty=self.cfg.missing_eos_penalty,
             timer=samples.timer,
             device=self.device,
+            packed=self.cfg.padding_free,
         )
 
     def online_step(self, batch: PromptBatch, metrics: PreferenceMetrics, samples: SampleMetrics, rng: SamplingRNG):

@@ -20,7 +20,6 @@ from dpo_lightning.config import DPOConfig
 from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.data.mode import needs_judge
-from dpo_lightning.dpo.reference import FrozenReference
 from dpo_lightning.layout import METRICS, RUN_CONFIG, run_record, write_json
 from dpo_lightning.models import (
     ModelSource,
@@ -34,6 +33,7 @@ from dpo_lightning.online.judges import check_judge, load_judge
 from dpo_lightning.training.checkpoints import lightning_state_path
 from dpo_lightning.training.dpo_module import DPOModule, OnlineDPOModule
 from dpo_lightning.training.module import TrainingModule
+from dpo_lightning.training.references import check_precompute, make_reference
 from dpo_lightning.training.reward_module import RewardModelModule
 from dpo_lightning.training.sinks import JsonlSink, LightningLoggerSink, ReportSink, log_validation, print_report
 from dpo_lightning.training.strategies import build_strategy, check_strategy, launcher_layout
@@ -108,7 +108,7 @@ def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
 
 
 def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSource | None, start: StartPoint | None):
-    """The policy (from the checkpoint when starting from one) and its reference, a frozen network.
+    """The policy (from the checkpoint when starting from one) and its reference network, frozen.
 
     The reference is always the configured one: `ref_model_name`, else the initial policy `model_name`,
     never the checkpoint's trained weights.
@@ -119,8 +119,7 @@ def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSou
     else:
         policy = load_policy(cfg, ModelSource(str(start.path), True))
         initial = None
-    reference = load_reference(cfg, ref_source or policy_source, initial_policy=initial)
-    return policy, FrozenReference(reference, chunk_size=cfg.logps_chunk_size)
+    return policy, load_reference(cfg, ref_source or policy_source, initial_policy=initial)
 
 
 def build_module(
@@ -128,10 +127,11 @@ def build_module(
     mode: str,
     sources: tuple[ModelSource, ModelSource | None],
     start: StartPoint | None,
-    tokenizer,
+    datamodule: DPODataModule,
     sinks: list[ReportSink],
 ) -> TrainingModule:
     """The LightningModule of the run's mode, with its models loaded."""
+    tokenizer = datamodule.tokenizer
     if mode == "reward":
         if start is None:
             model = RewardModel.from_causal_lm(
@@ -145,7 +145,9 @@ def build_module(
         else:
             model = RewardModel.from_pretrained(start.path, attn_implementation=cfg.attn_implementation)
         return RewardModelModule(cfg, model, sinks=sinks)
-    policy, reference = load_models(cfg, *sources, start)
+    policy, reference_model = load_models(cfg, *sources, start)
+    reference = make_reference(cfg, reference_model, datamodule)
+    del reference_model  # with precomputed log-probs, the network is let go here
     judge = None
     if needs_judge(mode, cfg.generation_eval_every):
         judge = load_judge(
@@ -184,6 +186,7 @@ def train(
     log.info("mode: %s%s", mode, " (chosen by the data)" if cfg.mode == "auto" else "")
     if needs_judge(mode, cfg.generation_eval_every):  # checked before any model loads
         check_judge(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
+    check_precompute(cfg, mode)
 
     output_dir = Path(cfg.output_dir)
     write_files = session is not None and session.write_files and not fast_dev_run
@@ -192,7 +195,7 @@ def train(
         sinks += [JsonlSink(output_dir / METRICS), log_validation]
     if fast_dev_run:
         sinks.append(print_report)
-    module = build_module(cfg, mode, sources, start, tokenizer, sinks)
+    module = build_module(cfg, mode, sources, start, datamodule, sinks)
     trainer = build_trainer(
         cfg,
         module.trained,

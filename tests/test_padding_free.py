@@ -1,0 +1,124 @@
+"""Padding-free batches (`padding_free: true`): a micro-batch's sequences packed into one row, position ids
+restarting per sequence. The layout by hand, then the same log-probs, gradients and training runs as padded
+batches."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from contract import online_demo_values, stepwise_run_values, write_jsonl
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from dpo_lightning.builtin import preference_rows
+from dpo_lightning.config import make_config
+from dpo_lightning.data.batch import PairBatch
+from dpo_lightning.determined.bridge import run_local
+from dpo_lightning.dpo.logprobs import forward_logps
+
+
+def test_the_packed_layout_by_hand():
+    batch = PairBatch.from_pairs([[1, 2], [3]], [[4], [5, 6]], [[7, 8, 9], [10]], pad_token_id=0, packed=True)
+    # sequences: chosen 0 = 1 2 4 | chosen 1 = 3 5 6 | rejected 0 = 1 2 7 8 9 | rejected 1 = 3 10
+    assert batch.input_ids.tolist() == [[1, 2, 4, 3, 5, 6, 1, 2, 7, 8, 9, 3, 10]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
+    assert batch.completion_mask.tolist() == [[0, 0, 1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1]]
+    assert batch.num_rows == 4 and batch.num_pairs == 2 and batch.row_lengths().tolist() == [3, 3, 5, 2]
+    rows, positions, sequences = batch.scored_positions()
+    assert positions.tolist() == [1, 3, 4, 7, 8, 9, 11]  # each the position before a completion token
+    assert sequences.tolist() == [0, 1, 1, 2, 2, 2, 3] and rows.tolist() == [0] * 7
+    assert batch.padding_share() == pytest.approx(1 - 13 / 20)  # padded: 4 rows of 5
+    assert "attention_mask" not in batch.model_inputs() and batch.split(torch.arange(4.0))[1].tolist() == [2.0, 3.0]
+
+
+def _model() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def _pairs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(1, 97, (n,), generator=g).tolist()
+
+    return [ids(n) for n in (3, 7, 1)], [ids(n) for n in (4, 2, 9)], [ids(n) for n in (6, 3, 2)]
+
+
+@pytest.mark.parametrize("chunk_size", [0, 4])
+def test_packed_log_probs_and_gradients_equal_the_padded_ones(chunk_size):
+    prompts, chosen, rejected = _pairs(1)
+    padded = PairBatch.from_pairs(prompts, chosen, rejected, pad_token_id=0)
+    packed = PairBatch.from_pairs(prompts, chosen, rejected, pad_token_id=0, packed=True)
+    model = _model()
+    twin = copy.deepcopy(model)
+    weights = torch.tensor([1.0, -0.5, 2.0, 0.3, -1.0, 0.7])
+    expected = forward_logps(model, padded, chunk_size)
+    got = forward_logps(twin, packed, chunk_size)
+    for name in ("logps", "num_tokens", "logits_sum"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-5, atol=1e-5, msg=name)
+    (expected.logps * weights).sum().backward()
+    (got.logps * weights).sum().backward()
+    for (name, param), twin_param in zip(model.named_parameters(), twin.parameters(), strict=True):
+        scale = float(param.grad.abs().max())
+        torch.testing.assert_close(twin_param.grad, param.grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def _steps(output_dir) -> dict[tuple[str, int], dict]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(r["group"], r["step"]): r["metrics"] for r in rows}
+
+
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "logits/chosen")
+
+
+def _assert_same_runs(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    for key, metrics in expected.items():
+        for name in COMPARED + ("grad_norm", "padding_share"):
+            if name in metrics:
+                assert got[key][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-6), (key, name)
+
+
+def _uneven_pairs(count: int) -> list[dict]:
+    """The built-in pairs, lengthened by a varying number of words, so that batches need padding."""
+    rows = preference_rows(seed=4)["train"][:count]
+    return [
+        {**row, "chosen": row["chosen"] + " And warm." * (i % 5), "rejected": row["rejected"] + " So cold." * (i % 3)}
+        for i, row in enumerate(rows)
+    ]
+
+
+def test_padding_free_training_equals_padded_training_step_by_step(tiny_model, tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", _uneven_pairs(40))
+    runs = {}
+    for name, packed in (("padded", False), ("packed", True)):
+        values = stepwise_run_values(
+            tiny_model, pairs, tmp_path / name, max_steps=6, max_length=128, padding_free=packed
+        )
+        run_local(make_config(values))
+        runs[name] = _steps(tmp_path / name)
+    assert ("validation", 6) in runs["padded"] and runs["padded"][("training", 1)]["padding_share"] > 0.05
+    _assert_same_runs(runs["packed"], runs["padded"])
+
+
+def test_padding_free_online_steps_equal_padded_ones(tiny_model, tmp_path):
+    runs = {}
+    for name, packed in (("padded", False), ("packed", True)):
+        values = online_demo_values(tiny_model, tmp_path / name, max_steps=4, report_every_n_steps=1)
+        run_local(make_config({**values, "val_check_interval": 2, "padding_free": packed}))
+        runs[name] = _steps(tmp_path / name)
+    _assert_same_runs(runs["packed"], runs["padded"])
+    for key, metrics in runs["padded"].items():  # the same samples were drawn and judged
+        assert runs["packed"][key]["objective/scores"] == metrics["objective/scores"], key
