@@ -171,7 +171,7 @@ class StepClock:
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, variant: str) -> dict:
+def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, variant: str, overrides: dict) -> dict:
     import lightning as L
 
     from dpo_lightning.config import FIELDS, make_config
@@ -200,6 +200,7 @@ def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, varian
     for key in ("precompute_ref_logps", "padding_free"):  # the fast path's options
         if fast and key in FIELDS:
             values[key] = True
+    values.update(overrides)
     clock, first, began = StepClock(), {}, time.perf_counter()
 
     class Clock(L.Callback):
@@ -289,7 +290,7 @@ def child(args) -> None:
         from dpo_lightning.memory import tune_cpu_allocator
 
         tune_cpu_allocator()  # as the entrypoint does
-        result = run_ours(preset, model_dir, pairs, workdir, args.run)
+        result = run_ours(preset, model_dir, pairs, workdir, args.run, json.loads(args.ours))
     else:
         result = run_trl(preset, model_dir, pairs, workdir)
     setup_seconds = result.pop("setup_seconds", None)
@@ -351,7 +352,7 @@ def parent(args) -> None:
     for _ in range(args.repeats):
         for name in runs:  # alternating, so that drift in the machine's speed hits every system alike
             command = [sys.executable, __file__, "--child", "--run", name, "--preset", args.preset]
-            command += ["--workdir", args.workdir]
+            command += ["--workdir", args.workdir, "--ours", args.ours]
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
@@ -389,6 +390,9 @@ def main() -> None:
     parser.add_argument("--runs", default="ours-equal,trl,ours-fast", help=f"comma-separated, from {', '.join(RUNS)}")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "dpo_lightning" / "benchmarks"))
+    parser.add_argument(
+        "--ours", default="{}", help="settings for this project's runs, JSON: '{\"logps_chunk_size\": 256}'"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)
     args = parser.parse_args()

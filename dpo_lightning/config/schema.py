@@ -140,7 +140,7 @@ class DPOConfig:
     """Seed for weights init (built-in model), data order, splits and dropout-free sampling."""
 
     # --- speed and memory (how a step is computed, never what it computes) ---
-    logps_chunk_size: int = 512
+    logps_chunk_size: int = 128
     """Completion log-probs go through the output head this many tokens at a time, from the final hidden states
     at completion positions only, and the backward recomputes each chunk's logits instead of keeping them; 0
     computes the full (rows x length x vocabulary) logits instead (the plain path, for comparison)."""

@@ -44,11 +44,42 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(hidden, weight, bias, dtype: torch.dtype) -> torch.Tensor:
-    """(C, V) logits of C hidden states in fp32 (or wider), the matmul in `dtype` as the model's head runs it."""
+def _chunk_logits(hidden, weight, bias, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """(C, V) logits of C hidden states in fp32 (or wider), the matmul in `dtype` (that of `weight` and `bias`,
+    cast once per pass by the caller) as the model's head runs it. When the matmul already runs in the
+    accumulation dtype the logits are written into `buffer` (C_max, V), one allocation for every chunk of a
+    pass: a fresh (C, V) block per chunk would be mapped, faulted in page by page and unmapped again each time
+    by the CPU's allocator."""
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        if buffer is not None and dtype == buffer.dtype:
+            out = buffer[: hidden.shape[0]]
+            if bias is None:
+                return torch.matmul(hidden.to(dtype), weight.t(), out=out)
+            return torch.addmm(bias, hidden.to(dtype), weight.t(), out=out)
+        logits = F.linear(hidden.to(dtype), weight, bias)
     return logits.to(_accumulation_dtype(dtype))
+
+
+def _logits_buffer(count: int, chunk_size: int, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    shape = (min(count, chunk_size), weight.shape[0])
+    return torch.empty(shape, dtype=_accumulation_dtype(dtype), device=weight.device)
+
+
+def _cast(weight, bias, dtype: torch.dtype):
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """(C,) log sum exp over the last dimension of (C, V) logits, using their buffer as scratch (it is left
+    holding exp(logits - max)): a chunk needs one (C, V) buffer, not two."""
+    top = logits.amax(dim=-1, keepdim=True)
+    return logits.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(-1)
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension, in place."""
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=-1, keepdim=True))
 
 
 class ChunkedTokenLogps(torch.autograd.Function):
@@ -61,15 +92,17 @@ class ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size: int):
         dtype = _compute_dtype(hidden)
+        low_weight, low_bias = _cast(weight, bias, dtype)
         count = hidden.shape[0]
+        buffer = _logits_buffer(count, chunk_size, weight, dtype)
         logps = torch.empty(count, dtype=_accumulation_dtype(dtype), device=hidden.device)
         mean_logit = torch.empty_like(logps)
         for start in range(0, count, chunk_size):
             end = min(start + chunk_size, count)
-            logits = _chunk_logits(hidden[start:end], weight, bias, dtype)
+            logits = _chunk_logits(hidden[start:end], low_weight, low_bias, dtype, buffer)
             picked = logits.gather(-1, labels[start:end, None]).squeeze(-1)
-            logps[start:end] = picked - torch.logsumexp(logits, dim=-1)
             mean_logit[start:end] = logits.mean(dim=-1)
+            logps[start:end] = picked - _logsumexp_(logits)
         ctx.save_for_backward(hidden, weight, labels, *([] if bias is None else [bias]))
         ctx.chunk_size, ctx.dtype, ctx.has_bias = chunk_size, dtype, bias is not None
         ctx.mark_non_differentiable(mean_logit)
@@ -84,18 +117,20 @@ class ChunkedTokenLogps(torch.autograd.Function):
         wide = _accumulation_dtype(ctx.dtype)
         grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) if need_bias else None
+        low_weight, low_bias = _cast(weight, bias, ctx.dtype)
+        buffer = _logits_buffer(hidden.shape[0], ctx.chunk_size, weight, ctx.dtype)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
             # d logp / d logits = onehot(label) - softmax(logits), times the incoming gradient; built in place in
             # the recomputed logits' buffer, so that a chunk needs one (C, V) buffer, not three
-            grad_logits = _chunk_logits(hidden[start:end], weight, bias, ctx.dtype)
-            grad_logits.sub_(torch.logsumexp(grad_logits, dim=-1, keepdim=True)).exp_()  # softmax
+            grad_logits = _chunk_logits(hidden[start:end], low_weight, low_bias, ctx.dtype, buffer)
+            _softmax_(grad_logits)
             scale = grad_logps[start:end].to(grad_logits.dtype)[:, None]
             grad_logits.mul_(-scale).scatter_add_(-1, labels[start:end, None], scale)
             with torch.autocast(hidden.device.type, enabled=False):
                 low = grad_logits.to(ctx.dtype)
                 if need_hidden:
-                    grad_hidden[start:end] = (low @ weight.to(ctx.dtype)).to(hidden.dtype)
+                    grad_hidden[start:end] = (low @ low_weight).to(hidden.dtype)
                 if need_weight:
                     if grad_weight.dtype == ctx.dtype:
                         grad_weight.addmm_(low.t(), hidden[start:end].to(ctx.dtype))  # no (V, H) temporary
