@@ -39,6 +39,16 @@ def _glibc():
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
 
 
+def release_free_memory() -> bool:
+    """Hand the pages of freed heap memory back to the OS (glibc's `malloc_trim`): after a one-off phase that
+    allocated and freed much (a reference pass), so that it does not stay in the process beside training's."""
+    import gc
+
+    gc.collect()
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None and hasattr(libc, "malloc_trim") else False
+
+
 def tune_cpu_allocator() -> bool:
     """Keep large blocks in glibc's heap and freed memory in the process; True when the settings took."""
     if os.environ.get("DPO_LIGHTNING_MALLOC", "").lower() in ("off", "0", "false", "no"):

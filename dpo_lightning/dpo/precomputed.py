@@ -63,7 +63,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
     return digest.hexdigest()
 
 

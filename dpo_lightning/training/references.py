@@ -63,7 +63,7 @@ def make_reference(cfg: DPOConfig, model: torch.nn.Module, datamodule: DPODataMo
     path = cache_root() / "ref_logps" / f"{key}.pt"
     values = read_cached(path, key, {name: len(split) for name, split in splits.items()})
     if values is None:
-        model.to(device)
+        model.to(device)  # and back to the CPU after the pass, so that the device holds the policy alone
         collate = PairCollator(datamodule.tokenizer.pad_token_id)
         values = {
             name: reference_pass(
@@ -80,6 +80,7 @@ def make_reference(cfg: DPOConfig, model: torch.nn.Module, datamodule: DPODataMo
     else:
         log.info("reference log-probs of %s pairs read from %s", _counts(values), path)
     datamodule.attach_reference_logps(values)
+    model.to("cpu")
     return PrecomputedReference()
 
 

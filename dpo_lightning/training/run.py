@@ -21,6 +21,7 @@ from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.data.mode import needs_judge
 from dpo_lightning.layout import METRICS, RUN_CONFIG, run_record, write_json
+from dpo_lightning.memory import release_free_memory
 from dpo_lightning.models import (
     ModelSource,
     RewardModel,
@@ -148,6 +149,8 @@ def build_module(
     policy, reference_model = load_models(cfg, *sources, start)
     reference = make_reference(cfg, reference_model, datamodule)
     del reference_model  # with precomputed log-probs, the network is let go here
+    if cfg.precompute_ref_logps:
+        release_free_memory()  # its weights and the pass's buffers, before training allocates its own
     judge = None
     if needs_judge(mode, cfg.generation_eval_every):
         judge = load_judge(
