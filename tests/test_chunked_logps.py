@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tiny_models import random_pairs, random_qwen2
 
 from dpo_lightning.config import LOSS_TYPES
 from dpo_lightning.data.batch import PairBatch
@@ -20,32 +20,9 @@ from dpo_lightning.dpo.logprobs import PairLogps, forward_logps
 from dpo_lightning.dpo.objective import LossSettings, pair_loss
 
 
-def _model(seed: int = 0, **config) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    values = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    values.update(config)
-    return Qwen2ForCausalLM(Qwen2Config(**values)).float()
-
-
 def _batch(seed: int = 1) -> PairBatch:
-    """Four pairs of different prompt and completion lengths (so there is padding), token ids in [1, 97)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def ids(n):
-        return torch.randint(1, 97, (n,), generator=g).tolist()
-
-    prompts = [ids(n) for n in (3, 7, 1, 5)]
-    chosen = [ids(n) for n in (4, 2, 9, 1)]
-    rejected = [ids(n) for n in (6, 3, 2, 8)]
-    return PairBatch.from_pairs(prompts, chosen, rejected, pad_token_id=0)
+    """Four pairs of different prompt and completion lengths (so there is padding)."""
+    return PairBatch.from_pairs(*random_pairs(seed, (3, 7, 1, 5), (4, 2, 9, 1), (6, 3, 2, 8)), pad_token_id=0)
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -62,7 +39,7 @@ def _assert_same_gradients(got: dict[str, torch.Tensor], expected: dict[str, tor
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 1000])
 def test_chunked_logps_equal_the_plain_path_with_gradients(chunk_size):
-    plain_model = _model()
+    plain_model = random_qwen2()
     chunked_model = copy.deepcopy(plain_model)
     batch = _batch()
     weights = torch.linspace(-1.0, 2.0, batch.num_rows)  # any downstream use of the per-row sums
@@ -80,8 +57,8 @@ def test_chunked_logps_equal_the_plain_path_with_gradients(chunk_size):
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_every_loss_gives_the_same_loss_rewards_and_gradients_chunked(loss_type):
     """The policy moved off its reference, so that losses and rewards are not trivially ln 2 and 0."""
-    reference = _model(seed=0)
-    policy = _model(seed=3)
+    reference = random_qwen2(seed=0)
+    policy = random_qwen2(seed=3)
     twin = copy.deepcopy(policy)
     batch = _batch(seed=5)
     settings = LossSettings(loss_type, beta=0.3, label_smoothing=0.1 if loss_type in ("sigmoid", "robust") else 0.0)
@@ -121,8 +98,8 @@ def test_chunked_backward_is_autograds_gradient(with_bias):
 
 
 def test_models_whose_logits_are_not_the_head_of_the_hidden_states_use_the_plain_path():
-    assert body_and_head(_model()) is not None
-    capped = _model()
+    assert body_and_head(random_qwen2()) is not None
+    capped = random_qwen2()
     capped.config.final_logit_softcapping = 30.0
     assert body_and_head(capped) is None
     batch = _batch()
@@ -130,7 +107,7 @@ def test_models_whose_logits_are_not_the_head_of_the_hidden_states_use_the_plain
 
 
 def test_bf16_autocast_on_cpu_stays_close_to_the_plain_path():
-    model = _model()
+    model = random_qwen2()
     batch = _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = forward_logps(model, batch).logps

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from contract import online_demo_values, stepwise_run_values, write_jsonl
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tiny_models import random_pairs, random_qwen2
 
 from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
@@ -33,35 +33,12 @@ def test_the_packed_layout_by_hand():
     assert "attention_mask" not in batch.model_inputs() and batch.split(torch.arange(4.0))[1].tolist() == [2.0, 3.0]
 
 
-def _model() -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(config)
-
-
-def _pairs(seed: int):
-    g = torch.Generator().manual_seed(seed)
-
-    def ids(n):
-        return torch.randint(1, 97, (n,), generator=g).tolist()
-
-    return [ids(n) for n in (3, 7, 1)], [ids(n) for n in (4, 2, 9)], [ids(n) for n in (6, 3, 2)]
-
-
 @pytest.mark.parametrize("chunk_size", [0, 4])
 def test_packed_log_probs_and_gradients_equal_the_padded_ones(chunk_size):
-    prompts, chosen, rejected = _pairs(1)
+    prompts, chosen, rejected = random_pairs(1, (3, 7, 1), (4, 2, 9), (6, 3, 2))
     padded = PairBatch.from_pairs(prompts, chosen, rejected, pad_token_id=0)
     packed = PairBatch.from_pairs(prompts, chosen, rejected, pad_token_id=0, packed=True)
-    model = _model()
+    model = random_qwen2()
     twin = copy.deepcopy(model)
     weights = torch.tensor([1.0, -0.5, 2.0, 0.3, -1.0, 0.7])
     expected = forward_logps(model, padded, chunk_size)
