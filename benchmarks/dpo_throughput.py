@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,6 +286,8 @@ def child(args) -> None:
     preset = PRESETS[args.preset]
     workdir = Path(args.workdir) / args.preset
     model_dir, pairs = build_assets(preset, workdir)
+    if args.batch_size:  # a probe of the largest batch: a few steps at this batch size
+        preset = replace(preset, batch_size=args.batch_size, steps=3, warmup=1)
     if args.run.startswith("ours"):
         from dpo_lightning.memory import tune_cpu_allocator
 
@@ -341,6 +343,34 @@ def _mfu(preset: Preset, tokens_per_second: float) -> float | None:
 # ----------------------------------------------------------------------------- the parent: alternate and compare
 
 
+def run_child(args, name: str, batch_size: int | None = None) -> tuple[dict | None, str]:
+    """(the run's JSON result or None, its stderr tail), from a fresh process."""
+    command = [sys.executable, __file__, "--child", "--run", name, "--preset", args.preset]
+    command += ["--workdir", args.workdir, "--ours", args.ours]
+    if batch_size:
+        command += ["--batch-size", str(batch_size)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        return None, done.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :]), ""
+
+
+def largest_batch(args, name: str, start: int, cap: int) -> dict:
+    """The largest batch (pairs per device) that trains a few steps without running out of memory, doubling
+    from `start`; the search stops at `cap` or at a failure that is not an out-of-memory error."""
+    fits, size = None, start
+    while size <= cap:
+        result, errors = run_child(args, name, size)
+        if result is None:
+            if "out of memory" not in errors.lower() and "outofmemory" not in errors.lower():
+                print(errors, file=sys.stderr)
+                raise SystemExit(f"error: run {name} at batch {size} failed, and not for lack of memory")
+            break
+        fits, size = size, size * 2
+    return {"run": name, "largest_batch_fitting": fits, "searched_up_to": min(size, cap)}
+
+
 def parent(args) -> None:
     preset = PRESETS[args.preset]
     build_assets(preset, Path(args.workdir) / args.preset)  # once, before any run is timed
@@ -351,18 +381,17 @@ def parent(args) -> None:
     results: dict[str, list[dict]] = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name in runs:  # alternating, so that drift in the machine's speed hits every system alike
-            command = [sys.executable, __file__, "--child", "--run", name, "--preset", args.preset]
-            command += ["--workdir", args.workdir, "--ours", args.ours]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                print(done.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"error: run {name} failed (exit {done.returncode})")
-            result = json.loads(lines[-1][len("RESULT ") :])
+            result, errors = run_child(args, name)
+            if result is None:
+                print(errors, file=sys.stderr)
+                raise SystemExit(f"error: run {name} failed")
             results[name].append(result)
             print(json.dumps(result), flush=True)
     if "trl" in results:
         print(json.dumps(ratios(results)), flush=True)
+    if args.max_batch:
+        for name in runs:
+            print(json.dumps(largest_batch(args, name, preset.batch_size, args.max_batch)), flush=True)
 
 
 def ratios(results: dict[str, list[dict]]) -> dict:
@@ -393,6 +422,13 @@ def main() -> None:
     parser.add_argument(
         "--ours", default="{}", help="settings for this project's runs, JSON: '{\"logps_chunk_size\": 256}'"
     )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=0,
+        help="also find each run's largest batch that fits, doubling from the preset's up to this (GPU presets)",
+    )
+    parser.add_argument("--batch-size", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)
     args = parser.parse_args()
