@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ class StepClock:
 def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, variant: str, overrides: dict) -> dict:
     import lightning as L
 
-    from dpo_lightning.config import FIELDS, make_config
+    from dpo_lightning.config import make_config
     from dpo_lightning.training.run import train
 
     fast, bf16 = variant.startswith("ours-fast"), variant == "ours-fast-bf16" or preset.precision == "bf16-mixed"
@@ -197,9 +197,8 @@ def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, varian
     )
     if variant == "ours-plain":
         values["logps_chunk_size"] = 0
-    for key in ("precompute_ref_logps", "padding_free"):  # the fast path's options
-        if fast and key in FIELDS:
-            values[key] = True
+    if fast:
+        values.update(precompute_ref_logps=True, padding_free=True)
     values.update(overrides)
     clock, first, began = StepClock(), {}, time.perf_counter()
 
@@ -432,7 +431,6 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    asdict(PRESETS[args.preset])  # the preset exists
     child(args) if args.child else parent(args)
 
 

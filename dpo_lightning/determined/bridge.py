@@ -8,7 +8,6 @@ context, so the same code stores checkpoints under `<output_dir>/checkpoints/` a
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from dpo_lightning.config import (
 )
 from dpo_lightning.determined.session import CoreSession
 from dpo_lightning.errors import ConfigError, UserError
-from dpo_lightning.layout import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, read_metadata
+from dpo_lightning.layout import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, read_metadata, read_run_record
 from dpo_lightning.training.run import StartPoint, TrainOutcome, train
 from dpo_lightning.training.strategies import launched_world_size
 
@@ -68,11 +67,11 @@ def start_point(folder: Path, *, trial_id: int | None) -> StartPoint:
 
 
 def check_same_run(folder: Path, cfg: DPOConfig) -> None:
-    """A resumed run must train what the checkpoint trained; only the run length may change."""
-    try:
-        saved = json.loads((folder / RUN_CONFIG).read_text())["config"]
-    except (OSError, ValueError, KeyError):
-        raise UserError(f"cannot resume from {folder}: its {RUN_CONFIG} is missing or unreadable") from None
+    """A resumed run must train what the checkpoint trained; only RESUMABLE_CHANGES may differ."""
+    record = read_run_record(folder / RUN_CONFIG)
+    if record is None:
+        raise UserError(f"cannot resume from {folder}: its {RUN_CONFIG} is missing or unreadable")
+    saved = record["config"]
     changed = config_changes(saved, cfg)
     if changed:
         current = cfg.to_dict()

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dpo_lightning.data.batch import PairBatch, SequenceBatch
@@ -75,7 +76,7 @@ def pairs_fingerprint(data) -> str:
     for row in zip(*columns, strict=True):
         for ids in row:
             digest.update(len(ids).to_bytes(4, "little"))
-            digest.update(b"".join(int(i).to_bytes(4, "little", signed=True) for i in ids))
+            digest.update(np.asarray(ids, dtype="<i4").tobytes())  # at C speed: datasets hold millions of ids
     return digest.hexdigest()
 
 
