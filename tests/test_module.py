@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 from contract import tiny_run_values, write_jsonl
+from tiny_models import random_qwen2
 
 from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
 from dpo_lightning.determined.bridge import run_local
-from dpo_lightning.training.optim import decay_groups, lr_lambda, warmup_steps_for
+from dpo_lightning.training.optim import adamw, decay_groups, lr_lambda, warmup_steps_for
 
 
 def test_schedules_by_hand():
@@ -30,11 +31,32 @@ def test_warmup_steps_override_ratio():
     assert warmup_steps_for(make_config({"warmup_ratio": 0.1, "warmup_steps": 3}), 95) == 3
 
 
-def test_weight_decay_only_on_matrices():
+def test_weight_decay_skips_biases_and_norms_by_name():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     decayed, plain = decay_groups(model, 0.1)
     assert decayed["weight_decay"] == 0.1 and [p.shape for p in decayed["params"]] == [torch.Size([4, 3])]
     assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3  # bias, norm weight, norm bias
+
+
+def test_weight_decay_choice_does_not_depend_on_shape():
+    # FSDP with use_orig_params shows the optimizer flattened 1-D shards: the choice must be the same there
+    model = random_qwen2(num_hidden_layers=1, tie_word_embeddings=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    expected = {n for n, p in model.named_parameters() if not n.endswith("bias") and "norm" not in n}
+    decayed, _ = decay_groups(model, 0.1)
+    assert {names[id(p)] for p in decayed["params"]} == expected
+    assert any("q_proj.bias" in n for n in names.values())  # the model has biases to leave out
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(param.detach().flatten()))
+    flat_names = {id(p): n for n, p in model.named_parameters()}
+    decayed, _ = decay_groups(model, 0.1)
+    assert {flat_names[id(p)] for p in decayed["params"]} == expected
+
+
+def test_optimizer_is_fused_on_cpu():
+    groups = decay_groups(torch.nn.Linear(3, 4), 0.1)
+    assert adamw(groups, lr=1e-3).defaults["fused"] is True
 
 
 @pytest.fixture(scope="module")

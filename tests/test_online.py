@@ -457,6 +457,7 @@ def test_sample_metrics_by_hand():
         lengths=torch.tensor([4.0, 8.0, 2.0, 6.0]),
         tie=torch.tensor([False, True]),
         prompt_weight=torch.tensor([1.0, 1.0]),
+        logp_diff=torch.tensor([0.1, 0.3]),
     )
     metrics.update(  # the second prompt is evaluation padding (weight 0): it counts nowhere
         scores=torch.tensor([-1.0, 5.0, 100.0, -100.0]),
@@ -466,6 +467,7 @@ def test_sample_metrics_by_hand():
         lengths=torch.tensor([8.0, 8.0, 1.0, 1.0]),
         tie=torch.tensor([False, True]),
         prompt_weight=torch.tensor([1.0, 0.0]),
+        logp_diff=torch.tensor([0.2]),
     )
     report = metrics.report(with_time=False)
     expected = {
@@ -475,6 +477,7 @@ def test_sample_metrics_by_hand():
         "objective/completion_length": (4 + 8 + 2 + 6 + 8 + 8) / 6,
         "objective/tie_rate": 1 / 3,
         "objective/ties": 1.0,
+        "objective/sampler_logp_diff": (0.1 + 0.3 + 0.2) / 3,  # per token
         "objective/scores_chosen": (3 + 5) / 2,
         "objective/scores_rejected": (1 - 1) / 2,
         "objective/scores_margin": (2 + 6) / 2,

@@ -16,7 +16,7 @@ from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
 from dpo_lightning.data.batch import PairBatch
 from dpo_lightning.determined.bridge import run_local
-from dpo_lightning.dpo.logprobs import forward_logps
+from dpo_lightning.dpo.logprobs import forward_logps, forward_logps_and_tokens, token_logps
 
 
 def test_the_packed_layout_by_hand():
@@ -50,6 +50,27 @@ def test_packed_log_probs_and_gradients_equal_the_padded_ones(chunk_size):
     for (name, param), twin_param in zip(model.named_parameters(), twin.parameters(), strict=True):
         scale = float(param.grad.abs().max())
         torch.testing.assert_close(twin_param.grad, param.grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+@torch.no_grad()
+def test_per_token_log_probs_in_scored_order_on_every_path():
+    # what a sampler's own per-token log-probs are compared with: sequence by sequence, each in token order
+    prompts, chosen, rejected = random_pairs(2, (3, 1), (4, 2), (1, 3))
+    model = random_qwen2()
+    padded = PairBatch.from_pairs(prompts, chosen, rejected, pad_token_id=0)
+    expected = []  # each sequence alone, unpadded, through the full logits
+    for prompt, completion in zip([*prompts, *prompts], [*chosen, *rejected], strict=True):
+        ids = torch.tensor([prompt + completion])
+        per_token = token_logps(model(input_ids=ids).logits[:, :-1], ids[:, 1:])[0]
+        expected.append(per_token[len(prompt) - 1 :])
+    expected = torch.cat(expected)
+    for packed in (False, True):
+        batch = PairBatch.from_pairs(prompts, chosen, rejected, pad_token_id=0, packed=packed)
+        for chunk_size in (0, 3):
+            sums, tokens = forward_logps_and_tokens(model, batch, chunk_size)
+            torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sums.logps, forward_logps(model, padded).logps, rtol=1e-5, atol=1e-5)
+            assert tokens.numel() == sum(len(c) for c in [*chosen, *rejected])
 
 
 def _steps(output_dir) -> dict[tuple[str, int], dict]:

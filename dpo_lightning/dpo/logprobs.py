@@ -43,11 +43,14 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mas
     logits: (N, T, V) from the model on input_ids; input_ids, completion_mask: (N, T), mask 1 on completion
     tokens (prompt and padding 0). Returns per-sequence sums (N,).
     """
+    return _padded_sums(logits, token_logps(logits[:, :-1], input_ids[:, 1:]), completion_mask)
+
+
+def _padded_sums(logits: torch.Tensor, per_token: torch.Tensor, completion_mask: torch.Tensor) -> SequenceLogps:
+    """Per-sequence sums of per-token log-probs (N, T - 1) over the scored (shifted) completion positions."""
     scored = completion_mask[:, 1:].to(torch.float32)
-    shifted_logits = logits[:, :-1]
-    per_token = token_logps(shifted_logits, input_ids[:, 1:])
     with torch.no_grad():
-        mean_logit = shifted_logits.detach().mean(dim=-1, dtype=torch.float32)
+        mean_logit = logits[:, :-1].detach().mean(dim=-1, dtype=torch.float32)
         logits_sum = (mean_logit * scored).sum(dim=-1)
     return SequenceLogps(
         logps=(per_token * scored).sum(dim=-1),
@@ -64,19 +67,31 @@ def forward_logps(model: torch.nn.Module, batch: SequenceBatch, chunk_size: int 
     completion positions go through the head, `chunk_size` tokens at a time (`chunked.py`); else the plain path
     computes the logits of every position.
     """
+    return forward_logps_and_tokens(model, batch, chunk_size)[0]
+
+
+def forward_logps_and_tokens(
+    model: torch.nn.Module, batch: SequenceBatch, chunk_size: int = 0
+) -> tuple[SequenceLogps, torch.Tensor]:
+    """`forward_logps`, and the log-prob of every scored token (K,), detached, in `batch.scored_positions()`
+    order (sequence by sequence, each in token order): what a sampler's own per-token log-probs compare with."""
     parts = body_and_head(model) if chunk_size > 0 else None
     if parts is None:
         logits = model(**batch.model_inputs()).logits
         if not batch.packed:
-            return sequence_logps(logits, batch.input_ids, batch.completion_mask)
-        return _per_sequence(batch, *_packed_token_values(logits, batch))
+            per_token = token_logps(logits[:, :-1], batch.input_ids[:, 1:])
+            rows, positions, _ = batch.scored_positions()
+            sums = _padded_sums(logits, per_token, batch.completion_mask)
+            return sums, per_token.detach()[rows, positions]
+        sequences, per_token, mean_logit = _packed_token_values(logits, batch)
+        return _per_sequence(batch, sequences, per_token, mean_logit), per_token.detach()
     body, head = parts
     hidden = body(**batch.model_inputs()).last_hidden_state
     rows, positions, sequences = batch.scored_positions()
-    token_logps, mean_logit = chunked_token_logps(
+    per_token, mean_logit = chunked_token_logps(
         hidden[rows, positions], head, batch.input_ids[rows, positions + 1], chunk_size
     )
-    return _per_sequence(batch, sequences, token_logps, mean_logit)
+    return _per_sequence(batch, sequences, per_token, mean_logit), per_token.detach().float()
 
 
 def _packed_token_values(logits: torch.Tensor, batch: SequenceBatch):

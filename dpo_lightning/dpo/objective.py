@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from dpo_lightning.data.batch import PairBatch
-from dpo_lightning.dpo.logprobs import PairLogps, forward_logps
+from dpo_lightning.dpo.logprobs import PairLogps, forward_logps_and_tokens
 from dpo_lightning.dpo.losses import LossOutput, compute_loss
 from dpo_lightning.dpo.reference import Reference
 
@@ -31,6 +31,7 @@ class PairResult(NamedTuple):
     loss: LossOutput  # per pair (B,)
     policy: PairLogps  # the policy's log-probs, chosen and rejected (B,) each, with gradients
     reference: PairLogps  # the reference's, without
+    policy_tokens: torch.Tensor  # (K,) the policy's log-prob of each scored token, detached, in scored order
 
 
 def pair_loss(settings: LossSettings, policy: PairLogps, reference: PairLogps) -> LossOutput:
@@ -53,6 +54,7 @@ def pair_forward(
 ) -> PairResult:
     """Policy and reference log-probs of a pair batch's 2B rows, and the per-pair loss. `chunk_size`: how the
     policy's log-probs are computed (`logprobs.forward_logps`); the reference computes its own its way."""
-    policy_logps = PairLogps.of(batch, forward_logps(policy, batch, chunk_size))
+    rows, tokens = forward_logps_and_tokens(policy, batch, chunk_size)
+    policy_logps = PairLogps.of(batch, rows)
     reference_logps = PairLogps.of(batch, reference.logps(batch))
-    return PairResult(pair_loss(settings, policy_logps, reference_logps), policy_logps, reference_logps)
+    return PairResult(pair_loss(settings, policy_logps, reference_logps), policy_logps, reference_logps, tokens)

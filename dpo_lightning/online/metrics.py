@@ -20,6 +20,7 @@ SAMPLE_METRICS = (
     "objective/eos_rate",
     "objective/tie_rate",
     "objective/completion_length",
+    "objective/sampler_logp_diff",
 )
 
 
@@ -47,6 +48,9 @@ class SampleMetrics(torch.nn.Module):
     scores, kl, eos_rate and completion_length are means over every sample; scores_chosen/rejected/margin
     over the pairs that were trained on (ties excluded); tie_rate and ties over prompts. kl is the sampled
     estimate of KL(policy || reference) per completion: the mean of sum(log pi - log pi_ref) over its tokens.
+    sampler_logp_diff is a mean over sampled tokens of |log-prob the sampler reported - the training policy's|:
+    0 where the sampler is the policy itself, and how far a separate engine's weights or numerics have drifted
+    from the policy's otherwise.
     """
 
     def __init__(self) -> None:
@@ -69,9 +73,11 @@ class SampleMetrics(torch.nn.Module):
         lengths: torch.Tensor,
         tie: torch.Tensor,
         prompt_weight: torch.Tensor,
+        logp_diff: torch.Tensor,
     ) -> None:
         """One micro-batch: per-sample (N,) scores, kl, has_eos, lengths; per-prompt (P,) chosen and rejected
-        scores, tie flags and weights (0 for the rows that only even out evaluation shards)."""
+        scores, tie flags and weights (0 for the rows that only even out evaluation shards); per sampled token
+        (K,) |sampler log-prob - policy log-prob|."""
         sample_weight = prompt_weight.repeat_interleave(SAMPLES_PER_PROMPT)
         pair_weight = prompt_weight * (~tie).float()
         self._update("objective/scores", scores, sample_weight)
@@ -84,6 +90,7 @@ class SampleMetrics(torch.nn.Module):
         self._update("objective/scores_rejected", rejected, pair_weight)
         self._update("objective/scores_margin", chosen - rejected, pair_weight)
         self.ties.update((tie.float() * prompt_weight).sum())
+        self._update("objective/sampler_logp_diff", logp_diff, torch.ones_like(logp_diff))
 
     def report(self, with_time: bool) -> dict[str, float]:
         """Means since the last report as plain floats (every rank calls this together); then reset."""

@@ -58,6 +58,9 @@ class SampledPairs(NamedTuple):
     tie: torch.Tensor  # (P,) bool
     chosen: torch.Tensor  # (P,) which of the prompt's two samples is chosen
     prompt_weight: torch.Tensor  # (P,) 0 for rows that only even out evaluation shards
+    # (K,) the sampler's log-prob of each completion token in the pair batch's scored order (chosen rows, then
+    # rejected, each in token order); None where the sampler is the policy itself
+    sampler_logps: torch.Tensor | None
 
 
 def sample_pairs(
@@ -94,6 +97,10 @@ def sample_pairs(
         packed=packed,
     )
     index = torch.arange(len(chosen))
+    sampler_logps = None
+    if completions.logps is not None:
+        rows = [i * SAMPLES_PER_PROMPT + int(side[i]) for side in (chosen, rejected) for i in range(len(side))]
+        sampler_logps = torch.tensor([lp for row in rows for lp in completions.logps[row]], dtype=torch.float32)
     return SampledPairs(
         pairs=pairs.to(device),
         scores=scores,
@@ -103,7 +110,20 @@ def sample_pairs(
         tie=tie,
         chosen=chosen,
         prompt_weight=weight,
+        sampler_logps=sampler_logps,
     )
+
+
+def sampler_logp_diff(sampled: SampledPairs, policy_tokens: torch.Tensor) -> torch.Tensor:
+    """(K,) |sampler log-prob - policy log-prob| per sampled token; a single 0 where the sampler is the policy."""
+    if sampled.sampler_logps is None:
+        return torch.zeros(1)
+    policy = policy_tokens.detach().float().cpu()
+    if policy.shape != sampled.sampler_logps.shape:
+        raise RuntimeError(
+            f"the sampler reported {sampled.sampler_logps.numel()} token log-probs for {policy.numel()} sampled tokens"
+        )
+    return (sampled.sampler_logps - policy).abs()
 
 
 def sample_log_ratios(result: PairResult, chosen: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ would have.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,13 +29,20 @@ class SamplingRNG:
     Hugging Face `generate` draws from torch's global generator (it takes no generator of its own); running it
     inside `active`, a `fork_rng` with this stream's state, keeps it apart from everything else that draws
     (data loading, initialisation), so that a resumed run samples exactly what the uninterrupted run would
-    have. An engine that seeds each request itself would derive its seeds from `seed` and its own counter.
+    have. An engine that seeds each request itself (vLLM) takes `request_seeds`: derived from `seed` and a
+    counter of requests so far, which is saved with the rest.
     """
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
         self.cpu_state: torch.Tensor | None = None
         self.cuda_state: torch.Tensor | None = None
+        self.requests = 0
+
+    def request_seeds(self, count: int) -> list[int]:
+        """One seed per request for the next `count` requests, each a hash of (seed, request number)."""
+        first, self.requests = self.requests, self.requests + count
+        return [request_seed(self.seed, number) for number in range(first, first + count)]
 
     @contextmanager
     def active(self, device: torch.device) -> Iterator[None]:
@@ -54,15 +62,26 @@ class SamplingRNG:
             self.cuda_state = torch.cuda.get_rng_state(device) if cuda else None
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "cpu": self.cpu_state, "cuda": self.cuda_state}
+        return {"seed": self.seed, "cpu": self.cpu_state, "cuda": self.cuda_state, "requests": self.requests}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.cpu_state, self.cuda_state = state["seed"], state["cpu"], state["cuda"]
+        self.requests = state.get("requests", 0)  # checkpoints written before engines seeded requests
+
+
+def request_seed(seed: int, number: int) -> int:
+    """A 63-bit seed for request `number` of stream `seed`: hashed, so that neighbouring streams and requests
+    share no structure."""
+    digest = hashlib.blake2b(f"{seed}:{number}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class Completions(NamedTuple):
     ids: list[list[int]]  # N = P * SAMPLES_PER_PROMPT completions (prompt-major), each cut after its first EOS
     has_eos: torch.Tensor  # (N,) bool: the completion ended with an EOS rather than at max_new_tokens
+    # the engine's log-prob of each sampled token (raw logits, temperature 1), where the engine is not the
+    # training policy itself; None where it is (Hugging Face generate on the policy)
+    logps: list[list[float]] | None = None
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

@@ -15,7 +15,7 @@ from dpo_lightning.dpo.reference import Reference
 from dpo_lightning.online.comparison import compare_generations
 from dpo_lightning.online.judges import Judge
 from dpo_lightning.online.metrics import SampleMetrics
-from dpo_lightning.online.pairing import SampledPairs, sample_log_ratios, sample_pairs
+from dpo_lightning.online.pairing import SampledPairs, sample_log_ratios, sample_pairs, sampler_logp_diff
 from dpo_lightning.online.sampling import HFSampler, Sampler, SamplingRNG, SamplingSettings
 from dpo_lightning.training.module import TrainingModule
 from dpo_lightning.training.sinks import ReportSink
@@ -173,6 +173,7 @@ class OnlineDPOModule(DPOModule):
             lengths=sampled.lengths,
             tie=sampled.tie,
             prompt_weight=sampled.prompt_weight,
+            logp_diff=sampler_logp_diff(sampled, result.policy_tokens),
         )
         return weighted_mean(result.loss.losses, sampled.pairs.pair_weight)
 

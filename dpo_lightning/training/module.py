@@ -14,7 +14,7 @@ import torch
 
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.lightning_compat import validate_now
-from dpo_lightning.training.optim import decay_groups, lr_lambda, warmup_steps_for
+from dpo_lightning.training.optim import adamw, decay_groups, lr_lambda, warmup_steps_for
 from dpo_lightning.training.sinks import Report, ReportSink
 from dpo_lightning.training.strategies import clip_gradients, is_fsdp
 
@@ -73,7 +73,7 @@ class TrainingModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.cfg
-        optimizer = torch.optim.AdamW(
+        optimizer = adamw(
             decay_groups(self.trained, cfg.weight_decay),
             lr=cfg.learning_rate,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
