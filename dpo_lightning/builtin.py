@@ -128,8 +128,10 @@ def build_tiny_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     vocab_size: int = 512,
+    num_heads: int = 4,
 ) -> Path:
-    """Save a random tiny Qwen2 causal LM and its tokenizer to `folder` in Hugging Face format."""
+    """Save a random tiny Qwen2 causal LM and its tokenizer to `folder` in Hugging Face format (head size
+    hidden_size / num_heads: vLLM's attention needs one of its supported sizes, e.g. 64 / 2 = 32)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -140,8 +142,8 @@ def build_tiny_model(
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
         max_position_embeddings=512,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,

@@ -152,6 +152,7 @@ def test_online_loop_raises_the_held_out_reward(online_demo):
         assert TRAINING_METRICS | OBJECTIVE_METRICS | TIME_SHARES <= set(metrics)
         shares = [metrics[name] for name in TIME_SHARES]
         assert all(0 < share < 1 for share in shares) and sum(shares) < 1
+        assert metrics["objective/sampler_logp_diff"] == 0.0  # HF generate samples the policy itself
     assert OBJECTIVE_METRICS <= set(validation[60]) and not TIME_SHARES & set(validation[60])
     before, after = validation[0], validation[60]
     # at step 0 the policy is its reference: no KL, and DPO's loss is ln 2 on every untied pair

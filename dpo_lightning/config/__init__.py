@@ -26,6 +26,7 @@ from dpo_lightning.config.schema import (
     USES_LABEL_SMOOTHING,
     DPOConfig,
     online_problem,
+    vllm_max_model_len,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "load_config",
     "make_config",
     "online_problem",
+    "vllm_max_model_len",
     "parse_overrides",
     "read_experiment_hparams",
     "resolve_hparams",

@@ -29,6 +29,8 @@ RESUMABLE_CHANGES = (
     "gradient_checkpointing",
     "precompute_ref_logps",
     "padding_free",
+    "vllm_gpu_memory_utilization",
+    "vllm_kv_cache_gib",
 )
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("32", "bf16-mixed")
@@ -106,6 +108,17 @@ class DPOConfig:
     """Tokens of prompt + completion the reward model sees at most (as it tokenizes them; keeps the start)."""
     prompt_lines: int = 4
     """Plain-text prompt sources (tiny_shakespeare, .txt files): lines of a block (speech) per prompt."""
+    sampler: Literal["hf", "vllm"] = "hf"
+    """Engine that samples online completions: hf (transformers generate on the policy itself) or vllm (a vLLM
+    engine in the training process, one per rank, its weights synced from the policy)."""
+    vllm_sync_every: int = 1
+    """Optimizer steps between weight syncs to the vLLM engine; above 1, samples are up to K-1 steps off-policy."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Share of the GPU's memory the vLLM engine takes for its weights and KV cache (training keeps the rest)."""
+    vllm_kv_cache_gib: int = 1
+    """On CPU: GiB of memory for the vLLM engine's KV cache."""
+    vllm_max_model_len: int = 0
+    """Tokens of prompt + completion the vLLM engine handles; 0 means max_prompt_length + max_new_tokens."""
 
     # --- optimisation ---
     batch_size: int = 4
@@ -279,6 +292,10 @@ def _check_sampling(cfg: DPOConfig) -> str | None:
             else ("generation_eval_every samples the reference model, which precomputing leaves out of memory")
         )
         return f"precompute_ref_logps works only for offline DPO without generation metrics: {why}"
+    if cfg.sampler != "hf" and cfg.mode in ("offline", "reward"):
+        return f"sampler: {cfg.sampler} samples online DPO's completions; mode {cfg.mode} samples none (sampler: hf)"
+    if not 0.0 < cfg.vllm_gpu_memory_utilization <= 1.0:
+        return f"vllm_gpu_memory_utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}"
     if cfg.padding_free and cfg.mode == "reward":
         return "padding_free packs DPO's sequences; mode reward scores padded rows (set padding_free: false)"
     if cfg.mode == "online":
@@ -300,7 +317,18 @@ def online_problem(cfg: DPOConfig) -> str | None:
             f"max_prompt_length ({cfg.max_prompt_length}) + max_new_tokens ({cfg.max_new_tokens}) must be <= "
             f"max_length ({cfg.max_length}): sampled completions are trained on as they are, never cut"
         )
+    needed = cfg.max_prompt_length + cfg.max_new_tokens
+    if cfg.sampler == "vllm" and 0 < cfg.vllm_max_model_len < needed:
+        return (
+            f"vllm_max_model_len ({cfg.vllm_max_model_len}) must be >= max_prompt_length ({cfg.max_prompt_length}) + "
+            f"max_new_tokens ({cfg.max_new_tokens}), or 0 to fit them"
+        )
     return None
+
+
+def vllm_max_model_len(cfg: DPOConfig) -> int:
+    """Tokens of prompt + completion the vLLM engine is built for."""
+    return cfg.vllm_max_model_len or cfg.max_prompt_length + cfg.max_new_tokens
 
 
 def _check_text(cfg: DPOConfig) -> str | None:
@@ -315,7 +343,8 @@ _CHECKS = (
     _positive("beta", "batch_size", "gradient_accumulation_steps", "num_epochs", "max_length", "learning_rate"),
     _positive("report_every_n_steps", "val_check_interval", "keep_last_n_checkpoints", "adam_epsilon"),
     _positive("preempt_check_every_n_steps", "max_new_tokens", "reward_batch_size", "reward_max_length"),
-    _positive("temperature", "prompt_lines"),
+    _positive("temperature", "prompt_lines", "vllm_sync_every", "vllm_kv_cache_gib"),
+    _non_negative("vllm_max_model_len"),
     _non_negative("missing_eos_penalty", "generation_eval_every"),
     _positive("generation_eval_prompts"),
     _check_sampling,

@@ -1,7 +1,8 @@
 """The sampler seam: `Sampler.sample(prompts, n, settings, rng)` -> `Completions`.
 
 Online DPO samples its pairs and generation metrics sample the policy's and the reference's completions
-through it, the same way. `HFSampler` (Hugging Face `generate`) is the one implementation today. Whatever the
+through it, the same way. `HFSampler` (Hugging Face `generate` on the policy itself) is the default;
+`vllm_sampler.VLLMSampler` is a vLLM engine holding a synced copy of the policy's weights. Whatever the
 engine, a completion is plain ancestral sampling from softmax(logits / temperature) with nucleus `top_p`, cut
 after its first stop token, and its draws come from a `SamplingRNG` kept apart from every other random
 stream and saved in each rank's checkpoint, so that a resumed run samples exactly what the uninterrupted run
@@ -192,6 +193,18 @@ class SamplingSettings:
 
 
 class Sampler(Protocol):
+    def start(self, device: torch.device) -> None:
+        """Get ready to sample on `device` (an engine of its own starts here, once the rank's device is known)."""
+        ...
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        """Take the policy's current weights (an engine that holds a copy of its own loads them here)."""
+        ...
+
+    def close(self) -> None:
+        """Let go of what `start` took (an engine's memory and processes)."""
+        ...
+
     def sample(self, prompts: PromptBatch, n: int, settings: SamplingSettings, rng: SamplingRNG) -> Completions:
         """`n` completions per prompt, prompt-major (prompt 0's n samples, then prompt 1's, ...), drawn from
         `rng`'s stream (which the call advances)."""
@@ -221,6 +234,15 @@ class HFSampler:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def start(self, device: torch.device) -> None:
+        pass  # generate runs on the policy where it is
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        pass  # it samples from the live policy: always its current weights
+
+    def close(self) -> None:
+        pass
 
     def sample(self, prompts: PromptBatch, n: int, settings: SamplingSettings, rng: SamplingRNG) -> Completions:
         config = sampling_config(

@@ -128,6 +128,34 @@ class OnlineDPOModule(DPOModule):
         self.val_samples = SampleMetrics()
         self.sampling_rng = SamplingRNG(cfg.seed)
         self._val_rng = SamplingRNG(cfg.seed)
+        self._engine_step: int | None = None  # the optimizer step whose weights the sampler holds
+
+    def sync_sampler(self) -> None:
+        """Hand the policy's current weights to the sampler (a no-op for HF generate, which samples the policy
+        itself); started on the rank's device the first time."""
+        if self._engine_step == self.global_step:
+            return
+        self.sampler.start(self.device)
+        self.sampler.sync(self.policy)
+        self._engine_step = self.global_step
+
+    def release(self) -> None:
+        self.sampler.close()
+        self._engine_step = None
+
+    def on_train_start(self) -> None:
+        self.sync_sampler()  # after a resume restored the policy, before the baseline validation samples
+        super().on_train_start()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self.global_step != self._engine_step and self.global_step % self.cfg.vllm_sync_every == 0:
+            self.sync_sampler()
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if not self.trainer.sanity_checking:
+            self.sync_sampler()  # validation measures the current policy, whatever vllm_sync_every says
 
     def setup(self, stage: str) -> None:
         # each rank its own stream (the same stream everywhere would sample the same completions for the

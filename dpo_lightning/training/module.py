@@ -69,6 +69,10 @@ class TrainingModule(L.LightningModule):
         if not is_fsdp(self.trainer):
             checkpoint["state_dict"] = {}
 
+    def release(self) -> None:
+        """Let go of what the run holds beside its models (a sampling engine) once training and validation are
+        over."""
+
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self):

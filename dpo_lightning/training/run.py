@@ -20,6 +20,7 @@ from dpo_lightning.config import DPOConfig
 from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.data.mode import needs_judge
+from dpo_lightning.errors import UserError
 from dpo_lightning.layout import METRICS, RUN_CONFIG, run_record, write_json
 from dpo_lightning.memory import release_free_memory
 from dpo_lightning.models import (
@@ -31,6 +32,7 @@ from dpo_lightning.models import (
     resolve_model,
 )
 from dpo_lightning.online.judges import check_judge, load_judge
+from dpo_lightning.online.vllm_sampler import VLLMSampler, check_vllm
 from dpo_lightning.training.checkpoints import lightning_state_path
 from dpo_lightning.training.dpo_module import DPOModule, OnlineDPOModule
 from dpo_lightning.training.module import TrainingModule
@@ -105,7 +107,24 @@ def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
     check_source(cfg)
     policy_source = resolve_model(cfg.model_name, "model_name")
     ref_source = resolve_model(cfg.ref_model_name, "ref_model_name") if cfg.ref_model_name else None
+    if cfg.sampler == "vllm":
+        check_vllm(cfg, policy_source)
     return policy_source, ref_source
+
+
+def check_sampler(cfg: DPOConfig, mode: str) -> None:
+    """`sampler` names the engine of online samples; once `mode: auto` has chosen from the data, say so when
+    it chose a mode that samples nothing."""
+    if cfg.sampler != "hf" and mode != "online":
+        raise UserError(f"sampler: {cfg.sampler} samples online DPO's completions; this run's mode is {mode}")
+    if cfg.sampler == "vllm" and cfg.vllm_sync_every > 1 and cfg.checkpoint_every_n_steps % cfg.vllm_sync_every:
+        log.warning(
+            "checkpoint_every_n_steps (%d) is not a multiple of vllm_sync_every (%d): a run resumed from such a "
+            "checkpoint syncs the engine at once, so its samples differ from the uninterrupted run's until the "
+            "next sync",
+            cfg.checkpoint_every_n_steps,
+            cfg.vllm_sync_every,
+        )
 
 
 def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSource | None, start: StartPoint | None):
@@ -162,7 +181,8 @@ def build_module(
         )
         log.info("completions scored by %s", judge.description)
     if mode == "online":
-        return OnlineDPOModule(cfg, policy, reference, judge, tokenizer, sinks=sinks)
+        sampler = VLLMSampler.of(cfg, sources[0]) if cfg.sampler == "vllm" else None
+        return OnlineDPOModule(cfg, policy, reference, judge, tokenizer, sinks=sinks, sampler=sampler)
     return DPOModule(cfg, policy, reference, sinks=sinks, judge=judge, tokenizer=tokenizer)
 
 
@@ -190,6 +210,7 @@ def train(
     if needs_judge(mode, cfg.generation_eval_every):  # checked before any model loads
         check_judge(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
     check_precompute(cfg, mode)
+    check_sampler(cfg, mode)
 
     output_dir = Path(cfg.output_dir)
     write_files = session is not None and session.write_files and not fast_dev_run
@@ -214,12 +235,13 @@ def train(
     resume_from = None if start is None or start.weights_only else str(lightning_state_path(start.path))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        if datamodule.has_validation and not fast_dev_run and module.last_validated_step != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
     except TrainingInterrupted as stop:
         log.warning("%s; exiting", stop)
         return TrainOutcome(module, trainer, interrupted=True)
-
-    if datamodule.has_validation and not fast_dev_run and module.last_validated_step != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    finally:
+        module.release()
     if session is not None and not fast_dev_run:
         session.finish(trainer, module)
     return TrainOutcome(module, trainer, interrupted=False)
