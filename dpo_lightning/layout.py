@@ -23,6 +23,7 @@ RUN_CONFIG = "run_config.json"
 METADATA = "metadata.json"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+MERGED = "merged"  # under final/: a LoRA run's adapters merged into the base (export_merged)
 METRICS = "metrics.jsonl"
 LIGHTNING_STATE = "trainer/lightning.pt"
 FSDP_STATE = "trainer/fsdp"

@@ -153,11 +153,12 @@ esac
 """
 
 
-def _run_hook(tmp_path: Path, torch_version: str) -> subprocess.CompletedProcess:
+def _run_hook(tmp_path: Path, torch_version: str, **extra_env: str) -> subprocess.CompletedProcess:
     fake = tmp_path / "python3"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     env = {**os.environ, "DET_PYTHON_EXECUTABLE": str(fake), "FAKE_TORCH": torch_version, "RECORD": str(tmp_path)}
+    env.update(extra_env)
     # Determined sources the hook from a shell running with `set -e`
     script = f"set -e; source {REPO / 'startup-hook.sh'}; echo hook-done"
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, env=env)
@@ -179,8 +180,29 @@ def test_startup_hook_installs_requirements_pinned_to_the_image_torch(tmp_path):
     assert args[:3] == ["-m", "pip", "install"] and "-c" in args and "-r" in args
     constraints = (tmp_path / "constraints").read_text().split()
     assert constraints == ["torch==2.6.0+cu124", "determined==0.38.1"]
-    requirements = (tmp_path / "requirements").read_text()
+    requirements = _expanded((tmp_path / "requirements").read_text())
     assert "lightning" in requirements and "determined" not in requirements  # the harness present wins
+    assert not list(REPO.glob("tmp.*")), "the hook's requirements file is left in the context"
+
+
+def _expanded(requirements: str) -> str:
+    """A requirements file's text with its `-r FILE` lines (relative to the repository) replaced by FILE's."""
+    lines = []
+    for line in requirements.splitlines():
+        if line.startswith("-r "):
+            lines.append(_expanded((REPO / line.split()[1]).read_text()))
+        elif not line.startswith("#"):
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def test_startup_hook_adds_the_extra_requirement_files_named_in_the_environment(tmp_path):
+    result = _run_hook(tmp_path, "2.6.0+cu124", DPO_LIGHTNING_EXTRA_REQUIREMENTS="requirements-vllm.txt")
+    assert result.returncode == 0, result.stderr
+    requirements = _expanded((tmp_path / "requirements").read_text())
+    assert "vllm>=" in requirements and "lightning" in requirements and "determined" not in requirements
+    missing = _run_hook(tmp_path, "2.6.0+cu124", DPO_LIGHTNING_EXTRA_REQUIREMENTS="nope.txt")
+    assert missing.returncode != 0 and "nope.txt" in missing.stderr.strip().splitlines()[-1]
 
 
 def test_startup_hook_fails_in_one_line_without_torch(tmp_path):

@@ -76,6 +76,14 @@ def test_engine_log_probs_equal_the_policys_after_every_sync(model32, tmp_path):
     assert stale[6]["objective/sampler_logp_diff"] > 1e-2, stale[6]
 
 
+@needs_vllm
+def test_a_lora_policy_syncs_its_merged_weights(model32, tmp_path):
+    values = _values(model32, tmp_path / "lora", lora_r=4, lora_alpha=16.0, learning_rate=5e-2, max_steps=4)
+    bridge.run_local(make_config(values))
+    diffs = [metrics["objective/sampler_logp_diff"] for metrics in _training(tmp_path / "lora").values()]
+    assert len(diffs) == 4 and all(d < 1e-3 for d in diffs), diffs
+
+
 def _trial(core, cfg, *, start=None):
     return bridge.run_trial(core, cfg, start=start, trial_id=1, on_cluster=True)
 

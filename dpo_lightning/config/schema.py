@@ -49,13 +49,27 @@ class DPOConfig:
     model_name: str = "Qwen/Qwen2.5-0.5B-Instruct"
     """Policy to fine-tune: a Hugging Face Hub name, a local model folder, or `builtin:tiny-qwen2`."""
     ref_model_name: str | None = None
-    """Reference model; None means a frozen copy of the initial policy."""
+    """Reference model; None means a frozen copy of the initial policy (with LoRA: the policy with its adapter
+    disabled, so no second model is loaded)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the frozen models (reference). The trained policy always keeps fp32 master weights."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "sdpa"
     """Attention kernel passed to `from_pretrained`."""
     trust_remote_code: bool = False
     """Allow model/tokenizer code from the Hub; off because it runs arbitrary code."""
+    lora_r: int = 0
+    """LoRA rank (peft): train low-rank adapters on a frozen base instead of every weight; 0 trains all."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: an adapter's update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' inputs (the base model's dropout stays off)."""
+    lora_target_modules: str = "all-linear"
+    """Modules that get adapters: all-linear (every linear layer but the output head), or comma-separated
+    module names such as q_proj,v_proj."""
+    load_in_4bit: bool = False
+    """QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only) under the LoRA adapters."""
+    export_merged: bool = False
+    """With LoRA: also write final/merged/, the base with the adapters merged in, which loads without peft."""
 
     # --- data ---
     dataset_name: str = "builtin:sentiment-pairs"
@@ -296,6 +310,14 @@ def _check_sampling(cfg: DPOConfig) -> str | None:
         return f"sampler: {cfg.sampler} samples online DPO's completions; mode {cfg.mode} samples none (sampler: hf)"
     if not 0.0 < cfg.vllm_gpu_memory_utilization <= 1.0:
         return f"vllm_gpu_memory_utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}"
+    if cfg.lora_r == 0 and (cfg.load_in_4bit or cfg.export_merged):
+        return f"{'load_in_4bit' if cfg.load_in_4bit else 'export_merged'} needs LoRA adapters: set lora_r > 0"
+    if cfg.lora_r > 0 and cfg.mode == "reward":
+        return "lora_r applies to DPO's policy; mode reward trains a reward model in full (set lora_r: 0)"
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        return f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}"
+    if not cfg.lora_target_modules.strip():
+        return "lora_target_modules must name modules, or be all-linear"
     if cfg.padding_free and cfg.mode == "reward":
         return "padding_free packs DPO's sequences; mode reward scores padded rows (set padding_free: false)"
     if cfg.mode == "online":
@@ -344,7 +366,8 @@ _CHECKS = (
     _positive("report_every_n_steps", "val_check_interval", "keep_last_n_checkpoints", "adam_epsilon"),
     _positive("preempt_check_every_n_steps", "max_new_tokens", "reward_batch_size", "reward_max_length"),
     _positive("temperature", "prompt_lines", "vllm_sync_every", "vllm_kv_cache_gib"),
-    _non_negative("vllm_max_model_len"),
+    _non_negative("vllm_max_model_len", "lora_r"),
+    _positive("lora_alpha"),
     _non_negative("missing_eos_penalty", "generation_eval_every"),
     _positive("generation_eval_prompts"),
     _check_sampling,

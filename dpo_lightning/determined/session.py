@@ -27,6 +27,7 @@ from dpo_lightning.lightning_compat import validate_now
 from dpo_lightning.training.checkpoints import (
     checkpoint_metadata,
     export_final,
+    export_merged,
     prune_checkpoints,
     restore_rank_state,
     write_checkpoint,
@@ -124,6 +125,9 @@ class CoreSession:
         if self.write_files and trainer.is_global_zero:
             final = export_final(Path(self.cfg.output_dir), path)
             log.info("final %s saved to %s", module.DESCRIPTION, final)
+            if self.cfg.export_merged:
+                merged = export_merged(final, module.trained, trainer.datamodule.tokenizer)
+                log.info("merged model (adapters merged into the base) saved to %s", merged)
         self.progress(trainer, force=True)
         return path
 

@@ -58,10 +58,13 @@ class PrecomputedReference:
 # ----------------------------------------------------------------------------- fingerprints
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A digest of every parameter and buffer: names, dtypes, shapes and bytes."""
+def weights_fingerprint(model: torch.nn.Module, skip: str | None = None) -> str:
+    """A digest of every parameter and buffer (those whose name contains `skip` left out: a LoRA policy's
+    adapters, which its adapter-disabled reference does not use): names, dtypes, shapes and bytes."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
+        if skip is not None and skip in name:
+            continue
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
         if data.numel():

@@ -1,9 +1,10 @@
 """The reference seam: where the reference log-probs of a batch come from.
 
 A training step asks its `Reference` for the log-probs of the rows it scores and never touches a reference
-network itself, so another source plugs in as one new class without changing the step. The one source today
-is `FrozenReference`: a frozen copy of the initial policy, or the model named by `ref_model_name`, in eval
-mode under no_grad. Generation metrics also sample the reference's own completions, through
+network itself, so another source plugs in as one new class without changing the step. `FrozenReference` is
+a frozen copy of the initial policy, or the model named by `ref_model_name`, in eval mode under no_grad;
+`AdapterDisabledReference` is a LoRA policy with its adapters switched off; `precomputed.PrecomputedReference`
+reads log-probs computed before training. Generation metrics also sample the reference's own completions, through
 `sampling_model`.
 """
 
@@ -55,3 +56,23 @@ class FrozenReference(torch.nn.Module):
     @contextmanager
     def sampling_model(self) -> Iterator[torch.nn.Module]:
         yield self.model
+
+
+class AdapterDisabledReference:
+    """The policy itself with its LoRA adapters switched off (peft's `disable_adapter`): the base model it
+    started from, without a second copy in memory. Not an `nn.Module`: the policy is already the
+    LightningModule's, and its weights are saved once, as the policy's."""
+
+    def __init__(self, policy: torch.nn.Module, chunk_size: int = 0) -> None:
+        self.policy = policy
+        self.chunk_size = chunk_size
+
+    @torch.no_grad()
+    def logps(self, batch: SequenceBatch) -> SequenceLogps:
+        with self.policy.disable_adapter():
+            return forward_logps(self.policy, batch, self.chunk_size)
+
+    @contextmanager
+    def sampling_model(self) -> Iterator[torch.nn.Module]:
+        with self.policy.disable_adapter():
+            yield self.policy

@@ -26,6 +26,7 @@ from dpo_lightning.errors import UserError
 from dpo_lightning.evaluation.pairs import evaluate_pairs, reward_agreement
 from dpo_lightning.layout import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, library_versions, read_run_record
 from dpo_lightning.models import ModelSource, freeze, load_causal_lm, load_tokenizer, resolve_model
+from dpo_lightning.models.lora import is_adapter_folder
 from dpo_lightning.online.comparison import compare_generations
 from dpo_lightning.online.judges import check_judge, load_judge
 from dpo_lightning.online.sampling import SamplingSettings, stop_token_ids
@@ -69,19 +70,25 @@ def resolve_model_path(path: str) -> ResolvedModel:
     a Hub name; with the run record found beside it."""
     folder = Path(path).expanduser()
     if folder.is_dir():
-        if (folder / "config.json").is_file():
+        if _is_model_folder(folder):
             record = read_run_record(folder / RUN_CONFIG) or read_run_record(folder.parent / RUN_CONFIG)
             return ResolvedModel(_local(folder), record)
-        if (folder / "final" / "config.json").is_file():
+        if _is_model_folder(folder / "final"):
             return ResolvedModel(_local(folder / "final"), read_run_record(folder / RUN_CONFIG))
         checkpoint = find_resume_checkpoint(folder) if (folder / CHECKPOINTS).is_dir() else None
         if checkpoint is not None:
             return ResolvedModel(_local(checkpoint), read_run_record(checkpoint / RUN_CONFIG))
         raise UserError(
-            f"model_path: {path} is not a model folder (no config.json), a training output folder (no final/ "
+            f"model_path: {path} is not a model folder (no config.json or adapter_config.json), a training output "
+            "folder (no final/ "
             "and no complete checkpoint) or a checkpoint"
         )
     return ResolvedModel(resolve_model(path, "model_path"), None)  # a Hub name, or one line for a missing folder
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """A Hugging Face model folder, or a LoRA adapter folder (a LoRA run's checkpoints and final/)."""
+    return (folder / "config.json").is_file() or is_adapter_folder(folder)
 
 
 def _local(folder: Path) -> ModelSource:

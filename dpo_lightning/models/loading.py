@@ -16,6 +16,13 @@ import torch
 from dpo_lightning.builtin import BUILTIN_MODEL, builtin_model_dir
 from dpo_lightning.errors import UserError, first_line
 from dpo_lightning.hub import hub_reachable, offline_env
+from dpo_lightning.models.lora import (
+    adapter_base_name,
+    add_adapters,
+    is_adapter_folder,
+    load_adapters,
+    quantization_config,
+)
 
 
 class ModelSource(NamedTuple):
@@ -88,8 +95,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
-def load_causal_lm(source: ModelSource, *, dtype: torch.dtype, attn_implementation: str, trust_remote_code: bool):
+def load_causal_lm(
+    source: ModelSource, *, dtype: torch.dtype, attn_implementation: str, trust_remote_code: bool, **options
+):
+    """A causal LM from `source`, dropout off; `options` go to `from_pretrained` (a quantization config). A LoRA
+    adapter folder loads as its base (named in its adapter_config.json) with the adapters merged in."""
     from transformers import AutoModelForCausalLM
+
+    if is_adapter_folder(source.name_or_path):
+        return _merged_adapter_model(source, dtype, attn_implementation, trust_remote_code)
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -98,11 +112,27 @@ def load_causal_lm(source: ModelSource, *, dtype: torch.dtype, attn_implementati
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             local_files_only=source.local_files_only,
+            **options,
         )
     except (OSError, ValueError, ImportError) as exc:
         raise UserError(f"could not load model '{source.name_or_path}': {first_line(exc)}") from None
     disable_dropout(model)
     return model
+
+
+def _merged_adapter_model(source: ModelSource, dtype, attn_implementation: str, trust_remote_code: bool):
+    from peft import PeftModel
+
+    base_name = adapter_base_name(source.name_or_path)
+    if not base_name:
+        raise UserError(f"{source.name_or_path}: adapter_config.json names no base model (base_model_name_or_path)")
+    base = load_causal_lm(
+        resolve_model(base_name, f"the base model of the adapters in {source.name_or_path}"),
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    return PeftModel.from_pretrained(base, source.name_or_path).merge_and_unload()
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -112,15 +142,22 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_policy(cfg, source: ModelSource):
+def load_policy(cfg, source: ModelSource, adapters: str | None = None):
     """The trained policy, always in fp32 master weights (`precision` decides the compute dtype), with
-    gradient checkpointing when the configuration asks for it."""
+    gradient checkpointing when the configuration asks for it. With `lora_r` > 0: the model at `source` as a
+    frozen base (4-bit with `load_in_4bit`) under LoRA adapters, fresh or read from the folder `adapters`."""
+    options = {}
+    if cfg.lora_r > 0 and cfg.load_in_4bit:
+        options["quantization_config"] = quantization_config()
     policy = load_causal_lm(
         source,
-        dtype=torch.float32,
+        dtype=torch.bfloat16 if options else torch.float32,
         attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
+        **options,
     )
+    if cfg.lora_r > 0:
+        policy = load_adapters(policy, adapters, cfg) if adapters else add_adapters(policy, cfg)
     if cfg.gradient_checkpointing:
         enable_checkpointing(policy)
     return policy

@@ -22,6 +22,7 @@ import torch
 from dpo_lightning.config import vllm_max_model_len
 from dpo_lightning.data.batch import PromptBatch
 from dpo_lightning.errors import UserError, first_line
+from dpo_lightning.models.lora import is_peft_model, merged_weights
 from dpo_lightning.online.sampling import Completions, SamplingRNG, SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,10 @@ def engine_dtype(precision: str) -> str:
 
 def policy_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) of every parameter of `policy`, named as its `save_pretrained` would name it
-    (FSDP's and activation checkpointing's wrapper prefixes removed). Under FSDP the caller gathers the full
-    parameters first (`full_parameters`)."""
-    for name, param in policy.named_parameters():
+    (FSDP's and activation checkpointing's wrapper prefixes removed; LoRA adapters merged into their base).
+    Under FSDP the caller gathers the full parameters first (`full_parameters`)."""
+    weights = merged_weights(policy) if is_peft_model(policy) else policy.named_parameters()
+    for name, param in weights:
         for prefix in WRAPPER_PREFIXES:
             name = name.replace(prefix, "")
         yield name, param.detach()

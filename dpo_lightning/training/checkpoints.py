@@ -20,12 +20,14 @@ from dpo_lightning.layout import (
     FORMAT,
     FSDP_STATE,
     LIGHTNING_STATE,
+    MERGED,
     METADATA,
     RANK_STATE,
     RUN_CONFIG,
     complete_checkpoints,
     write_json,
 )
+from dpo_lightning.models.lora import save_merged
 from dpo_lightning.training.strategies import full_trained_state, is_fsdp
 
 
@@ -115,3 +117,12 @@ def export_final(output_dir: Path, checkpoint: Path) -> Path:
         shutil.rmtree(final)
     os.replace(staging, final)
     return final
+
+
+def export_merged(final: Path, model: torch.nn.Module, tokenizer) -> Path:
+    """`final/merged/`: a LoRA policy with its adapters merged into the base, a folder that transformers and
+    vLLM load without peft, written beside the adapters."""
+    folder = final / MERGED
+    save_merged(model, folder)
+    tokenizer.save_pretrained(folder)
+    return folder

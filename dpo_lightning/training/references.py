@@ -20,7 +20,7 @@ from dpo_lightning.dpo.precomputed import (
     weights_fingerprint,
     write_cached,
 )
-from dpo_lightning.dpo.reference import FrozenReference, Reference
+from dpo_lightning.dpo.reference import AdapterDisabledReference, FrozenReference, Reference
 from dpo_lightning.errors import UserError
 from dpo_lightning.hub import cache_root
 
@@ -43,11 +43,23 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def make_reference(cfg: DPOConfig, model: torch.nn.Module, datamodule: DPODataModule) -> Reference:
-    """The run's reference from its frozen network: kept as it is, or used once for precomputed log-probs (read
+def make_reference(
+    cfg: DPOConfig, model: torch.nn.Module | None, datamodule: DPODataModule, policy: torch.nn.Module
+) -> Reference:
+    """The run's reference: its frozen network `model` kept as it is, or (`model` None, a LoRA run without
+    `ref_model_name`) the policy with its adapters disabled; or either used once for precomputed log-probs (read
     from the cache when an earlier run computed the same ones) and then let go."""
     if not cfg.precompute_ref_logps:
+        if model is None:
+            return AdapterDisabledReference(policy, chunk_size=cfg.logps_chunk_size)
         return FrozenReference(model, chunk_size=cfg.logps_chunk_size)
+    if model is None:
+        with policy.disable_adapter():
+            return _precomputed(cfg, policy, datamodule, weights=weights_fingerprint(policy, skip="lora_"))
+    return _precomputed(cfg, model, datamodule, weights=weights_fingerprint(model))
+
+
+def _precomputed(cfg: DPOConfig, model: torch.nn.Module, datamodule: DPODataModule, weights: str) -> Reference:
     data = datamodule.prepare()
     splits = {"train": data.train, **({"val": data.val} if data.val is not None else {})}
     device = _device()
@@ -59,7 +71,7 @@ def make_reference(cfg: DPOConfig, model: torch.nn.Module, datamodule: DPODataMo
         "logps_chunk_size": cfg.logps_chunk_size,
         "device": device.type,
     }
-    key = cache_key(weights_fingerprint(model), {n: pairs_fingerprint(d) for n, d in splits.items()}, settings)
+    key = cache_key(weights, {n: pairs_fingerprint(d) for n, d in splits.items()}, settings)
     path = cache_root() / "ref_logps" / f"{key}.pt"
     values = read_cached(path, key, {name: len(split) for name, split in splits.items()})
     if values is None:

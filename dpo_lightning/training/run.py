@@ -31,6 +31,7 @@ from dpo_lightning.models import (
     load_tokenizer,
     resolve_model,
 )
+from dpo_lightning.models.lora import check_lora
 from dpo_lightning.online.judges import check_judge, load_judge
 from dpo_lightning.online.vllm_sampler import VLLMSampler, check_vllm
 from dpo_lightning.training.checkpoints import lightning_state_path
@@ -107,6 +108,7 @@ def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
     check_source(cfg)
     policy_source = resolve_model(cfg.model_name, "model_name")
     ref_source = resolve_model(cfg.ref_model_name, "ref_model_name") if cfg.ref_model_name else None
+    check_lora(cfg)
     if cfg.sampler == "vllm":
         check_vllm(cfg, policy_source)
     return policy_source, ref_source
@@ -136,9 +138,14 @@ def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSou
     if start is None:
         policy = load_policy(cfg, policy_source)
         initial = policy if ref_source is None else None
+    elif cfg.lora_r > 0:  # a LoRA checkpoint holds the adapters; the base is read from model_name again
+        policy = load_policy(cfg, policy_source, adapters=str(start.path))
+        initial = None
     else:
         policy = load_policy(cfg, ModelSource(str(start.path), True))
         initial = None
+    if cfg.lora_r > 0 and ref_source is None:
+        return policy, None  # the reference is the policy with its adapters disabled: no second model
     return policy, load_reference(cfg, ref_source or policy_source, initial_policy=initial)
 
 
@@ -166,7 +173,7 @@ def build_module(
             model = RewardModel.from_pretrained(start.path, attn_implementation=cfg.attn_implementation)
         return RewardModelModule(cfg, model, sinks=sinks)
     policy, reference_model = load_models(cfg, *sources, start)
-    reference = make_reference(cfg, reference_model, datamodule)
+    reference = make_reference(cfg, reference_model, datamodule, policy)
     del reference_model  # with precomputed log-probs, the network is let go here
     if cfg.precompute_ref_logps:
         release_free_memory()  # its weights and the pass's buffers, before training allocates its own

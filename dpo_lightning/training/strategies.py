@@ -30,6 +30,11 @@ def launched_world_size() -> int:
 
 def check_strategy(cfg: DPOConfig) -> None:
     """Fail before anything loads when the strategy cannot run on this machine."""
+    if cfg.strategy == "fsdp" and cfg.export_merged:
+        raise UserError(
+            "export_merged is not supported with strategy: fsdp; merge final/'s adapters afterwards "
+            "(peft's AutoPeftModelForCausalLM(...).merge_and_unload())"
+        )
     if cfg.strategy == "fsdp" and not torch.cuda.is_available():
         raise UserError(
             "strategy: fsdp needs CUDA GPUs (Lightning's FSDP strategy does not run on CPU); "
