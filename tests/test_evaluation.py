@@ -455,3 +455,25 @@ def test_cli_errors_are_one_stderr_line_and_exit_2(case, cli_errors):
     assert len(lines) == 1 and lines[0].startswith("error: "), result["stderr"]
     assert ERROR_CASES[case] in lines[0]
     assert result["stdout"] == "" and not result["out"].exists()
+
+
+def test_a_run_trained_with_generation_metrics_is_evaluated_with_the_given_reward_model(tmp_path):
+    from dpo_lightning.evaluation.run import _data_config
+
+    record = {"config": {"reward_model": REWARD, "generation_eval_every": 2, "sampler": "vllm", "mode": "online"}}
+    record["config"].update(dataset_name="builtin:sentiment-pairs", max_prompt_length=16, max_length=48)
+    options = EvalOptions(model_path=str(tmp_path), reward_model=REWARD)
+    cfg = _data_config(options, run_settings(options, record), record)
+    assert cfg.dataset_name == "builtin:sentiment-pairs" and cfg.max_prompt_length == 16
+
+
+def test_too_few_pairs_or_prompts_are_said_in_the_table():
+    from dpo_lightning.evaluation.report import summary_table
+
+    report = {"preference": {"num_pairs": 1, "beta": 0.1, "metrics": {"loss": 0.5}}}
+    table = summary_table(report)
+    assert "note: only 1 pairs measured" in table and "32 or more" in table
+    report["preference"]["num_pairs"] = 32
+    report["generation"] = {"num_prompts": 8, "metrics": {}}
+    table = summary_table(report)
+    assert "pairs measured" not in table and "note: only 8 prompts measured" in table

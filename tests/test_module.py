@@ -13,6 +13,7 @@ from tiny_models import random_qwen2
 from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
 from dpo_lightning.determined.bridge import run_local
+from dpo_lightning.training.module import short_window_scale
 from dpo_lightning.training.optim import adamw, decay_groups, lr_lambda, warmup_steps_for
 
 
@@ -113,3 +114,29 @@ def test_chunked_and_plain_log_probs_train_alike_step_by_step(setup, tmp_path):
     for step, metrics in plain.items():
         for name in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "grad_norm"):
             assert chunked[step][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-7), (step, name)
+
+
+def test_an_accumulation_window_cut_short_by_the_epoch_still_averages_its_micro_batches(tiny_model, tmp_path):
+    # 4 pairs, batch 4, accumulation 4: the epoch's one micro-batch is its whole window; the update must be the
+    # same as without accumulation (before, each micro-batch was divided by 4 whatever the window held)
+    from safetensors.torch import load_file
+
+    rows = preference_rows(seed=2)["train"][:4]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    results = {}
+    for accumulation in (1, 4):
+        out = tmp_path / f"acc{accumulation}"
+        values = tiny_run_values(tiny_model, data, out, batch_size=4, gradient_accumulation_steps=accumulation)
+        values.update(max_prompt_length=16, val_fraction=0.0, num_epochs=1, report_every_n_steps=1, max_grad_norm=0)
+        run_local(make_config(values))
+        report = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        assert report["step"] == 1
+        results[accumulation] = (report["metrics"]["grad_norm"], load_file(out / "final" / "model.safetensors"))
+    assert results[4][0] == pytest.approx(results[1][0], rel=1e-5)
+    for name, tensor in results[1][1].items():
+        torch.testing.assert_close(results[4][1][name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_short_window_scale():
+    assert short_window_scale(4, 4) == 1.0 and short_window_scale(4, 1) == 4.0 and short_window_scale(4, 3) == 4 / 3
+    assert short_window_scale(1, 1) == 1.0 and short_window_scale(4, 0) == 1.0

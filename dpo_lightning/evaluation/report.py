@@ -91,6 +91,22 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+RELIABLE_SAMPLE = 32  # fewer pairs or prompts than this and the figures say little
+
+
+def small_sample_notes(report: Mapping[str, Any]) -> list[str]:
+    """One sentence per section measured on fewer than RELIABLE_SAMPLE pairs or prompts."""
+    notes = []
+    for section, noun in (("preference", "pairs"), ("generation", "prompts")):
+        count = (report.get(section) or {}).get(f"num_{noun}")
+        if count is not None and count < RELIABLE_SAMPLE:
+            notes.append(
+                f"only {count} {noun} measured: too few for these {section} figures to mean much "
+                f"({RELIABLE_SAMPLE} or more advised)"
+            )
+    return notes
+
+
 def summary_table(report: Mapping[str, Any]) -> str:
     """A plain-text two-column table (names left-aligned, values right-aligned) for the terminal; no final newline."""
     rows = summary_rows(report)
@@ -101,6 +117,9 @@ def summary_table(report: Mapping[str, Any]) -> str:
     value_width = max(len(value) for _, value in [header, *rows])
     lines = [f"{header[0]:<{name_width}}  {header[1]:>{value_width}}", f"{'-' * name_width}  {'-' * value_width}"]
     lines += [f"{name:<{name_width}}  {value:>{value_width}}" for name, value in rows]
+    notes = small_sample_notes(report)
+    if notes:
+        lines += ["", *(f"note: {note}" for note in notes)]
     return "\n".join(lines)
 
 
@@ -193,6 +212,7 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     if rows:
         lines += ["| metric | value |", "| --- | ---: |"]
         lines += [f"| {_cell(name)} | {_cell(value)} |" for name, value in rows]
+        lines += [f"\n**Note:** {note}." for note in small_sample_notes(report)]
     else:
         lines.append("No metrics.")
     if preference is None:

@@ -24,6 +24,7 @@ from dpo_lightning.data.tokenize import tokenize_pair, tokenize_prompts
 from dpo_lightning.dpo.reference import FrozenReference, Reference
 from dpo_lightning.errors import UserError
 from dpo_lightning.evaluation.pairs import evaluate_pairs, reward_agreement
+from dpo_lightning.evaluation.report import small_sample_notes
 from dpo_lightning.layout import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, library_versions, read_run_record
 from dpo_lightning.models import ModelSource, freeze, load_causal_lm, load_tokenizer, resolve_model
 from dpo_lightning.models.lora import is_adapter_folder
@@ -150,6 +151,9 @@ def _data_config(options: EvalOptions, settings: dict, record: dict | None):
     """A training configuration for the data layer: the run's (columns, lengths, splits), on this dataset."""
     values = dict((record or {}).get("config", {}))
     values = {k: v for k, v in values.items() if k not in ("mode", "reward_model", "output_dir")}
+    # what only training does (its generation metrics, its sampling engine) must not make the data's
+    # configuration invalid here, where the reward model is evaluate.py's own option
+    values.update(generation_eval_every=0, sampler="hf", precompute_ref_logps=False)
     values.update(dataset_name=settings["dataset_name"], seed=values.get("seed", options.seed))
     if options.split is not None:
         values.update(train_split=options.split, eval_split=None)
@@ -316,7 +320,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         )
     probe = prompts[0]["prompt"] if prompts else pairs[0]["prompt"]
     models = load_models(options, resolved.source, reference_source, tokenizer, probe, cfg.logps_chunk_size)
-    return {
+    report = {
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "config": {**asdict(options), **settings},
         "models": {
@@ -330,3 +334,6 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             generation_section(models, prompts, cfg, settings, options) if prompts and models.judge else None
         ),
     }
+    for note in small_sample_notes(report):
+        log.warning(note)
+    return report

@@ -19,6 +19,14 @@ from dpo_lightning.training.sinks import Report, ReportSink
 from dpo_lightning.training.strategies import clip_gradients, is_fsdp
 
 
+def short_window_scale(accumulation_steps: int, micro_batches: int) -> float:
+    """The factor that turns the sum of `micro_batches` losses each divided by `accumulation_steps` into
+    their mean (1 for a full window)."""
+    if micro_batches <= 0 or micro_batches >= accumulation_steps:
+        return 1.0
+    return accumulation_steps / micro_batches
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak accelerator memory allocated, or the process's peak resident memory on CPU (GB = 1e9 bytes)."""
     if device.type == "cuda":
@@ -39,6 +47,7 @@ class TrainingModule(L.LightningModule):
         self.last_validated_step = -1
         self._grad_norms: list[float] = []
         self._seen_step = 0
+        self._window_micro_batches = 0  # backward passes since the last optimizer step
         # Checkpoints keep the trained weights once, in Hugging Face format beside the trainer state, and frozen
         # models are rebuilt from the configuration: the Lightning state restored on resume holds no weights.
         self.strict_loading = False
@@ -87,6 +96,19 @@ class TrainingModule(L.LightningModule):
         schedule = lr_lambda(cfg.lr_scheduler, warmup_steps_for(cfg, total), total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_after_backward(self) -> None:
+        self._window_micro_batches += 1
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning divides every micro-batch's loss by gradient_accumulation_steps; a window the epoch's end cut
+        # short has fewer micro-batches, and its update must still be their mean, not a fraction of it.
+        done, self._window_micro_batches = self._window_micro_batches, 0
+        scale = short_window_scale(self.cfg.gradient_accumulation_steps, done)
+        if scale != 1.0:
+            for param in self.trained.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(scale)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Clip here rather than through the Trainer so that the pre-clip norm is measured once and reported.
