@@ -65,6 +65,9 @@ def parse_args(argv: list[str]) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dpo_lightning.console import install_interrupt_handlers
+
+    install_interrupt_handlers()
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         from dpo_lightning.config import load_config, parse_overrides
@@ -83,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted before training started; nothing to save", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # before training (its handler finishes the step and checkpoints) or a
+        # second Ctrl-C during it
+        name = getattr(exc, "signal_name", "SIGINT")
+        print(f"interrupted by {name}; a re-run resumes from the newest complete checkpoint, if any", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":

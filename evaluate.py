@@ -61,8 +61,14 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from dpo_lightning.console import install_interrupt_handlers
+
+    install_interrupt_handlers()
     try:
         sys.exit(main(sys.argv[1:]))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted by {getattr(exc, 'signal_name', 'SIGINT')}; no report written", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 130))

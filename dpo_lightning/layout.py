@@ -23,6 +23,7 @@ RUN_CONFIG = "run_config.json"
 METADATA = "metadata.json"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+COMPLETED = "completed.json"  # in final/: the step the finished run ended at (a re-run then says it is done)
 MERGED = "merged"  # under final/: a LoRA run's adapters merged into the base (export_merged)
 METRICS = "metrics.jsonl"
 LIGHTNING_STATE = "trainer/lightning.pt"

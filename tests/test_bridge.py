@@ -247,3 +247,12 @@ def test_explicit_resume_path_and_config_mismatch(tiny_model, data, tmp_path):
     longer = _local(tiny_model, data, tmp_path / "second", max_steps=5)  # only the run length differs
     outcome = bridge.run_local(longer, resume=str(first))  # an output folder works too
     assert outcome.trainer.global_step == 5 and _local_steps(tmp_path / "second") == [4, 5]
+
+
+def test_a_run_names_its_configuration_file_and_overrides():
+    from dpo_lightning.determined.bridge import configuration_line
+
+    line = configuration_line(Path("experiment.yaml"), {"model_name": "./m", "dataset_name": "./d.jsonl"})
+    assert line.startswith("configuration: experiment.yaml, with model_name=./m, dataset_name=./d.jsonl from the")
+    assert "every other key from the file" in line
+    assert configuration_line(Path("x.yaml"), {}) == "configuration: x.yaml (no command-line overrides)"

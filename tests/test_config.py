@@ -218,11 +218,14 @@ def test_overrides_beat_file_and_are_coerced(tmp_path):
     assert cfg.batch_size == 2  # untouched keys keep the file's value
 
 
-def test_override_bad_value_names_file_and_key(tmp_path):
+def test_override_bad_value_names_the_command_line_not_the_file(tmp_path):
     path = write_yaml(tmp_path, "hyperparameters:\n  beta: 0.1\n")
     with pytest.raises(ConfigError) as info:
         load_config(path, parse_overrides(["--batch_size", "four"]))
-    assert "batch_size" in str(info.value) and str(path) in str(info.value)
+    assert str(info.value).startswith("--batch_size on the command line: ") and str(path) not in str(info.value)
+    bad_file = write_yaml(tmp_path, "hyperparameters:\n  beta: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{bad_file}: beta must be > 0"):
+        load_config(bad_file, parse_overrides(["--batch_size", "4"]))
 
 
 def test_override_without_value():
@@ -310,3 +313,21 @@ def test_every_field_has_a_docstring():
             )
             assert documented, f"DPOConfig.{name} has no docstring"
     assert fields == [f.name for f in dataclasses.fields(DPOConfig)]
+
+
+def test_a_bad_value_is_blamed_on_where_it_came_from():
+    from dpo_lightning.config import load_config
+
+    with pytest.raises(ConfigError) as cli:
+        load_config("experiments/local-tiny.yaml", {"learning_rate": "-0.001"})
+    assert str(cli.value) == "--learning_rate on the command line: learning_rate must be > 0, got -0.001"
+    with pytest.raises(ConfigError) as both:
+        load_config("experiments/local-tiny.yaml", {"max_prompt_length": "100"})
+    assert str(both.value).startswith(
+        "--max_prompt_length on the command line with max_length from experiments/local-tiny.yaml: "
+    )
+    with pytest.raises(ConfigError) as from_file:
+        load_config("experiments/local-tiny.yaml", {"max_length": "8"})  # the file's max_prompt_length is 32
+    assert "--max_length on the command line with max_prompt_length from experiments/local-tiny.yaml" in str(
+        from_file.value
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -138,11 +139,25 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DP
     """The experiment file's hyperparameters with command-line overrides on top."""
     raw = read_experiment_hparams(path)
     raw.update(overrides or {})  # an override may stand in for a search space
-    values = resolve_hparams(raw)
     try:
-        return make_config(values)
+        return make_config(resolve_hparams(raw))
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{blamed_source(str(exc), path, overrides or {})}: {exc}") from None
+
+
+def blamed_source(message: str, path: str | Path, overrides: dict[str, Any]) -> str:
+    """Where the values a configuration error names came from: `--key on the command line`, the file, or both
+    (a check of two keys may involve one from each)."""
+    named = sorted(
+        (match.start(), key) for key in FIELDS for match in [re.search(rf"(?<![\w-]){key}(?!\w)", message)] if match
+    )
+    keys = [key for _, key in named]
+    given = [key for key in keys if key in overrides]
+    if not given:
+        return str(path)
+    source = ", ".join(f"--{key}" for key in given) + " on the command line"
+    from_file = [key for key in keys if key not in overrides]
+    return source + (f" with {', '.join(from_file)} from {path}" if from_file else "")
 
 
 def config_changes(saved: dict[str, Any], cfg: DPOConfig) -> list[str]:

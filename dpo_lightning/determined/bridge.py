@@ -8,6 +8,7 @@ context, so the same code stores checkpoints under `<output_dir>/checkpoints/` a
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 
@@ -21,7 +22,15 @@ from dpo_lightning.config import (
 )
 from dpo_lightning.determined.session import CoreSession
 from dpo_lightning.errors import ConfigError, UserError
-from dpo_lightning.layout import CHECKPOINTS, RUN_CONFIG, find_resume_checkpoint, read_metadata, read_run_record
+from dpo_lightning.layout import (
+    CHECKPOINTS,
+    COMPLETED,
+    FINAL,
+    RUN_CONFIG,
+    find_resume_checkpoint,
+    read_metadata,
+    read_run_record,
+)
 from dpo_lightning.training.run import StartPoint, TrainOutcome, train
 from dpo_lightning.training.strategies import launched_world_size
 
@@ -134,11 +143,49 @@ def run_local(cfg: DPOConfig, *, resume: str | None = None) -> TrainOutcome:
         return run_trial(core, cfg, start=start, trial_id=None, on_cluster=False)
 
 
+def completed_step(cfg: DPOConfig) -> int | None:
+    """The step at which `cfg.output_dir` holds a finished run of this configuration, or None: its final/ was
+    exported from its newest checkpoint, and this configuration asks for no more steps than that one ran."""
+    output = Path(cfg.output_dir)
+    folder = find_resume_checkpoint(output)
+    if folder is None:
+        return None
+    step = read_metadata(folder)["steps_completed"]
+    try:
+        finished = json.loads((output / FINAL / COMPLETED).read_text()).get("steps_completed")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if finished != step:
+        return None  # resumed past the last export and stopped again
+    check_same_run(folder, cfg)  # a changed configuration is an error before it is a finished run
+    saved = (read_run_record(folder / RUN_CONFIG) or {}).get("config", {})
+    if cfg.max_steps > 0:
+        return step if step >= cfg.max_steps else None
+    return step if saved.get("max_steps") == -1 and saved.get("num_epochs") == cfg.num_epochs else None
+
+
+def configuration_line(config_path: Path, overrides: dict) -> str:
+    """What a run's configuration is made of, so that a user who overrode two keys sees that the file supplies
+    every other one (learning rate, precision, accumulation)."""
+    if not overrides:
+        return f"configuration: {config_path} (no command-line overrides)"
+    given = ", ".join(f"{key}={value}" for key, value in overrides.items())
+    return f"configuration: {config_path}, with {given} from the command line; every other key from the file"
+
+
 def run(config_path: Path, overrides: dict, *, fast_dev_run: bool = False, resume: str | None = None) -> int:
     """The entrypoint's whole job: pick the configuration and the start point, then train."""
     info = trial_info()
     if info is None:
         cfg = load_config(config_path, overrides)
+        log.info("%s", configuration_line(config_path, overrides))
+        done = None if (fast_dev_run or resume is not None) else completed_step(cfg)
+        if done is not None:
+            print(
+                f"{cfg.output_dir} is already complete at step {done}: raise max_steps (or num_epochs) to "
+                "continue it, or give another output_dir to start afresh"
+            )
+            return 0
         if fast_dev_run:  # one batch each way, nothing written, nothing resumed
             train(cfg, fast_dev_run=True)
         else:

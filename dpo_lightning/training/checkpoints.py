@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dpo_lightning.layout import (
+    COMPLETED,
     FINAL,
     FORMAT,
     FSDP_STATE,
@@ -25,6 +26,7 @@ from dpo_lightning.layout import (
     RANK_STATE,
     RUN_CONFIG,
     complete_checkpoints,
+    read_metadata,
     write_json,
 )
 from dpo_lightning.models.lora import save_merged
@@ -113,6 +115,8 @@ def export_final(output_dir: Path, checkpoint: Path) -> Path:
     staging = output_dir / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(checkpoint, staging, ignore=shutil.ignore_patterns("trainer", METADATA))
+    metadata = read_metadata(checkpoint) or {}
+    write_json(staging / COMPLETED, {"steps_completed": metadata.get("steps_completed")})
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)

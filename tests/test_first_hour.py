@@ -1,0 +1,78 @@
+"""What a user meets in the first hour: a signal stops a run at any moment, a finished run is not run again,
+and the configuration a run uses is named at its start."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from contract import tiny_run_values, write_jsonl
+
+from dpo_lightning.builtin import preference_rows
+from dpo_lightning.config import parse_overrides
+from dpo_lightning.determined.bridge import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("first-hour") / "pairs.jsonl", preference_rows(seed=2)["train"][:24])
+
+
+def _cli(values: dict) -> list[str]:
+    return [part for key, value in values.items() for part in (f"--{key}", str(value))]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_loading_stops_the_run_with_one_line(tiny_model, pairs, tmp_path, signum):
+    out = tmp_path / "run"
+    values = tiny_run_values(tiny_model, pairs, out, max_prompt_length=16, max_steps=200)
+    command = [sys.executable, "entrypoint.py", "--config", "experiments/local-tiny.yaml", *_cli(values)]
+    # the way a shell starts a background job: SIGINT ignored, which the run must not inherit
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    lines = []
+    for line in process.stderr:  # wait for the run to be under way (the configuration line), then signal it
+        lines.append(line)
+        if "configuration:" in line:
+            break
+    started = time.monotonic()
+    process.send_signal(signum)
+    _, rest = process.communicate(timeout=60)
+    assert time.monotonic() - started < 20
+    assert process.returncode == 128 + signum
+    last = (lines + rest.splitlines())[-1].strip()
+    assert last.startswith(f"interrupted by {signal.Signals(signum).name}"), rest[-2000:]
+    assert not (out / "final").exists() and not list(out.glob("checkpoints/*/metadata.json"))
+
+
+def test_a_finished_run_run_again_says_so_and_touches_nothing(tiny_model, pairs, tmp_path, capsys):
+    values = tiny_run_values(tiny_model, pairs, tmp_path / "run", max_prompt_length=16, max_steps=3)
+    overrides = parse_overrides(_cli(values))
+    assert run(ROOT / "experiments/local-tiny.yaml", overrides) == 0
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    final_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "final").iterdir()}
+    capsys.readouterr()
+
+    assert run(ROOT / "experiments/local-tiny.yaml", overrides) == 0
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and "already complete at step 3" in said[0] and "max_steps" in said[0], said
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "final").iterdir()} == final_files
+
+    # asking for more steps continues it
+    more = parse_overrides(_cli({**values, "max_steps": 5}))
+    assert run(ROOT / "experiments/local-tiny.yaml", more) == 0
+    assert "already complete" not in capsys.readouterr().out
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() != metrics
