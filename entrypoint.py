@@ -19,6 +19,9 @@ from dpo_lightning.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "experiment.yaml"
 USAGE = __doc__.strip().splitlines()[0]
+HELP_USAGE = (
+    "usage: python entrypoint.py [--config FILE] [--fast-dev-run] [--print_config] [--resume PATH] [--KEY VALUE ...]"
+)
 
 
 class Args(NamedTuple):
@@ -46,8 +49,10 @@ def parse_args(argv: list[str]) -> Args:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(USAGE)
-            print("Hyperparameters and their defaults: python entrypoint.py --print_config")
+            from dpo_lightning.config.help import help_text
+
+            print(help_text(HELP_USAGE))
+            print("\nA run's resolved configuration, every key with its value: python entrypoint.py --print_config")
             raise SystemExit(0)
         if arg in ("--fast-dev-run", "--fast_dev_run"):
             fast_dev_run = True

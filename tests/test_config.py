@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_lightning.config import DPOConfig, load_config, make_config, parse_overrides, read_experiment_hparams
+from dpo_lightning.config import FIELDS, DPOConfig, load_config, make_config, parse_overrides, read_experiment_hparams
 from dpo_lightning.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,3 +331,13 @@ def test_a_bad_value_is_blamed_on_where_it_came_from():
     assert "--max_length on the command line with max_prompt_length from experiments/local-tiny.yaml" in str(
         from_file.value
     )
+
+
+def test_help_lists_every_key_by_group_with_default_and_documentation():
+    done = subprocess.run([sys.executable, "entrypoint.py", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: python entrypoint.py")
+    listed = [line.split()[0][2:] for line in done.stdout.splitlines() if line.startswith("  --")]
+    assert listed == list(FIELDS)  # every key, once, in the schema's order
+    for group in ("models:", "data:", "objective:", "optimisation:", "distribution:"):
+        assert f"\n{group}\n" in done.stdout
+    assert "  --learning_rate (default: 1e-06)\n      Peak AdamW learning rate." in done.stdout

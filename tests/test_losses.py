@@ -231,3 +231,30 @@ def test_ipo_without_lengths_raises_value_error():
         compute_loss("ipo", *batch(), beta=BETA)
     with pytest.raises(ValueError, match="lengths"):
         compute_loss("ipo", *batch(), beta=BETA, chosen_lengths=t([1.0] * 4))
+
+
+def test_rpo_term_is_the_chosen_completions_mean_token_nll():
+    # TRL 1.16's `sft` loss: -mean of the chosen completion tokens' log-probs over the batch, computed here from
+    # each chosen sequence's full logits on its own
+    from tiny_models import random_pairs, random_qwen2
+
+    from dpo_lightning.data.batch import PairBatch
+    from dpo_lightning.dpo.logprobs import PairLogps, forward_logps
+    from dpo_lightning.dpo.losses import chosen_nll
+
+    prompts, chosen, rejected = random_pairs(4, (3, 2, 5), (4, 6, 1), (2, 2, 2))
+    model = random_qwen2()
+    batch = PairBatch.from_pairs(prompts, chosen, rejected, pad_token_id=0)
+    logps = PairLogps.of(batch, forward_logps(model, batch, chunk_size=3))
+    token_logps = []
+    with torch.no_grad():
+        for prompt, completion in zip(prompts, chosen, strict=True):
+            ids = torch.tensor([prompt + completion])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            token_logps.append(logp.gather(-1, ids[0, 1:, None])[len(prompt) - 1 :, 0])
+    expected = -torch.cat(token_logps).mean()
+    got = chosen_nll(logps.chosen.logps, logps.chosen.num_tokens, torch.ones(3))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # a pair of weight 0 (a tie, evaluation padding) is left out
+    only_first = chosen_nll(logps.chosen.logps, logps.chosen.num_tokens, torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(only_first, -token_logps[0].mean(), rtol=1e-5, atol=1e-6)

@@ -140,3 +140,20 @@ def test_an_accumulation_window_cut_short_by_the_epoch_still_averages_its_micro_
 def test_short_window_scale():
     assert short_window_scale(4, 4) == 1.0 and short_window_scale(4, 1) == 4.0 and short_window_scale(4, 3) == 4 / 3
     assert short_window_scale(1, 1) == 1.0 and short_window_scale(4, 0) == 1.0
+
+
+def test_rpo_alpha_adds_the_reported_nll_to_the_loss(tiny_model, tmp_path):
+    rows = preference_rows(seed=2)["train"][:24]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    baseline = {}
+    for alpha in (0.0, 0.5):
+        out = tmp_path / f"rpo{alpha}"
+        values = tiny_run_values(tiny_model, data, out, rpo_alpha=alpha, max_prompt_length=16, max_steps=1)
+        values.update(validate_at_start=True, val_fraction=0.25)
+        run_local(make_config(values))
+        first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["group"] == "validation" and first["step"] == 0
+        baseline[alpha] = first["metrics"]
+    assert "nll_loss" not in baseline[0.0] and baseline[0.5]["nll_loss"] > 0
+    # the same policy on the same pairs: the loss differs by exactly alpha times the NLL
+    assert baseline[0.5]["loss"] == pytest.approx(baseline[0.0]["loss"] + 0.5 * baseline[0.5]["nll_loss"], rel=1e-5)

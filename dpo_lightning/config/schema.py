@@ -103,6 +103,9 @@ class DPOConfig:
     """KL penalty strength: rewards are beta * (policy logp - reference logp)."""
     label_smoothing: float = 0.0
     """Assumed share of flipped labels, in [0, 0.5); used by the sigmoid (conservative DPO) and robust losses."""
+    rpo_alpha: float = 0.0
+    """RPO: adds rpo_alpha times the chosen completions' mean token negative log-likelihood to the loss (TRL's
+    `sft` loss term), reported as nll_loss; 0 leaves it out."""
 
     # --- online DPO: sampling and scoring ---
     reward_model: str | None = None
@@ -366,7 +369,7 @@ _CHECKS = (
     _positive("report_every_n_steps", "val_check_interval", "keep_last_n_checkpoints", "adam_epsilon"),
     _positive("preempt_check_every_n_steps", "max_new_tokens", "reward_batch_size", "reward_max_length"),
     _positive("temperature", "prompt_lines", "vllm_sync_every", "vllm_kv_cache_gib"),
-    _non_negative("vllm_max_model_len", "lora_r"),
+    _non_negative("vllm_max_model_len", "lora_r", "rpo_alpha"),
     _positive("lora_alpha"),
     _non_negative("missing_eos_penalty", "generation_eval_every"),
     _positive("generation_eval_prompts"),

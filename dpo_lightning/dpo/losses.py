@@ -256,3 +256,10 @@ def weighted_mean(losses: torch.Tensor, weight: torch.Tensor | None) -> torch.Te
         return losses.mean()
     weight = weight.to(losses)
     return (losses * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor, pair_weight: torch.Tensor) -> torch.Tensor:
+    """The chosen completions' mean token negative log-likelihood over a batch (RPO's term; TRL's `sft` loss):
+    -sum of their token log-probs / their token count, pairs of weight 0 left out."""
+    weight = pair_weight.to(chosen_logps.dtype)
+    return -(chosen_logps * weight).sum() / (chosen_tokens * weight).sum().clamp(min=1)

@@ -104,6 +104,8 @@ class PreferenceMetrics(PairMeans):
     def __init__(self) -> None:
         super().__init__(PAIR_METRICS)
         self.token_means = torch.nn.ModuleDict({_key(n): MeanMetric() for n in TOKEN_METRICS})
+        self.nll = MeanMetric()  # with rpo_alpha: the chosen completions' mean token NLL
+        self._nll_updates = 0
 
     def update(self, out: LossOutput, policy: PairLogps, batch: PairBatch) -> None:
         """One micro-batch: its loss, the policy's log-probs and the batch, whose pair weight is 0 for pairs
@@ -115,8 +117,17 @@ class PreferenceMetrics(PairMeans):
             # the token-weighted mean: each micro-batch weighs in by its completion tokens
             self.token_means[_key(name)].update((logits_sum * weight).sum() / total.clamp(min=1), weight=total)
 
+    def update_nll(self, nll: torch.Tensor, tokens: torch.Tensor) -> None:
+        """One micro-batch's chosen-token NLL (a mean over its `tokens` chosen completion tokens)."""
+        self.nll.update(nll.detach().float(), weight=tokens.float())
+        self._nll_updates += 1
+
     def _extra_values(self) -> dict[str, float]:
-        return {name: self.token_means[_key(name)].compute().item() for name in TOKEN_METRICS}
+        values = {name: self.token_means[_key(name)].compute().item() for name in TOKEN_METRICS}
+        if self._nll_updates:
+            values["nll_loss"] = self.nll.compute().item()
+            self._nll_updates = 0
+        return values
 
 
 REWARD_METRICS = ("loss", "accuracy", "margin", "scores/chosen", "scores/rejected")

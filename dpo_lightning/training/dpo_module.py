@@ -8,9 +8,9 @@ import torch
 
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.data.batch import PairBatch, PromptBatch
-from dpo_lightning.dpo.losses import weighted_mean
+from dpo_lightning.dpo.losses import chosen_nll, weighted_mean
 from dpo_lightning.dpo.metrics import PreferenceMetrics
-from dpo_lightning.dpo.objective import LossSettings, pair_forward
+from dpo_lightning.dpo.objective import LossSettings, PairResult, pair_forward
 from dpo_lightning.dpo.reference import Reference
 from dpo_lightning.online.comparison import compare_generations
 from dpo_lightning.online.judges import Judge
@@ -95,8 +95,20 @@ class DPOModule(TrainingModule):
     def shared_step(self, batch: PairBatch, metrics: PreferenceMetrics) -> torch.Tensor:
         """The loss of one micro-batch of pairs, and the metrics' update."""
         result = pair_forward(self.policy, self.reference, batch, self.loss_settings, chunk_size=self.chunk_size)
-        metrics.update(result.loss, result.policy, batch)
-        return weighted_mean(result.loss.losses, batch.pair_weight)
+        return self.objective(result, batch, metrics)
+
+    def objective(self, result: PairResult, batch: PairBatch, metrics: PreferenceMetrics) -> torch.Tensor:
+        """The micro-batch's loss: the pairs' weighted mean DPO loss, plus `rpo_alpha` times the chosen
+        completions' mean token NLL (RPO; TRL's `sft` loss term) when asked; the metrics' update."""
+        out = result.loss
+        if self.cfg.rpo_alpha > 0:
+            weight = batch.weights()
+            chosen = result.policy.chosen
+            nll = chosen_nll(chosen.logps, chosen.num_tokens, weight)
+            out = out._replace(losses=out.losses + self.cfg.rpo_alpha * nll)
+            metrics.update_nll(nll, (chosen.num_tokens * weight).sum())
+        metrics.update(out, result.policy, batch)
+        return weighted_mean(out.losses, batch.pair_weight)
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         return self.shared_step(batch, self.train_metrics)
@@ -192,7 +204,7 @@ class OnlineDPOModule(DPOModule):
         result = pair_forward(
             self.policy, self.reference, sampled.pairs, self.loss_settings, chunk_size=self.chunk_size
         )
-        metrics.update(result.loss, result.policy, sampled.pairs)
+        loss = self.objective(result, sampled.pairs, metrics)
         samples.update(
             scores=sampled.scores,
             pair_scores=sampled.pair_scores,
@@ -203,7 +215,7 @@ class OnlineDPOModule(DPOModule):
             prompt_weight=sampled.prompt_weight,
             logp_diff=sampler_logp_diff(sampled, result.policy_tokens),
         )
-        return weighted_mean(result.loss.losses, sampled.pairs.pair_weight)
+        return loss
 
     def training_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
         return self.online_step(batch, self.train_metrics, self.train_samples, self.sampling_rng)
