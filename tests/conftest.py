@@ -3,14 +3,24 @@ shortened online demo on it, for the tests that only read what a trained run wro
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
-import pytest
-from contract import online_demo_values
+# Every cache the code under test writes (built-in model, precomputed log-probs, Hugging Face hub and dataset
+# caches) points into one temporary folder for the session, set before anything is imported: the tests pass on
+# a fresh machine and never fill, or rely on, the user's caches. Subprocesses inherit it.
+_CACHES = Path(tempfile.mkdtemp(prefix="dpo-lightning-test-caches-"))
+for _name, _sub in (("DPO_LIGHTNING_CACHE", "dpo_lightning"), ("HF_HOME", "huggingface")):
+    os.environ[_name] = str(_CACHES / _sub)
+os.environ["HF_DATASETS_CACHE"] = str(_CACHES / "huggingface" / "datasets")
 
-from dpo_lightning.builtin import build_tiny_model
-from dpo_lightning.config import make_config
-from dpo_lightning.determined.bridge import run_local
+import pytest  # noqa: E402
+from contract import online_demo_values  # noqa: E402
+
+from dpo_lightning.builtin import build_tiny_model  # noqa: E402
+from dpo_lightning.config import make_config  # noqa: E402
+from dpo_lightning.determined.bridge import run_local  # noqa: E402
 
 
 @pytest.fixture(scope="session")

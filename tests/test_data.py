@@ -430,3 +430,29 @@ def test_prepare_pairs_empty_training_set(tok, tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
     with pytest.raises(UserError, match="no training pairs left .*3 dropped by truncation"):
         prepare_pairs(cfg(path, max_length=2, max_prompt_length=None), tok)
+
+
+def test_max_completion_length_keeps_each_completions_start_before_max_length_applies():
+    out = split_and_truncate(
+        [1, 2], [1, 2, 3, 4, 5, 6], [1, 2, 7, 8], max_prompt_length=None, max_length=None, max_completion_length=3
+    )
+    assert out == {"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [7, 8]}
+    # max_length then cuts what is left after the prompt
+    out = split_and_truncate(
+        [1, 2], [1, 2, 3, 4, 5, 6], [1, 2, 7, 8], max_prompt_length=None, max_length=4, max_completion_length=3
+    )
+    assert out == {"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [7, 8]}
+
+
+def test_eval_batch_size_sets_the_validation_batches(tmp_path):
+    from dpo_lightning.config import make_config
+    from dpo_lightning.data.datamodule import DPODataModule
+
+    model = builtin.builtin_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    values = {"model_name": str(model), "max_length": 48, "max_prompt_length": 16, "val_fraction": 0.2}
+    for eval_batch_size, expected in ((None, 4), (7, 7)):
+        module = DPODataModule(make_config({**values, "eval_batch_size": eval_batch_size}), tokenizer)
+        module.prepare()
+        assert module.val_dataloader().batch_size == expected
+        assert module.train_dataloader().batch_size == 4

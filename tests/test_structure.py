@@ -161,3 +161,14 @@ def test_the_pair_layout_has_one_owner():
 def test_no_docstring_cites_a_design_document_the_repository_lacks():
     found = [p.relative_to(PACKAGE).as_posix() for p in _modules() if "DESIGN.md" in p.read_text()]
     assert not found
+
+
+def test_the_tests_write_into_temporary_caches_not_the_users():
+    import os
+    import tempfile
+
+    from dpo_lightning.hub import cache_root
+
+    for path in (cache_root(), Path(os.environ["HF_HOME"]), Path(os.environ["HF_DATASETS_CACHE"])):
+        assert str(path).startswith(tempfile.gettempdir()), path
+        assert not str(path).startswith(str(Path.home() / ".cache")), path

@@ -90,6 +90,8 @@ class DPOConfig:
     """Maximum tokens of prompt + completion; longer sequences keep their start."""
     max_prompt_length: int | None = 512
     """Keep the last this many prompt tokens; None keeps the whole prompt."""
+    max_completion_length: int | None = None
+    """Keep the first this many tokens of each completion (before max_length applies); null keeps them whole."""
     num_workers: int = 0
     """DataLoader worker processes."""
 
@@ -140,6 +142,8 @@ class DPOConfig:
     # --- optimisation ---
     batch_size: int = 4
     """Preference pairs per device per micro-batch."""
+    eval_batch_size: int | None = None
+    """Pairs (or prompts) per device per validation batch; null uses batch_size."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     num_epochs: int = 1
@@ -261,6 +265,10 @@ def _check_loss(cfg: DPOConfig) -> str | None:
 
 
 def _check_lengths(cfg: DPOConfig) -> str | None:
+    for name in ("max_completion_length", "eval_batch_size"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            return f"{name} must be > 0 or null, got {value}"
     if cfg.max_prompt_length is not None:
         if cfg.max_prompt_length <= 0:
             return f"max_prompt_length must be > 0 or null, got {cfg.max_prompt_length}"

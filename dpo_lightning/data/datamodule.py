@@ -83,7 +83,7 @@ class DPODataModule(L.LightningDataModule):
         if data is None:
             return []
         shard = EvalShard(data, num_replicas=world_size, rank=rank)
-        return self._loader(shard, SequentialSampler(shard))
+        return self._loader(shard, SequentialSampler(shard), self.cfg.eval_batch_size or self.cfg.batch_size)
 
     def generation_batches(self) -> list[dict]:
         """Held-out prompts for generation metrics, whole on every rank (they are few and sampling needs no
@@ -92,7 +92,9 @@ class DPODataModule(L.LightningDataModule):
             data = self.prepare().val_prompts
             pad = self.tokenizer.pad_token_id
             self._generation_batches = (
-                [] if data is None else collate_in_batches(data, PromptCollator(pad), self.cfg.batch_size)
+                []
+                if data is None
+                else collate_in_batches(data, PromptCollator(pad), self.cfg.eval_batch_size or self.cfg.batch_size)
             )
         return self._generation_batches
 
@@ -117,10 +119,10 @@ class DPODataModule(L.LightningDataModule):
         else:
             self._sampler_state = sampler_state
 
-    def _loader(self, data, sampler) -> DataLoader:
+    def _loader(self, data, sampler, batch_size: int | None = None) -> DataLoader:
         return DataLoader(
             data,
-            batch_size=self.cfg.batch_size,
+            batch_size=batch_size or self.cfg.batch_size,
             sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.cfg.num_workers,

@@ -141,7 +141,11 @@ def prepare_pairs(cfg, tokenizer, raw: RawSplits | None = None, encode=None) -> 
     val = normalize(raw.eval, label=eval_label, **norm) if raw.eval is not None else None
     skipped += val.skipped if val else 0
     train_rows, val_rows, val_origin = _split(cfg, raw, train.rows, val and val.rows, eval_label)
-    lengths = {"max_prompt_length": cfg.max_prompt_length, "max_length": cfg.max_length}
+    lengths = {
+        "max_prompt_length": cfg.max_prompt_length,
+        "max_length": cfg.max_length,
+        "max_completion_length": cfg.max_completion_length,
+    }
     tok_train = encode(train_rows, tokenizer, **lengths)
     tok_val = encode(val_rows, tokenizer, **lengths) if val_rows else None
     read = raw.skipped + len(raw.train) + (len(raw.eval) if raw.eval is not None else 0)

@@ -41,13 +41,18 @@ def split_and_truncate(
     *,
     max_prompt_length: int | None,
     max_length: int | None,
+    max_completion_length: int | None = None,
 ) -> dict | None:
-    """Completion ids after the shared prompt, then the truncation; None when a completion is left empty."""
+    """Completion ids after the shared prompt, then the truncation (the prompt keeps its end, each completion
+    its start: at most `max_completion_length` tokens, then what `max_length` leaves after the prompt); None
+    when a completion is left empty."""
     prompt_len = min(common_prefix_length(prompt_ids, joint_chosen), common_prefix_length(prompt_ids, joint_rejected))
     prompt = prompt_ids[:prompt_len]
     chosen, rejected = joint_chosen[prompt_len:], joint_rejected[prompt_len:]
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         prompt = prompt[len(prompt) - max_prompt_length :]  # the end of the prompt is what the answer follows
+    if max_completion_length is not None:
+        chosen, rejected = chosen[:max_completion_length], rejected[:max_completion_length]
     if max_length is not None:
         room = max(max_length - len(prompt), 0)
         chosen, rejected = chosen[:room], rejected[:room]
@@ -84,7 +89,14 @@ def _joint_ids(tokenizer, rows: list[dict]) -> tuple[list, list, list]:
 
 
 def tokenize_pair(
-    tokenizer, prompt, chosen, rejected, *, max_prompt_length: int | None, max_length: int | None
+    tokenizer,
+    prompt,
+    chosen,
+    rejected,
+    *,
+    max_prompt_length: int | None,
+    max_length: int | None,
+    max_completion_length: int | None = None,
 ) -> dict | None:
     """{"prompt_ids", "chosen_ids", "rejected_ids"} (int lists) for one pair, or None when it is dropped.
 
@@ -93,7 +105,12 @@ def tokenize_pair(
     """
     ids = _joint_ids(tokenizer, [{"prompt": prompt, "chosen": chosen, "rejected": rejected}])
     return split_and_truncate(
-        ids[0][0], ids[1][0], ids[2][0], max_prompt_length=max_prompt_length, max_length=max_length
+        ids[0][0],
+        ids[1][0],
+        ids[2][0],
+        max_prompt_length=max_prompt_length,
+        max_length=max_length,
+        max_completion_length=max_completion_length,
     )
 
 
@@ -110,7 +127,12 @@ def _chunks(rows: list[dict]):
 
 
 def tokenize_rows(
-    rows: list[dict], tokenizer, *, max_prompt_length: int | None, max_length: int | None
+    rows: list[dict],
+    tokenizer,
+    *,
+    max_prompt_length: int | None,
+    max_length: int | None,
+    max_completion_length: int | None = None,
 ) -> TokenizedPairs:
     """Tokenize normalised rows in batches; returns the kept pairs as a Dataset and the number dropped."""
     import datasets
@@ -125,6 +147,7 @@ def tokenize_rows(
                 rejected_ids,
                 max_prompt_length=max_prompt_length,
                 max_length=max_length,
+                max_completion_length=max_completion_length,
             )
             if pair is None:
                 dropped += 1

@@ -202,6 +202,7 @@ def pair_batches(rows: list[dict], tokenizer, cfg, batch_size: int) -> tuple[lis
             row["rejected"],
             max_prompt_length=cfg.max_prompt_length,
             max_length=cfg.max_length,
+            max_completion_length=cfg.max_completion_length,
         )
         if item is not None:
             kept.append(row)
