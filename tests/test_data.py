@@ -239,7 +239,7 @@ LINE = json.dumps(GOOD) + "\n"
 PRESCAN = [
     (
         [LINE, LINE, '{"prompt": "a" "chosen": "b"}\n'],
-        r"pairs.jsonl line 3, column 16: invalid JSON \(Expecting ',' delimiter\)",
+        r"pairs.jsonl line 3, column 16: invalid JSON: a missing comma between two items$",
     ),
     ([LINE, "[1, 2]\n"], r"pairs.jsonl line 2: expected a JSON object, got list"),
     (["\n", "  \n"], r"pairs.jsonl has no rows"),
@@ -283,10 +283,22 @@ def test_prescan_skip_mode_counts_and_keeps_good_lines(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         raw = load_splits(cfg(path, on_bad_rows="skip"))
     assert norm_raw(raw.train) == ROWS
-    assert raw.skipped == 2 and "skipped 2 bad lines (first: line 2: missing column 'rejected'" in caplog.text
-    write_jsonl(path, [LINE, "{broken\n"])
-    with pytest.raises(UserError, match="line 2, column 2: invalid JSON"):  # broken JSON stays fatal
-        load_splits(cfg(path, on_bad_rows="skip"))
+    assert (
+        raw.skipped == 2 and "skipped 2 bad lines (lines 2, 4; first: line 2: missing column 'rejected'" in caplog.text
+    )
+    # a line that is not JSON at all is skipped and counted the same way, its line number logged
+    broken = '{"prompt": "p\tq", "chosen": "c", "rejected": "r"}\n'  # a raw tab inside a string
+    write_jsonl(path, [ROWS[0], "{broken\n", ROWS[1], broken, ROWS[2]])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        raw = load_splits(cfg(path, on_bad_rows="skip"))
+    assert norm_raw(raw.train) == ROWS and raw.skipped == 2
+    assert "skipped 2 bad lines (lines 2, 4; first: line 2, column 2: invalid JSON: a key not in double quotes" in (
+        caplog.text
+    )
+    write_jsonl(path, [ROWS[0], broken])
+    with pytest.raises(UserError, match=r"line 2, column \d+: invalid JSON: a raw tab or line break inside a string"):
+        load_splits(cfg(path))  # on_bad_rows: error stops at the first, in words
 
 
 # ----------------------------------------------------------------------------- tokenization

@@ -30,12 +30,36 @@ class _Scan(NamedTuple):
     mode: str  # what the file trains, decided from its first record
 
 
+# json's messages stop where a position would follow ("Invalid control character at"); these say what is wrong
+JSON_PROBLEMS = (
+    ("Invalid control character", "a raw tab or line break inside a string (write it as \\t or \\n)"),
+    ("Unterminated string", 'a string is not closed (a missing ")'),
+    ("Expecting property name", 'a key not in double quotes (JSON needs "key"), or a comma before a closing brace'),
+    ("Expecting ',' delimiter", "a missing comma between two items"),
+    ("Expecting ':' delimiter", "a missing colon after a key"),
+    ("Expecting value", "a missing value (an empty field, a comma before a closing bracket, or text that is not JSON)"),
+    ("Extra data", "more than one JSON value on one line"),
+    ("Invalid \\escape", "a backslash that starts no valid escape (write \\\\ for a backslash)"),
+)
+
+
+def json_problem(exc: json.JSONDecodeError) -> str:
+    """What is wrong with a line, in words, with the column."""
+    words = next((text for start, text in JSON_PROBLEMS if exc.msg.startswith(start)), exc.msg)
+    return f"column {exc.colno}: invalid JSON: {words}"
+
+
+class BrokenLine(NamedTuple):
+    problem: str
+
+
 def _broken(label: str, exc: json.JSONDecodeError) -> UserError:
-    return UserError(f"{label} line {exc.lineno}, column {exc.colno}: invalid JSON ({exc.msg})")
+    return UserError(f"{label} line {exc.lineno}, {json_problem(exc)}")
 
 
-def _json_lines(path: Path, label: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) per non-blank line, streamed so that a large file stays cheap."""
+def _json_lines(path: Path, label: str, keep_broken: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) per non-blank line, streamed so that a large file stays cheap. A line that
+    is not JSON is an error, or with `keep_broken` a `BrokenLine` for the caller to skip and count."""
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):
             if not line.strip():
@@ -43,7 +67,10 @@ def _json_lines(path: Path, label: str) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{label} line {lineno}, column {exc.colno}: invalid JSON ({exc.msg})") from None
+                if keep_broken:
+                    yield lineno, BrokenLine(json_problem(exc))
+                else:
+                    raise UserError(f"{label} line {lineno}, {json_problem(exc)}") from None
 
 
 def _json_array(text: str, label: str) -> Iterator[tuple[int, Any]]:
@@ -78,17 +105,18 @@ def _json_array(text: str, label: str) -> Iterator[tuple[int, Any]]:
         raise _broken(label, json.JSONDecodeError("Extra data", text, skip_ws(pos + 1)))
 
 
-def json_records(path: Path, label: str) -> Iterator[tuple[int, Any]]:
-    """Records of a .jsonl file, or of a .json file holding either a list of objects or JSON lines."""
+def json_records(path: Path, label: str, keep_broken: bool = False) -> Iterator[tuple[int, Any]]:
+    """Records of a .jsonl file, or of a .json file holding either a list of objects or JSON lines (with
+    `keep_broken`, a JSON-lines file's broken lines come as `BrokenLine`s; a broken list is always an error)."""
     if path.suffix.lower() == ".jsonl":
-        yield from _json_lines(path, label)
+        yield from _json_lines(path, label, keep_broken)
         return
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         yield from _json_array(text, label)
         return
     try:
-        yield from _json_lines(path, label)
+        yield from _json_lines(path, label, keep_broken)
     except UserError as line_error:
         try:
             whole = json.loads(text)
@@ -162,9 +190,9 @@ def _wanted_columns(first: dict, columns: dict[str, str], mode: str) -> dict[str
     return {**prompt, **pairs}
 
 
-def _utf8_records(path: Path, label: str) -> Iterator[tuple[int, Any]]:
+def _utf8_records(path: Path, label: str, keep_broken: bool) -> Iterator[tuple[int, Any]]:
     try:
-        yield from json_records(path, label)
+        yield from json_records(path, label, keep_broken)
     except UnicodeDecodeError as exc:
         raise UserError(f"{label} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
 
@@ -178,9 +206,14 @@ def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: s
     wanted: dict[str, str] | None = None
     kinds: dict[str, tuple[str, int]] = {}
     kept: list[dict] = []
-    skipped, first_problem, rows = 0, "", 0
-    for lineno, record in _utf8_records(path, label):
+    skipped, first_problem, rows, skipped_lines = 0, "", 0, []
+    for lineno, record in _utf8_records(path, label, keep_broken=on_bad_rows == "skip"):
         rows += 1
+        if isinstance(record, BrokenLine):
+            skipped += 1
+            skipped_lines.append(lineno)
+            first_problem = first_problem or f"line {lineno}, {record.problem}"
+            continue
         if not isinstance(record, dict):
             raise UserError(f"{label} line {lineno}: expected a JSON object, got {type(record).__name__}")
         if wanted is None:
@@ -191,6 +224,7 @@ def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: s
             raise UserError(f"{label} line {lineno}: {problem}")
         if problem:
             skipped += 1
+            skipped_lines.append(lineno)
             first_problem = first_problem or f"line {lineno}: {problem}"
         elif on_bad_rows == "skip":
             kept.append({column: record[column] for column in wanted.values()})
@@ -199,5 +233,6 @@ def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: s
     if skipped == rows:
         raise UserError(f"{label}: every row is bad ({skipped} skipped; first: {first_problem})")
     if skipped:
-        logger.warning("%s: skipped %d bad lines (first: %s)", label, skipped, first_problem)
+        shown = ", ".join(map(str, skipped_lines[:20])) + (", ..." if len(skipped_lines) > 20 else "")
+        logger.warning("%s: skipped %d bad lines (lines %s; first: %s)", label, skipped, shown, first_problem)
     return _Scan(kept if skipped else None, skipped, decided)
