@@ -76,3 +76,19 @@ def test_a_finished_run_run_again_says_so_and_touches_nothing(tiny_model, pairs,
     assert run(ROOT / "experiments/local-tiny.yaml", more) == 0
     assert "already complete" not in capsys.readouterr().out
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() != metrics
+
+
+def test_a_mistyped_local_model_path_is_not_found_with_the_nearest_folder(tmp_path, monkeypatch):
+    from dpo_lightning.errors import UserError
+    from dpo_lightning.models import resolve_model
+
+    (tmp_path / "outputs" / "builtin-tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as typo:
+        resolve_model("outputs/builtin-tinyy", "model_path")
+    assert (
+        str(typo.value)
+        == "model_path: model folder not found: outputs/builtin-tinyy; did you mean outputs/builtin-tiny?"
+    )
+    with pytest.raises(UserError, match=r"^model_name: model folder not found: outputs/x$"):
+        resolve_model("outputs/x")  # `outputs` is a folder here, so this is a path, not a Hub organisation

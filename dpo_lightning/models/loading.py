@@ -8,6 +8,7 @@ client's retry loop (about 25 s per file here), and a cached one loads without t
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,8 +41,21 @@ def _cached_on_hub(name: str) -> bool:
 
 
 def _looks_like_path(name: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else the user meant as a folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    """Hub ids are `name` or `org/name`; anything else the user meant as a folder, and so is `dir/name` when
+    `dir` is a folder here (`outputs/run` is a typo of a local path, not a Hub organisation)."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
+
+
+def not_found(name: str, key: str) -> UserError:
+    """A missing local folder, with the nearest existing sibling when one is close (a typo)."""
+    path = Path(name).expanduser()
+    parent = path.parent
+    siblings = [child.name for child in parent.iterdir() if child.is_dir()] if parent.is_dir() else []
+    close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.75)
+    hint = f"; did you mean {parent / close[0]}?" if close else ""
+    return UserError(f"{key}: model folder not found: {name}{hint}")
 
 
 def resolve_model(name: str, key: str = "model_name") -> ModelSource:
@@ -54,7 +68,7 @@ def resolve_model(name: str, key: str = "model_name") -> ModelSource:
             raise UserError(f"{key}: {path} is not a Hugging Face model folder (no config.json)")
         return ModelSource(str(path), True)
     if _looks_like_path(name):
-        raise UserError(f"{key}: model folder not found: {name}")
+        raise not_found(name, key)
     usable = not offline_env() and hub_reachable()
     if not usable and _cached_on_hub(name):
         return ModelSource(name, True)
