@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging()
         tune_cpu_allocator()  # before the first large allocation
         return run(args.config, overrides, fast_dev_run=args.fast_dev_run, resume=args.resume)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:  # one line per problem (a run missing several things says all of them)
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # before training (its handler finishes the step and checkpoints) or a
         # second Ctrl-C during it

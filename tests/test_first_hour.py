@@ -92,3 +92,15 @@ def test_a_mistyped_local_model_path_is_not_found_with_the_nearest_folder(tmp_pa
     )
     with pytest.raises(UserError, match=r"^model_name: model folder not found: outputs/x$"):
         resolve_model("outputs/x")  # `outputs` is a folder here, so this is a path, not a Hub organisation
+
+
+def test_everything_missing_is_said_at_once_one_line_each(tmp_path):
+    command = [sys.executable, "entrypoint.py", "--config", "experiments/local-tiny.yaml"]
+    command += ["--model_name", str(tmp_path / "no-model"), "--ref_model_name", str(tmp_path / "no-ref")]
+    command += ["--dataset_name", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), done.stderr
+    assert "missing.jsonl" in lines[0] and "model_name" in lines[1] and "ref_model_name" in lines[2]
+    assert not (tmp_path / "out").exists()

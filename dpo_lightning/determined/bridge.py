@@ -119,17 +119,23 @@ def cluster_start_point(core, latest_checkpoint: str | None, trial_id: int, stac
 
 
 def run_trial(
-    core, cfg: DPOConfig, *, start: StartPoint | None, trial_id: int | None, on_cluster: bool
+    core,
+    cfg: DPOConfig,
+    *,
+    start: StartPoint | None,
+    trial_id: int | None,
+    on_cluster: bool,
+    announce: str | None = None,
 ) -> TrainOutcome:
     """Train through a Core API context (real, dummy or fake)."""
     session = CoreSession(core, cfg, trial_id=trial_id, on_cluster=on_cluster, start=start)
-    outcome = train(cfg, session=session, start=start)
+    outcome = train(cfg, session=session, start=start, announce=announce)
     if outcome.interrupted:
         log.info("stopped at step %d with a checkpoint; run again to resume", outcome.trainer.global_step)
     return outcome
 
 
-def run_local(cfg: DPOConfig, *, resume: str | None = None) -> TrainOutcome:
+def run_local(cfg: DPOConfig, *, resume: str | None = None, announce: str | None = None) -> TrainOutcome:
     """Off-cluster: Determined's dummy context, checkpoints under `<output_dir>/checkpoints/`, resumed from
     `resume` or else from the newest complete checkpoint there."""
     start = local_start_point(cfg, resume)  # a mismatched resume fails here, before anything loads
@@ -140,7 +146,7 @@ def run_local(cfg: DPOConfig, *, resume: str | None = None) -> TrainOutcome:
     logging.getLogger("determined").setLevel(logging.WARNING)
     storage = str((Path(cfg.output_dir) / CHECKPOINTS).resolve())
     with det.core.init(distributed=distributed_context(), checkpoint_storage=storage) as core:
-        return run_trial(core, cfg, start=start, trial_id=None, on_cluster=False)
+        return run_trial(core, cfg, start=start, trial_id=None, on_cluster=False, announce=announce)
 
 
 def completed_step(cfg: DPOConfig) -> int | None:
@@ -178,7 +184,7 @@ def run(config_path: Path, overrides: dict, *, fast_dev_run: bool = False, resum
     info = trial_info()
     if info is None:
         cfg = load_config(config_path, overrides)
-        log.info("%s", configuration_line(config_path, overrides))
+        announce = configuration_line(config_path, overrides)
         done = None if (fast_dev_run or resume is not None) else completed_step(cfg)
         if done is not None:
             print(
@@ -187,9 +193,9 @@ def run(config_path: Path, overrides: dict, *, fast_dev_run: bool = False, resum
             )
             return 0
         if fast_dev_run:  # one batch each way, nothing written, nothing resumed
-            train(cfg, fast_dev_run=True)
+            train(cfg, fast_dev_run=True, announce=announce)
         else:
-            run_local(cfg, resume=resume)
+            run_local(cfg, resume=resume, announce=announce)
         return 0  # finished, or stopped with a checkpoint saved
     if resume is not None or fast_dev_run:
         raise UserError("--resume and --fast-dev-run are for local runs; on a cluster the trial resumes itself")

@@ -74,9 +74,15 @@ def resolve_model(name: str, key: str = "model_name") -> ModelSource:
         return ModelSource(name, True)
     if not usable:
         why = "HF_HUB_OFFLINE is set" if offline_env() else "the Hub is unreachable"
+        offline_start = (
+            f"; to try the project without it: --{key} {BUILTIN_MODEL} or --config experiments/local-tiny.yaml"
+            if key == "model_name"
+            else ""
+        )
         raise UserError(
             f"{key}: could not fetch model '{name}' from the Hugging Face Hub ({why}) and it is not cached; "
             f"download it where there is network or point {key} at a local folder, e.g. --{key} ./my-model"
+            + offline_start
         )
     return ModelSource(name, False)
 

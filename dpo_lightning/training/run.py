@@ -103,15 +103,37 @@ def build_trainer(
 
 
 def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
-    """Cheap checks of every path and model name, before anything is loaded."""
-    check_strategy(cfg)
-    check_source(cfg)
-    policy_source = resolve_model(cfg.model_name, "model_name")
-    ref_source = resolve_model(cfg.ref_model_name, "ref_model_name") if cfg.ref_model_name else None
-    check_lora(cfg)
-    if cfg.sampler == "vllm":
-        check_vllm(cfg, policy_source)
-    return policy_source, ref_source
+    """Cheap checks of every path and model name, before anything is loaded: everything that is missing or
+    unusable (the strategy, the dataset, the models, the reward model, LoRA's and vLLM's packages) is said at
+    once, one line each, rather than one per attempt."""
+    found: dict[str, ModelSource | None] = {"policy": None, "reference": None}
+
+    def policy() -> None:
+        found["policy"] = resolve_model(cfg.model_name, "model_name")
+        if cfg.sampler == "vllm":
+            check_vllm(cfg, found["policy"])
+
+    def reference() -> None:
+        if cfg.ref_model_name:
+            found["reference"] = resolve_model(cfg.ref_model_name, "ref_model_name")
+
+    def judge() -> None:  # with `mode: auto` the data decides whether a judge is needed: checked once it has
+        if cfg.reward_model and (cfg.mode == "online" or cfg.generation_eval_every > 0):
+            check_judge(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
+
+    checks = (lambda: check_strategy(cfg), lambda: check_source(cfg), policy, reference, judge, lambda: check_lora(cfg))
+    problems = [problem for problem in map(_problem, checks) if problem]
+    if problems:
+        raise UserError("\n".join(problems))
+    return found["policy"], found["reference"]
+
+
+def _problem(check) -> str | None:
+    try:
+        check()
+    except UserError as exc:
+        return str(exc)
+    return None
 
 
 def check_sampler(cfg: DPOConfig, mode: str) -> None:
@@ -200,14 +222,22 @@ class TrainOutcome(NamedTuple):
 
 
 def train(
-    cfg: DPOConfig, *, session: Session | None = None, start: StartPoint | None = None, fast_dev_run: bool = False
+    cfg: DPOConfig,
+    *,
+    session: Session | None = None,
+    start: StartPoint | None = None,
+    fast_dev_run: bool = False,
+    announce: str | None = None,
 ) -> TrainOutcome:
-    """Train, validate at the end and hand the final state to the session."""
+    """Train, validate at the end and hand the final state to the session. `announce` (what the configuration
+    is made of) is logged once the cheap checks have passed, so that bad input gets its error lines alone."""
     # The frozen reference is in eval mode on purpose; Lightning would warn about it at every fit. Our sampler
     # restores the data position itself, which Lightning cannot see when it warns about mid-epoch resumes.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     sources = resolve_sources(cfg)
+    if announce:
+        log.info("%s", announce)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = load_tokenizer(sources[0], cfg.trust_remote_code)
     datamodule = DPODataModule(cfg, tokenizer)
