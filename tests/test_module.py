@@ -55,6 +55,13 @@ def test_weight_decay_choice_does_not_depend_on_shape():
     assert {flat_names[id(p)] for p in decayed["params"]} == expected
 
 
+def test_a_tied_weight_is_in_the_optimizer_once():
+    model = random_qwen2(num_hidden_layers=1)  # tied embeddings: the head's weight is the embedding's
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    params = [p for group in decay_groups(model, 0.1) for p in group["params"]]
+    assert len(params) == len({id(p) for p in params}) == len(list(model.parameters()))
+
+
 def test_optimizer_is_fused_on_cpu():
     groups = decay_groups(torch.nn.Linear(3, 4), 0.1)
     assert adamw(groups, lr=1e-3).defaults["fused"] is True

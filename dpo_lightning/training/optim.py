@@ -39,10 +39,11 @@ def decays(module: torch.nn.Module, param_name: str) -> bool:
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW parameter groups: decayed parameters, and biases and norm gains without decay."""
-    decayed, plain = [], []
+    decayed, plain, seen = [], [], set()
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
-            if param.requires_grad:
+            if param.requires_grad and id(param) not in seen:  # a tied weight (embedding = head) once
+                seen.add(id(param))
                 (decayed if decays(module, f"{module_name}.{name}") else plain).append(param)
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
