@@ -218,6 +218,7 @@ def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, varian
         sinks = [lambda report: first.setdefault("metrics", report.metrics) if report.group == "training" else None]
         callbacks = [Clock()]
         write_files = False
+        on_cluster = False
 
         def finish(self, trainer, module):
             return None

@@ -120,6 +120,7 @@ def run_ours(preset: Preset, model: Path, workdir: Path, sampler: str) -> dict:
         sinks = [lambda report: reports.append(report.metrics) if report.group == "training" else None]
         callbacks = [Clock()]
         write_files = False
+        on_cluster = False
 
         def finish(self, trainer, module):
             return None

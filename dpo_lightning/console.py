@@ -11,6 +11,10 @@ def configure_logging() -> None:
     """INFO by default; DPO_LIGHTNING_LOG_LEVEL picks another level."""
     level = os.environ.get("DPO_LIGHTNING_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if level == "INFO":
+        # Lightning's start-up notes (accelerators found, an advertising tip, why fit stopped) say nothing the
+        # run's own log does not; DPO_LIGHTNING_LOG_LEVEL=DEBUG shows them
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
 class Interrupted(KeyboardInterrupt):

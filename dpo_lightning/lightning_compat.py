@@ -33,3 +33,32 @@ def micro_batches_done(trainer: L.Trainer) -> int:
     DataLoader (and Lightning's prefetch) reads batches ahead of the step that uses them.
     """
     return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
+def progress_bar() -> L.Callback:
+    """Lightning's progress bar without its logger version (`v_num`) and, in a run bounded by max_steps, without
+    an epoch total (Lightning shows `Epoch 0/-2` there, from max_epochs = -1).
+
+    Stands in for: "a progress bar whose epoch and total make sense"; the Rich bar builds its description in a
+    private method (`_get_train_description`), overridden here.
+    """
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+    class WithoutVersion:
+        def get_metrics(self, trainer, pl_module):
+            items = super().get_metrics(trainer, pl_module)
+            items.pop("v_num", None)
+            return items
+
+    if not _RICH_AVAILABLE:
+        return type("ProgressBar", (WithoutVersion, TQDMProgressBar), {})()
+
+    class StepBoundedRichBar(WithoutVersion, RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            if self.trainer.max_epochs is None or self.trainer.max_epochs < 0:
+                description = f"Epoch {current_epoch}"
+                return f"{description:{len(self.validation_description)}}"
+            return super()._get_train_description(current_epoch)
+
+    return StepBoundedRichBar()

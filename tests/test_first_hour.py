@@ -104,3 +104,46 @@ def test_everything_missing_is_said_at_once_one_line_each(tmp_path):
     assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), done.stderr
     assert "missing.jsonl" in lines[0] and "model_name" in lines[1] and "ref_model_name" in lines[2]
     assert not (tmp_path / "out").exists()
+
+
+def test_trackers_see_the_reports_of_metrics_jsonl_and_continue_on_resume(tiny_model, pairs, tmp_path, monkeypatch):
+    import csv
+    import json
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the real service is not contacted
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    values = tiny_run_values(tiny_model, pairs, out, max_prompt_length=16, max_steps=4, report_every_n_steps=1)
+    values.update(report_to="tensorboard,csv,wandb", val_check_interval=2)
+    assert run(ROOT / "experiments/local-tiny.yaml", parse_overrides(_cli(values))) == 0
+    more = {**values, "max_steps": 6}
+    assert run(ROOT / "experiments/local-tiny.yaml", parse_overrides(_cli(more))) == 0  # a resume, same folders
+
+    reports = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    with (out / "logs" / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(reports)  # one row per report, none repeated, across both launches
+    for report, row in zip(reports, rows, strict=True):
+        prefix = "train" if report["group"] == "training" else "val"
+        assert int(row["step"]) == report["step"]
+        assert float(row[f"{prefix}/loss"]) == pytest.approx(report["metrics"]["loss"], rel=1e-6)
+    assert {p.name for p in (out / "logs").iterdir() if p.is_dir()} == {"tensorboard", "wandb"}
+    assert len(list((out / "logs" / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # one folder, both launches
+    offline_runs = list((out / "logs" / "wandb").glob("offline-run-*"))
+    assert offline_runs and (out / "logs" / "wandb_id").read_text().strip() in offline_runs[0].name
+    assert len({run.name.split("-")[-1] for run in offline_runs}) == 1  # the resumed launch continued the same run
+
+
+def test_a_tracker_without_its_package_is_one_line(tiny_model, pairs, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    values = tiny_run_values(tiny_model, pairs, tmp_path / "run", max_prompt_length=16, report_to="mlflow")
+    command = [sys.executable, "entrypoint.py", "--config", "experiments/local-tiny.yaml", *_cli(values)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        == "error: report_to: mlflow needs its package: pip install mlflow (or leave it out of report_to)"
+    )

@@ -73,3 +73,22 @@ def test_micro_batches_done_counts_the_steps_run_this_epoch():
     done = [(epoch, i, count) for _, epoch, i, count in (e for e in probe.events if e[0] == "done")]
     # every micro-batch counts, not only those that end an optimizer step; a new epoch starts from 1
     assert done == [(0, 0, 1), (0, 1, 2), (0, 2, 3), (0, 3, 4), (1, 0, 1), (1, 1, 2), (1, 2, 3), (1, 3, 4)]
+
+
+def test_the_progress_bar_has_no_version_and_no_epoch_total_when_steps_bound_the_run(tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from dpo_lightning.lightning_compat import progress_bar
+
+    module = L.LightningModule()
+    for max_steps, max_epochs, expected in ((5, None, "Epoch 0"), (-1, 3, "Epoch 0/2")):
+        bar = progress_bar()
+        trainer = L.Trainer(
+            max_steps=max_steps, max_epochs=max_epochs, callbacks=[bar], logger=CSVLogger(tmp_path), accelerator="cpu"
+        )
+        trainer.strategy.connect(module)
+        bar.setup(trainer, module, stage="fit")
+        assert "v_num" not in bar.get_metrics(trainer, module)
+        if hasattr(bar, "_get_train_description"):  # the Rich bar; the tqdm bar shows no total
+            assert bar._get_train_description(0).strip() == expected

@@ -31,6 +31,7 @@ RESUMABLE_CHANGES = (
     "padding_free",
     "vllm_gpu_memory_utilization",
     "vllm_kv_cache_gib",
+    "report_to",
 )
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("32", "bf16-mixed")
@@ -216,6 +217,9 @@ class DPOConfig:
     """Ask Determined whether to stop (preemption, pause, early stop) every this many optimizer steps."""
     output_dir: str = "outputs/run"
     """Where metrics.jsonl, run_config.json, checkpoints/ and final/ go."""
+    report_to: str = "tensorboard"
+    """Experiment trackers the reports also go to, comma-separated: tensorboard, wandb, mlflow, csv, or none
+    (under output_dir/logs/; on a Determined cluster its own TensorBoard, plus wandb if listed)."""
 
     def __post_init__(self) -> None:
         for check in _CHECKS:
@@ -291,6 +295,19 @@ def _check_fractions(cfg: DPOConfig) -> str | None:
 def _check_steps(cfg: DPOConfig) -> str | None:
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         return f"max_steps must be a positive number of optimizer steps or -1 (use num_epochs), got {cfg.max_steps}"
+    return None
+
+
+REPORT_TARGETS = ("tensorboard", "wandb", "mlflow", "csv", "none")
+
+
+def _check_report_to(cfg: DPOConfig) -> str | None:
+    targets = [t for t in cfg.report_to.replace(" ", "").split(",") if t]
+    unknown = [t for t in targets if t not in REPORT_TARGETS]
+    if unknown or not targets:
+        return f"report_to: unknown '{','.join(unknown)}'; valid choices, comma-separated: {', '.join(REPORT_TARGETS)}"
+    if "none" in targets and len(targets) > 1:
+        return "report_to: none cannot be combined with other trackers"
     return None
 
 
@@ -389,6 +406,7 @@ _CHECKS = (
     _check_fractions,
     _check_steps,
     _check_columns,
+    _check_report_to,
 )
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(DPOConfig)}

@@ -74,7 +74,7 @@ def write_checkpoint(folder: Path, *, trainer, module, tokenizer, record: dict[s
     trained_state = full_trained_state(trainer, module)
     (folder / "trainer").mkdir(parents=True, exist_ok=True)
     # Without FSDP the module leaves the weights out of this state (`on_save_checkpoint`): they are at the root.
-    trainer.save_checkpoint(folder / (FSDP_STATE if is_fsdp(trainer) else LIGHTNING_STATE))
+    trainer.save_checkpoint(folder / (FSDP_STATE if is_fsdp(trainer) else LIGHTNING_STATE), weights_only=False)
     if trainer.is_global_zero:
         module.save_pretrained(folder, trained_state)
         tokenizer.save_pretrained(folder)

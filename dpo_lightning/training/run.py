@@ -22,6 +22,7 @@ from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.data.mode import needs_judge
 from dpo_lightning.errors import UserError
 from dpo_lightning.layout import METRICS, RUN_CONFIG, run_record, write_json
+from dpo_lightning.lightning_compat import progress_bar
 from dpo_lightning.memory import release_free_memory
 from dpo_lightning.models import (
     ModelSource,
@@ -36,6 +37,7 @@ from dpo_lightning.online.judges import check_judge, load_judge
 from dpo_lightning.online.vllm_sampler import VLLMSampler, check_vllm
 from dpo_lightning.training.checkpoints import lightning_state_path
 from dpo_lightning.training.dpo_module import DPOModule, OnlineDPOModule
+from dpo_lightning.training.loggers import build_loggers, check_loggers
 from dpo_lightning.training.module import TrainingModule
 from dpo_lightning.training.references import check_precompute, make_reference
 from dpo_lightning.training.reward_module import RewardModelModule
@@ -69,13 +71,14 @@ class Session(Protocol):
     sinks: list[ReportSink]
     callbacks: list[L.Callback]
     write_files: bool  # metrics.jsonl, run_config.json, final/ under output_dir
+    on_cluster: bool  # Determined's TensorBoard writes the metrics there
 
     def finish(self, trainer: L.Trainer, module: TrainingModule) -> Path:
         """After the last step: the final checkpoint (all ranks call it); returns its folder."""
 
 
 def build_trainer(
-    cfg: DPOConfig, policy, *, has_validation: bool, callbacks: list, fast_dev_run: bool, logger: bool = True
+    cfg: DPOConfig, policy, *, has_validation: bool, callbacks: list, fast_dev_run: bool, logger: list | bool = False
 ) -> L.Trainer:
     """Lightning counts validation intervals in batches; the config counts optimizer steps."""
     devices, num_nodes = launcher_layout()
@@ -97,7 +100,7 @@ def build_trainer(
         enable_checkpointing=False,  # checkpoints follow our layout, through the session
         logger=logger,
         default_root_dir=cfg.output_dir,
-        callbacks=callbacks,
+        callbacks=[*callbacks, progress_bar()],
         fast_dev_run=fast_dev_run,
     )
 
@@ -121,7 +124,15 @@ def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
         if cfg.reward_model and (cfg.mode == "online" or cfg.generation_eval_every > 0):
             check_judge(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
 
-    checks = (lambda: check_strategy(cfg), lambda: check_source(cfg), policy, reference, judge, lambda: check_lora(cfg))
+    checks = (
+        lambda: check_strategy(cfg),
+        lambda: check_source(cfg),
+        policy,
+        reference,
+        judge,
+        lambda: check_lora(cfg),
+        lambda: check_loggers(cfg),
+    )
     problems = [problem for problem in map(_problem, checks) if problem]
     if problems:
         raise UserError("\n".join(problems))
@@ -235,6 +246,10 @@ def train(
     # restores the data position itself, which Lightning cannot see when it warns about mid-epoch resumes.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    # Lightning's own calls into torch's deprecated pytree API, and its advice to sync epoch-level logs across
+    # processes: the progress bar's values are already reduced over ranks (every report is)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True")
     sources = resolve_sources(cfg)
     if announce:
         log.info("%s", announce)
@@ -251,6 +266,7 @@ def train(
 
     output_dir = Path(cfg.output_dir)
     write_files = session is not None and session.write_files and not fast_dev_run
+    on_cluster = session is not None and getattr(session, "on_cluster", False)
     sinks = list(session.sinks) if session is not None else []
     if write_files:
         sinks += [JsonlSink(output_dir / METRICS), log_validation]
@@ -263,7 +279,7 @@ def train(
         has_validation=datamodule.has_validation,
         callbacks=list(session.callbacks) if session is not None else [],
         fast_dev_run=fast_dev_run,
-        logger=not fast_dev_run and (session is None or session.write_files),
+        logger=[] if fast_dev_run else build_loggers(cfg, on_cluster=on_cluster, write_files=write_files),
     )
     module.sinks.append(LightningLoggerSink(trainer))
     if write_files and trainer.is_global_zero:
