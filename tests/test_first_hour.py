@@ -147,3 +147,50 @@ def test_a_tracker_without_its_package_is_one_line(tiny_model, pairs, tmp_path):
         done.stderr.strip()
         == "error: report_to: mlflow needs its package: pip install mlflow (or leave it out of report_to)"
     )
+
+
+def test_final_has_a_model_card_and_push_to_hub_uploads_it(tiny_model, pairs, tmp_path, monkeypatch):
+    # the Hub client is a stand-in recording its calls (mocked transport): the real service is not contacted
+    import json
+
+    import huggingface_hub
+
+    from dpo_lightning.training import publish
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(publish, "hub_reachable", lambda: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    out = tmp_path / "run"
+    values = tiny_run_values(tiny_model, pairs, out, max_prompt_length=16, max_steps=3, push_to_hub="someone/tiny-dpo")
+    assert run(ROOT / "experiments/local-tiny.yaml", parse_overrides(_cli(values))) == 0
+
+    card = (out / "final" / "README.md").read_text()
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["group"] == "validation" and last["step"] == 3
+    assert card.startswith("---\nbase_model: " + str(tiny_model)) and "library_name: transformers" in card
+    assert "offline DPO on preference pairs" in card and "| loss_type | `sigmoid` |" in card
+    assert f"| loss | {last['metrics']['loss']:.6g} |" in card and "## Final validation metrics (step 3)" in card
+    assert "python " in card and "--push_to_hub someone/tiny-dpo" in card  # the command that trained it
+    assert calls[0][:2] == ("create_repo", "someone/tiny-dpo") and calls[0][2]["exist_ok"] is True
+    assert calls[1][:2] == ("upload_folder", "someone/tiny-dpo") and "README.md" in calls[1][2]
+    assert "model.safetensors" in calls[1][2]
+
+
+def test_push_to_hub_offline_fails_before_training_in_one_line(tiny_model, pairs, tmp_path):
+    values = tiny_run_values(tiny_model, pairs, tmp_path / "run", max_prompt_length=16, push_to_hub="someone/x")
+    command = [sys.executable, "entrypoint.py", "--config", "experiments/local-tiny.yaml", *_cli(values)]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and not (tmp_path / "run").exists()
+    assert done.stderr.strip() == (
+        "error: push_to_hub: cannot upload to someone/x (HF_HUB_OFFLINE is set); leave push_to_hub unset"
+    )

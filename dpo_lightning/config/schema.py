@@ -32,6 +32,7 @@ RESUMABLE_CHANGES = (
     "vllm_gpu_memory_utilization",
     "vllm_kv_cache_gib",
     "report_to",
+    "push_to_hub",
 )
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("32", "bf16-mixed")
@@ -220,6 +221,9 @@ class DPOConfig:
     report_to: str = "tensorboard"
     """Experiment trackers the reports also go to, comma-separated: tensorboard, wandb, mlflow, csv, or none
     (under output_dir/logs/; on a Determined cluster its own TensorBoard, plus wandb if listed)."""
+    push_to_hub: str | None = None
+    """Upload final/ to this Hub model repository (OWNER/NAME, created private when missing) at the end of a
+    local run; the token is huggingface_hub's (HF_TOKEN or `hf auth login`)."""
 
     def __post_init__(self) -> None:
         for check in _CHECKS:

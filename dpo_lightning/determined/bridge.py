@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shlex
 from pathlib import Path
 
 from dpo_lightning.config import (
@@ -126,16 +127,19 @@ def run_trial(
     trial_id: int | None,
     on_cluster: bool,
     announce: str | None = None,
+    command: str | None = None,
 ) -> TrainOutcome:
     """Train through a Core API context (real, dummy or fake)."""
-    session = CoreSession(core, cfg, trial_id=trial_id, on_cluster=on_cluster, start=start)
+    session = CoreSession(core, cfg, trial_id=trial_id, on_cluster=on_cluster, start=start, command=command)
     outcome = train(cfg, session=session, start=start, announce=announce)
     if outcome.interrupted:
         log.info("stopped at step %d with a checkpoint; run again to resume", outcome.trainer.global_step)
     return outcome
 
 
-def run_local(cfg: DPOConfig, *, resume: str | None = None, announce: str | None = None) -> TrainOutcome:
+def run_local(
+    cfg: DPOConfig, *, resume: str | None = None, announce: str | None = None, command: str | None = None
+) -> TrainOutcome:
     """Off-cluster: Determined's dummy context, checkpoints under `<output_dir>/checkpoints/`, resumed from
     `resume` or else from the newest complete checkpoint there."""
     start = local_start_point(cfg, resume)  # a mismatched resume fails here, before anything loads
@@ -146,7 +150,7 @@ def run_local(cfg: DPOConfig, *, resume: str | None = None, announce: str | None
     logging.getLogger("determined").setLevel(logging.WARNING)
     storage = str((Path(cfg.output_dir) / CHECKPOINTS).resolve())
     with det.core.init(distributed=distributed_context(), checkpoint_storage=storage) as core:
-        return run_trial(core, cfg, start=start, trial_id=None, on_cluster=False, announce=announce)
+        return run_trial(core, cfg, start=start, trial_id=None, on_cluster=False, announce=announce, command=command)
 
 
 def completed_step(cfg: DPOConfig) -> int | None:
@@ -170,6 +174,10 @@ def completed_step(cfg: DPOConfig) -> int | None:
     return step if saved.get("max_steps") == -1 and saved.get("num_epochs") == cfg.num_epochs else None
 
 
+def _flags(overrides: dict) -> list[str]:
+    return [part for key, value in overrides.items() for part in (f"--{key}", str(value))]
+
+
 def configuration_line(config_path: Path, overrides: dict) -> str:
     """What a run's configuration is made of, so that a user who overrode two keys sees that the file supplies
     every other one (learning rate, precision, accumulation)."""
@@ -185,6 +193,7 @@ def run(config_path: Path, overrides: dict, *, fast_dev_run: bool = False, resum
     if info is None:
         cfg = load_config(config_path, overrides)
         announce = configuration_line(config_path, overrides)
+        command = shlex.join(["python", "entrypoint.py", "--config", str(config_path), *_flags(overrides)])
         done = None if (fast_dev_run or resume is not None) else completed_step(cfg)
         if done is not None:
             print(
@@ -195,7 +204,7 @@ def run(config_path: Path, overrides: dict, *, fast_dev_run: bool = False, resum
         if fast_dev_run:  # one batch each way, nothing written, nothing resumed
             train(cfg, fast_dev_run=True, announce=announce)
         else:
-            run_local(cfg, resume=resume, announce=announce)
+            run_local(cfg, resume=resume, announce=announce, command=command)
         return 0  # finished, or stopped with a checkpoint saved
     if resume is not None or fast_dev_run:
         raise UserError("--resume and --fast-dev-run are for local runs; on a cluster the trial resumes itself")

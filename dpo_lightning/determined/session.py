@@ -32,6 +32,7 @@ from dpo_lightning.training.checkpoints import (
     restore_rank_state,
     write_checkpoint,
 )
+from dpo_lightning.training.publish import model_card, push_final, training_command
 from dpo_lightning.training.run import StartPoint, TrainingInterrupted
 from dpo_lightning.training.signals import StopSignals
 from dpo_lightning.training.sinks import Report
@@ -66,8 +67,10 @@ class CoreSession:
         trial_id: int | None = None,
         on_cluster: bool = False,
         start: StartPoint | None = None,
+        command: str | None = None,
     ) -> None:
         self.core = core
+        self.command = command or training_command()  # for the model card: the command that trained it
         self.cfg = cfg
         self.trial_id = trial_id
         self.on_cluster = on_cluster
@@ -77,6 +80,7 @@ class CoreSession:
         resumed = start is not None and not start.weights_only
         self.last_saved: tuple[int, Path] | None = (start.step, start.path) if resumed else None
         self.sinks = [self.report]
+        self.last_validation: tuple[int, dict[str, float]] | None = None  # for the model card
         self.callbacks: list[L.Callback] = [CoreCallback(self)]
         self._last_progress = -math.inf
 
@@ -85,6 +89,8 @@ class CoreSession:
     def report(self, report: Report) -> None:
         """A report sink (the module calls it on global rank 0 only)."""
         values = plain_metrics(report.metrics)
+        if report.group == "validation":
+            self.last_validation = (report.step, dict(values))
         if report.group == "training":
             self.core.train.report_training_metrics(steps_completed=report.step, metrics=values)
         else:
@@ -128,6 +134,17 @@ class CoreSession:
             if self.cfg.export_merged:
                 merged = export_merged(final, module.trained, trainer.datamodule.tokenizer)
                 log.info("merged model (adapters merged into the base) saved to %s", merged)
+            step, metrics = self.last_validation or (trainer.global_step, None)
+            card = model_card(
+                self.cfg,
+                mode=trainer.datamodule.mode,
+                step=trainer.global_step,
+                metrics=metrics if step == trainer.global_step else None,
+                command=self.command,
+            )
+            (final / "README.md").write_text(card)
+            if self.cfg.push_to_hub:
+                log.info("final %s uploaded to %s", module.DESCRIPTION, push_final(final, self.cfg.push_to_hub))
         self.progress(trainer, force=True)
         return path
 

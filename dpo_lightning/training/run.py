@@ -39,6 +39,7 @@ from dpo_lightning.training.checkpoints import lightning_state_path
 from dpo_lightning.training.dpo_module import DPOModule, OnlineDPOModule
 from dpo_lightning.training.loggers import build_loggers, check_loggers
 from dpo_lightning.training.module import TrainingModule
+from dpo_lightning.training.publish import check_push
 from dpo_lightning.training.references import check_precompute, make_reference
 from dpo_lightning.training.reward_module import RewardModelModule
 from dpo_lightning.training.sinks import JsonlSink, LightningLoggerSink, ReportSink, log_validation, print_report
@@ -132,6 +133,7 @@ def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
         judge,
         lambda: check_lora(cfg),
         lambda: check_loggers(cfg),
+        lambda: check_push(cfg),
     )
     problems = [problem for problem in map(_problem, checks) if problem]
     if problems:
