@@ -36,9 +36,10 @@ def parse_args(argv: list[str]):
     add("--temperature", type=float, help="sampling temperature; default: the run's, else 0.9")
     add("--top_p", type=float, help="nucleus sampling threshold; default: the run's, else 1.0")
     add("--batch_size", type=int, default=8, help="pairs or prompts per forward pass (default 8)")
-    add("--output_dir", default="outputs/eval", help="where report.json, report.md and the plots go (default outputs/eval)")
+    add("--output_dir", default="outputs/eval", help="report.json, report.md, plots (default outputs/eval)")
     add("--seed", type=int, default=0, help="seed of the sampling streams (default 0)")
-    add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights (default float32)")
+    dtypes = ["float32", "bfloat16", "float16"]
+    add("--dtype", default="float32", choices=dtypes, help="model weights (default float32)")
     return EvalOptions(**vars(parser.parse_args(argv)))
 
 
