@@ -11,6 +11,7 @@ hyperparameters are the configuration.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -51,8 +52,12 @@ def parse_args(argv: list[str]) -> Args:
         if arg in ("-h", "--help"):
             from dpo_lightning.config.help import help_text
 
-            print(help_text(HELP_USAGE))
-            print("\nA run's resolved configuration, every key with its value: python entrypoint.py --print_config")
+            try:
+                print(help_text(HELP_USAGE))
+                print("\nA run's resolved configuration, every key with its value: python entrypoint.py --print_config")
+                sys.stdout.flush()
+            except BrokenPipeError:  # `--help | head`: the reader has all it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(0)
         if arg in ("--fast-dev-run", "--fast_dev_run"):
             fast_dev_run = True

@@ -341,3 +341,10 @@ def test_help_lists_every_key_by_group_with_default_and_documentation():
     for group in ("models:", "data:", "objective:", "optimisation:", "distribution:"):
         assert f"\n{group}\n" in done.stdout
     assert "  --learning_rate (default: 1e-06)\n      Peak AdamW learning rate." in done.stdout
+
+
+def test_help_piped_into_a_reader_that_stops_early_is_quiet():
+    done = subprocess.run(
+        f"{sys.executable} entrypoint.py --help | head -1", shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.startswith("usage: ") and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
