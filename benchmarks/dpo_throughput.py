@@ -159,6 +159,19 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+class BenchSession:
+    """A training session that writes nothing: reports go to `sinks`, the clock rides in `callbacks`."""
+
+    write_files = False
+    on_cluster = False
+
+    def __init__(self, sinks: list, callbacks: list) -> None:
+        self.sinks, self.callbacks = sinks, callbacks
+
+    def finish(self, trainer, module):
+        return None
+
+
 class StepClock:
     def __init__(self) -> None:
         self.seconds: list[float] = []
@@ -214,16 +227,11 @@ def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, varian
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.stop()
 
-    class Session:
-        sinks = [lambda report: first.setdefault("metrics", report.metrics) if report.group == "training" else None]
-        callbacks = [Clock()]
-        write_files = False
-        on_cluster = False
+    def keep_first(report) -> None:
+        if report.group == "training":
+            first.setdefault("metrics", report.metrics)
 
-        def finish(self, trainer, module):
-            return None
-
-    train(make_config(values), session=Session())
+    train(make_config(values), session=BenchSession([keep_first], [Clock()]))
     metrics = first.get("metrics", {})
     return {
         "step_seconds": clock.seconds,

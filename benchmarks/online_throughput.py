@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dpo_throughput import _device_name, _sync, peak_memory_gb  # noqa: E402
+from dpo_throughput import BenchSession, _device_name, _sync, peak_memory_gb  # noqa: E402
 
 
 class StepStarts:
@@ -116,16 +116,11 @@ def run_ours(preset: Preset, model: Path, workdir: Path, sampler: str) -> dict:
         def on_train_end(self, trainer, pl_module):
             clock.mark()
 
-    class Session:
-        sinks = [lambda report: reports.append(report.metrics) if report.group == "training" else None]
-        callbacks = [Clock()]
-        write_files = False
-        on_cluster = False
+    def keep(report) -> None:
+        if report.group == "training":
+            reports.append(report.metrics)
 
-        def finish(self, trainer, module):
-            return None
-
-    train(make_config(values), session=Session())
+    train(make_config(values), session=BenchSession([keep], [Clock()]))
     kept = reports[preset.warmup :]
     shares = {phase: statistics.median(r[f"time/{phase}_share"] for r in kept) for phase in ("generation", "scoring")}
     shares["training_and_rest"] = 1 - shares["generation"] - shares["scoring"]  # the update, syncs, reports

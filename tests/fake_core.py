@@ -151,3 +151,22 @@ class FakeCore:
 
     def latest_checkpoint(self) -> str | None:
         return self.checkpoint.stored[-1][0] if self.checkpoint.stored else None
+
+
+def straight_and_resumed(cfg, root: Path, stop_at: int) -> tuple[FakeCore, FakeCore]:
+    """The same trial run straight through, and preempted after `stop_at` steps then resumed from its checkpoint
+    as Determined would resume it: (the straight run's core, the resumed run's core), for comparing them."""
+    from dpo_lightning.determined import bridge
+
+    def trial(core, start=None):
+        return bridge.run_trial(core, cfg, start=start, trial_id=1, on_cluster=True)
+
+    straight = FakeCore(root / "straight")
+    total = trial(straight).trainer.global_step
+    first = FakeCore(root / "resumed", preempt_on_call=stop_at)
+    assert trial(first).trainer.global_step == stop_at
+    second = FakeCore(root / "resumed", after=first)
+    with contextlib.ExitStack() as stack:
+        start = bridge.cluster_start_point(second, second.latest_checkpoint(), 1, stack)
+        assert trial(second, start=start).trainer.global_step == total
+    return straight, second

@@ -3,7 +3,6 @@ checkpoints and final/ hold the adapters, resume is exact, and the exports load 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from contract import online_demo_values, stepwise_run_values, write_jsonl
-from fake_core import FakeCore
+from fake_core import straight_and_resumed
 from safetensors.torch import load_file
 from tiny_models import random_pairs, random_qwen2
 
@@ -133,19 +132,8 @@ def test_evaluate_accepts_a_lora_run(lora_run, tmp_path):
     assert report["preference"]["metrics"]["rewards/margins"] != 0  # reference: the base; policy: adapted
 
 
-def _trial(core, cfg, *, start=None):
-    return bridge.run_trial(core, cfg, start=start, trial_id=1, on_cluster=True)
-
-
 def _resumed_equals_straight(cfg, tmp_path, stop_at: int, names: tuple[str, ...]):
-    straight = FakeCore(tmp_path / "straight")
-    _trial(straight, cfg)
-    first = FakeCore(tmp_path / "resumed", preempt_on_call=stop_at)
-    assert _trial(first, cfg).trainer.global_step == stop_at
-    second = FakeCore(tmp_path / "resumed", after=first)
-    with contextlib.ExitStack() as stack:
-        start = bridge.cluster_start_point(second, second.latest_checkpoint(), 1, stack)
-        _trial(second, cfg, start=start)
+    straight, second = straight_and_resumed(cfg, tmp_path, stop_at)
     expected, got = straight.train.group("training"), second.train.group("training")
     assert sorted(got) == sorted(expected)
     for step in expected:

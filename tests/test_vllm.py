@@ -9,7 +9,6 @@ The model's attention head size is 32 (hidden 64, 2 heads): vLLM's CPU attention
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from contract import online_demo_values
-from fake_core import FakeCore
+from fake_core import straight_and_resumed
 from safetensors.torch import load_file
 
 from dpo_lightning.builtin import build_tiny_model
@@ -84,21 +83,10 @@ def test_a_lora_policy_syncs_its_merged_weights(model32, tmp_path):
     assert len(diffs) == 4 and all(d < 1e-3 for d in diffs), diffs
 
 
-def _trial(core, cfg, *, start=None):
-    return bridge.run_trial(core, cfg, start=start, trial_id=1, on_cluster=True)
-
-
 @needs_vllm
 def test_a_resumed_run_samples_what_the_uninterrupted_run_did(model32, tmp_path):
     cfg = make_config(_values(model32, tmp_path / "out", max_steps=6, learning_rate=1e-2))
-    straight = FakeCore(tmp_path / "straight")
-    _trial(straight, cfg)
-    first = FakeCore(tmp_path / "resumed", preempt_on_call=3)
-    assert _trial(first, cfg).trainer.global_step == 3
-    second = FakeCore(tmp_path / "resumed", after=first)
-    with contextlib.ExitStack() as stack:
-        start = bridge.cluster_start_point(second, second.latest_checkpoint(), 1, stack)
-        assert _trial(second, cfg, start=start).trainer.global_step == 6
+    straight, second = straight_and_resumed(cfg, tmp_path, stop_at=3)
 
     expected, got = straight.train.group("training"), second.train.group("training")
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]
