@@ -153,7 +153,15 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a build of a few kB needs no progress bar (it would trail an error line)
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(folder)
     return folder
 
