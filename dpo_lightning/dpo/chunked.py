@@ -16,12 +16,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dpo_lightning.models.lora import base_model
+
 
 def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     """(decoder body giving the final hidden states, output head) when the model's logits are exactly
     head(hidden) for the body's `last_hidden_state`; None when they are not (logit soft-capping or scaling,
     or a head that is not a plain Linear), and the plain path must be used."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper's model
+    inner = base_model(model)  # under a peft wrapper, the transformers model
     get_head = getattr(inner, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
     body = getattr(inner, getattr(inner, "base_model_prefix", "") or "", None)

@@ -189,7 +189,7 @@ class VLLMSampler:
         )
         if device.type == "cuda":
             options["gpu_memory_utilization"] = self.gpu_memory_utilization
-        self.external = launched_world_size() > 1
+        self.external = process_group_size() > 1
         if self.external:
             # one engine per rank inside the launcher's processes, each a data-parallel replica
             options["distributed_executor_backend"] = "external_launcher"
@@ -266,7 +266,7 @@ class VLLMSampler:
         return Completions(ids, torch.tensor(has_eos, dtype=torch.bool), logps)
 
 
-def launched_world_size() -> int:
+def process_group_size() -> int:
     """Processes in the run's process group (1 when there is none)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()

@@ -122,6 +122,7 @@ class AppendingCSVLogger(Logger):
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = Path(path)
+        self._header: list[str] | None = None  # read from the file once, kept in step with it after
 
     @property
     def name(self) -> str:
@@ -138,21 +139,29 @@ class AppendingCSVLogger(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        rows, header = self._read()
-        fields = header + [key for key in row if key not in header]
+        if self._header is None:
+            self._header = self._read_header()
+        fields = self._header + [key for key in row if key not in self._header]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if fields != header:  # a new column: write the file again under the wider header
+        if fields != self._header:  # a new column: write the file again under the wider header
+            rows = self._read_rows()
             with self.path.open("w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows([*rows, row])
-            return
-        with self.path.open("a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=fields).writerow(row)
+        else:
+            with self.path.open("a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=fields).writerow(row)
+        self._header = fields
 
-    def _read(self) -> tuple[list[dict], list[str]]:
+    def _read_header(self) -> list[str]:
         if not self.path.is_file():
-            return [], []
+            return []
         with self.path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            return list(reader), list(reader.fieldnames or [])
+            return next(csv.reader(handle), [])
+
+    def _read_rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with self.path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
