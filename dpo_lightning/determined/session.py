@@ -25,9 +25,11 @@ from dpo_lightning.config import DPOConfig
 from dpo_lightning.layout import CHECKPOINTS, run_record
 from dpo_lightning.lightning_compat import validate_now
 from dpo_lightning.training.checkpoints import (
+    add_full_weights,
     checkpoint_metadata,
     export_final,
     export_merged,
+    has_full_weights,
     prune_checkpoints,
     restore_rank_state,
     write_checkpoint,
@@ -108,14 +110,24 @@ class CoreSession:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, trainer: L.Trainer, module, step: int) -> Path:
-        """A checkpoint of `step` through the sharded protocol; every rank calls it. Never two per step."""
+    def save(self, trainer: L.Trainer, module, step: int, *, last: bool = False) -> Path:
+        """A checkpoint of `step` through the sharded protocol; every rank calls it. Never two per step. Under
+        FSDP only the `last` one holds the whole model in Hugging Face format beside the shards."""
         if self.last_saved is not None and self.last_saved[0] == step:
-            return self.last_saved[1]
+            path = self.last_saved[1]
+            # saved before it was known to be the last (an epoch-bounded run); rank 0's view decides for all
+            if last and self.write_files and not trainer.strategy.broadcast(has_full_weights(path)):
+                add_full_weights(path, trainer=trainer, module=module)
+            return path
         metadata = checkpoint_metadata(step, self.trial_id)
         with self.core.checkpoint.store_path(metadata, shard=True) as (path, storage_id):
             write_checkpoint(
-                Path(path), trainer=trainer, module=module, tokenizer=trainer.datamodule.tokenizer, record=self.record
+                Path(path),
+                trainer=trainer,
+                module=module,
+                tokenizer=trainer.datamodule.tokenizer,
+                record=self.record,
+                full_weights=last,
             )
         self.last_saved = (step, Path(path))
         if trainer.is_global_zero:
@@ -127,7 +139,7 @@ class CoreSession:
 
     def finish(self, trainer: L.Trainer, module) -> Path:
         """The final checkpoint and, off-cluster, a copy of its policy in `<output_dir>/final/`."""
-        path = self.save(trainer, module, trainer.global_step)
+        path = self.save(trainer, module, trainer.global_step, last=True)
         if self.write_files and trainer.is_global_zero:
             final = export_final(Path(self.cfg.output_dir), path)
             log.info("final %s saved to %s", module.DESCRIPTION, final)
@@ -190,9 +202,13 @@ class CoreCallback(L.Callback):
         # epoch finished, and a run resumed from there with a larger max_steps would skip the rest of it.
         last = 0 < trainer.max_steps <= step
         if reason or last or (every > 0 and step % every == 0):
-            self.session.save(trainer, pl_module, step)
+            # this step's report is written before its checkpoint is complete (after a stop, the steps since the
+            # last report too: the module's own hook will not run)
+            pl_module.report_finished_step()
+            if reason:
+                pl_module.flush_training_report()
+            self.session.save(trainer, pl_module, step, last=last)
         if reason:
-            pl_module.flush_training_report()  # its own hook, which would report this step, will not run
             self.session.progress(trainer, force=True)
             raise TrainingInterrupted(step, reason)
 

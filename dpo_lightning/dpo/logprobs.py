@@ -14,6 +14,7 @@ import torch
 
 from dpo_lightning.data.batch import PairBatch, SequenceBatch
 from dpo_lightning.dpo.chunked import body_and_head, chunked_token_logps
+from dpo_lightning.models.sharding import is_sharded
 
 
 class SequenceLogps(NamedTuple):
@@ -86,12 +87,29 @@ def forward_logps_and_tokens(
         sequences, per_token, mean_logit = _packed_token_values(logits, batch)
         return _per_sequence(batch, sequences, per_token, mean_logit), per_token.detach()
     body, head = parts
-    hidden = body(**batch.model_inputs()).last_hidden_state
+    hidden = final_hidden_states(model, body, batch.model_inputs())
     rows, positions, sequences = batch.scored_positions()
     per_token, mean_logit = chunked_token_logps(
         hidden[rows, positions], head, batch.input_ids[rows, positions + 1], chunk_size
     )
     return _per_sequence(batch, sequences, per_token, mean_logit), per_token.detach().float()
+
+
+def final_hidden_states(model: torch.nn.Module, body: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The body's last hidden states (N, T, H) for the chunked head.
+
+    A sharded model (FSDP2) gathers its embeddings, final norm and head only in its own (root) forward, so the
+    body is run inside it: the root computes one position's logits, which are dropped, and keeps the head's
+    weight whole until its backward, where the chunked head's gradient is reduced like any other."""
+    if not is_sharded(model):
+        return body(**inputs).last_hidden_state
+    captured = []
+    handle = body.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 def _packed_token_values(logits: torch.Tensor, batch: SequenceBatch):

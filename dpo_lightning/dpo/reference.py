@@ -18,6 +18,7 @@ import torch
 
 from dpo_lightning.data.batch import SequenceBatch
 from dpo_lightning.dpo.logprobs import SequenceLogps, forward_logps
+from dpo_lightning.models.sharding import is_sharded, reshard
 
 
 class Reference(Protocol):
@@ -51,7 +52,11 @@ class FrozenReference(torch.nn.Module):
 
     @torch.no_grad()
     def logps(self, batch: SequenceBatch) -> SequenceLogps:
-        return forward_logps(self.model, batch, self.chunk_size)
+        try:
+            return forward_logps(self.model, batch, self.chunk_size)
+        finally:
+            if is_sharded(self.model):
+                reshard(self.model)  # no backward follows to free what its root gathered
 
     @contextmanager
     def sampling_model(self) -> Iterator[torch.nn.Module]:

@@ -118,8 +118,11 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every parameter of the adapted model with its adapters merged in, named as the base
     model's `save_pretrained` names them. Computed out of place: the model's own weights are left as they are
-    (merging in place and back would round the base weights)."""
+    (merging in place and back would round the base weights). Sharded (FSDP2) weights are gathered whole, in
+    the same order on every rank."""
     from peft.tuners.lora import LoraLayer
+
+    from dpo_lightning.models.sharding import full_tensor
 
     base = base_model(model)
     deltas = {}
@@ -127,12 +130,12 @@ def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         if isinstance(module, LoraLayer):
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    delta = module.get_delta_weight(adapter)
+                    delta = full_tensor(module.get_delta_weight(adapter))
                     deltas[f"{name}.base_layer.weight"] = deltas.get(f"{name}.base_layer.weight", 0) + delta
     for name, param in base.named_parameters():
         if "lora_" in name:
             continue
-        value = param.detach()
+        value = full_tensor(param.detach())
         if name in deltas:
             value = value + deltas[name].to(value.dtype)
         yield name.replace(".base_layer.", "."), value

@@ -20,6 +20,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from dpo_lightning.data.batch import PromptBatch
+from dpo_lightning.models.sharding import is_sharded
 
 SAMPLES_PER_PROMPT = 2  # online DPO's pair per prompt
 
@@ -215,11 +216,7 @@ def _sharded(model: torch.nn.Module) -> bool:
     """Part of `model` is sharded across ranks (FSDP): every forward pass is then a collective."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False
-    if torch.distributed.get_world_size() < 2:
-        return False
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
+    return torch.distributed.get_world_size() > 1 and is_sharded(model)
 
 
 class HFSampler:

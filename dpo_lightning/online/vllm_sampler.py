@@ -23,6 +23,7 @@ from dpo_lightning.config import vllm_max_model_len
 from dpo_lightning.data.batch import PromptBatch
 from dpo_lightning.errors import UserError, first_line
 from dpo_lightning.models.lora import is_peft_model, merged_weights
+from dpo_lightning.models.sharding import full_tensor
 from dpo_lightning.online.sampling import Completions, SamplingRNG, SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ INSTALL_HINT = (
 )
 # the launcher's environment, which vLLM's engine rewrites for its own world of one process; put back after start
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR")
-# wrappers whose prefixes the policy's parameter names gain under FSDP and activation checkpointing
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+# wrappers whose prefixes the policy's parameter names gain under activation checkpointing and torch.compile
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def check_vllm_installed() -> None:
@@ -87,26 +88,15 @@ def engine_dtype(precision: str) -> str:
 
 def policy_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) of every parameter of `policy`, named as its `save_pretrained` would name it
-    (FSDP's and activation checkpointing's wrapper prefixes removed; LoRA adapters merged into their base).
-    Under FSDP the caller gathers the full parameters first (`full_parameters`)."""
+    (activation checkpointing's and compilation's wrapper prefixes removed; LoRA adapters merged into their
+    base). A sharded (FSDP2) parameter is gathered whole only when the consumer asks for it, one at a time, so
+    an engine loading the stream never holds more than one gathered tensor beside its own copy; every rank
+    must consume the stream to its end, in step."""
     weights = merged_weights(policy) if is_peft_model(policy) else policy.named_parameters()
     for name, param in weights:
         for prefix in WRAPPER_PREFIXES:
             name = name.replace(prefix, "")
-        yield name, param.detach()
-
-
-def full_parameters(policy: torch.nn.Module):
-    """A context in which every parameter of `policy` is whole on every rank: FSDP's `summon_full_params`
-    where the policy is sharded, else nothing."""
-    from contextlib import nullcontext
-
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    roots = [m for m in policy.modules() if isinstance(m, FullyShardedDataParallel)]
-    if not roots:
-        return nullcontext()
-    return FullyShardedDataParallel.summon_full_params(policy, writeback=False, recurse=True)
+        yield name, full_tensor(param.detach())
 
 
 def check_vllm(cfg, source) -> None:
@@ -222,8 +212,7 @@ class VLLMSampler:
         """Copy the policy's current weights into the engine, in place, and drop cached prefixes computed
         with the old ones."""
         worker = self._worker()
-        with full_parameters(policy):
-            worker.reload_weights(weights_iterator=policy_weights(policy))
+        worker.reload_weights(weights_iterator=policy_weights(policy))
         repack_tied_cpu_weights(worker.model_runner.model)
         self.llm.reset_prefix_cache()
         self.syncs += 1

@@ -32,6 +32,9 @@ from dpo_lightning.layout import (
 from dpo_lightning.models.lora import save_merged
 from dpo_lightning.training.strategies import full_trained_state, is_fsdp
 
+# a model's weights in Hugging Face format: one file, a sharded index, or a LoRA run's adapters
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
 
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -62,31 +65,53 @@ def checkpoint_metadata(step: int, trial_id: int | None) -> dict[str, Any]:
     return {"steps_completed": int(step), "trial_id": trial_id, "format": FORMAT}
 
 
-def write_checkpoint(folder: Path, *, trainer, module, tokenizer, record: dict[str, Any]) -> None:
-    """This rank's part of a checkpoint into `folder`; every rank calls it, in step (FSDP gathers inside).
+def write_checkpoint(folder: Path, *, trainer, module, tokenizer, record: dict[str, Any], full_weights: bool) -> None:
+    """This rank's part of a checkpoint into `folder`; every rank calls it, in step.
 
-    Rank 0 writes the trained model (the policy, or a RewardModel) in Hugging Face format, the tokenizer and
-    run_config.json at the root, and the Lightning state (optimizer, scheduler, loops, data position) without
-    weights; every rank writes its own RNG state and the module's per-rank state (its sampling stream). Under
-    FSDP every rank also writes its shard of the weights and optimizer state.
+    Rank 0 writes the tokenizer and run_config.json at the root and every rank its own RNG state and the
+    module's per-rank state (its sampling stream). Without FSDP, rank 0 also writes the trained model (the
+    policy, or a RewardModel) in Hugging Face format at the root and the Lightning state (optimizer, scheduler,
+    loops, data position) without weights. Under FSDP every rank writes its shard of the trained weights and
+    optimizer state instead, and the whole model is gathered into Hugging Face format only with `full_weights`
+    (the last checkpoint of a run).
     """
     folder = Path(folder)
-    trained_state = full_trained_state(trainer, module)
+    sharded = is_fsdp(trainer)
+    if sharded:
+        module.reshard()  # a root left whole by validation would be saved whole, not as this rank's shard
+    trained_state = full_trained_state(trainer, module) if full_weights or not sharded else None
     (folder / "trainer").mkdir(parents=True, exist_ok=True)
     # Without FSDP the module leaves the weights out of this state (`on_save_checkpoint`): they are at the root.
-    trainer.save_checkpoint(folder / (FSDP_STATE if is_fsdp(trainer) else LIGHTNING_STATE), weights_only=False)
+    trainer.save_checkpoint(folder / (FSDP_STATE if sharded else LIGHTNING_STATE), weights_only=False)
     if trainer.is_global_zero:
-        module.save_pretrained(folder, trained_state)
+        if trained_state is not None:
+            module.save_pretrained(folder, trained_state)
         tokenizer.save_pretrained(folder)
         write_json(folder / RUN_CONFIG, record)
     rank_state = {"rng": rng_state(), "module": module.rank_state_dict()}
     torch.save(rank_state, folder / RANK_STATE.format(rank=trainer.global_rank))
 
 
+def add_full_weights(folder: Path, *, trainer, module) -> None:
+    """Gather a sharded checkpoint's trained model into Hugging Face format at its root (every rank calls it;
+    rank 0 writes), for a run whose last checkpoint was written before it knew it was the last."""
+    state = full_trained_state(trainer, module)
+    if trainer.is_global_zero:
+        module.save_pretrained(folder, state)
+
+
+def has_full_weights(folder: Path) -> bool:
+    """Whether a checkpoint holds its trained model in Hugging Face format at the root."""
+    return any((Path(folder) / name).is_file() for name in HF_WEIGHTS)
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / FSDP_STATE).is_dir()
+
+
 def lightning_state_path(folder: Path) -> Path:
     """What `Trainer.fit(ckpt_path=...)` restores from: a file, or FSDP's sharded directory."""
-    sharded = folder / FSDP_STATE
-    return sharded if sharded.is_dir() else folder / LIGHTNING_STATE
+    return folder / FSDP_STATE if is_sharded_checkpoint(folder) else folder / LIGHTNING_STATE
 
 
 def restore_rank_state(folder: Path, rank: int, module) -> bool:

@@ -11,7 +11,7 @@ from dpo_lightning.data.batch import PairBatch, PromptBatch
 from dpo_lightning.dpo.losses import chosen_nll, weighted_mean
 from dpo_lightning.dpo.metrics import PreferenceMetrics
 from dpo_lightning.dpo.objective import LossSettings, PairResult, pair_forward
-from dpo_lightning.dpo.reference import Reference
+from dpo_lightning.dpo.reference import FrozenReference, Reference
 from dpo_lightning.online.comparison import compare_generations
 from dpo_lightning.online.judges import Judge
 from dpo_lightning.online.metrics import SampleMetrics
@@ -55,6 +55,9 @@ class DPOModule(TrainingModule):
     @property
     def trained(self) -> torch.nn.Module:
         return self.policy
+
+    def frozen_networks(self) -> list[torch.nn.Module]:
+        return [self.reference.model] if isinstance(self.reference, FrozenReference) else []
 
     def on_fit_start(self) -> None:
         if self.judge is not None:

@@ -14,9 +14,11 @@ import torch
 
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.lightning_compat import validate_now
+from dpo_lightning.models.sharding import is_sharded, reshard
+from dpo_lightning.training.fsdp import load_sharded_weights
 from dpo_lightning.training.optim import adamw, decay_groups, lr_lambda, warmup_steps_for
 from dpo_lightning.training.sinks import Report, ReportSink
-from dpo_lightning.training.strategies import clip_gradients, is_fsdp
+from dpo_lightning.training.strategies import clip_gradients, decoder_layer_classes, is_fsdp
 
 
 def short_window_scale(accumulation_steps: int, micro_batches: int) -> float:
@@ -48,6 +50,7 @@ class TrainingModule(L.LightningModule):
         self._grad_norms: list[float] = []
         self._seen_step = 0
         self._window_micro_batches = 0  # backward passes since the last optimizer step
+        self.sharded_weights_from = None  # a sharded checkpoint whose trained weights a warm start takes
         # Checkpoints keep the trained weights once, in Hugging Face format beside the trainer state, and frozen
         # models are rebuilt from the configuration: the Lightning state restored on resume holds no weights.
         self.strict_loading = False
@@ -60,6 +63,28 @@ class TrainingModule(L.LightningModule):
     def save_pretrained(self, folder, state_dict: dict | None) -> None:
         """The trained model in Hugging Face format (rank 0, with the full `state_dict` under FSDP)."""
         self.trained.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+
+    def frozen_networks(self) -> list[torch.nn.Module]:
+        """Networks beside the trained one that run forward passes (a reference): FSDP shards them too."""
+        return []
+
+    def configure_model(self) -> None:
+        # Under FSDP2 each network is sharded here, once the device mesh exists and before the optimizer sees
+        # the parameters; elsewhere the models stay as loaded. A warm start's sharded weights load either way.
+        if is_fsdp(self.trainer) and not is_sharded(self.trained):  # a validate after fit calls this again
+            strategy = self.trainer.strategy
+            strategy.shard(self.trained, decoder_layer_classes(self.trained))
+            for network in self.frozen_networks():
+                strategy.shard(network, decoder_layer_classes(network))
+        if self.sharded_weights_from is not None:
+            load_sharded_weights(self.trained, self.sharded_weights_from)
+            self.sharded_weights_from = None
+
+    def reshard(self) -> None:
+        """Free the gathered parameters a forward without backward leaves whole (FSDP's root units)."""
+        if is_fsdp(self.trainer):
+            for network in (self.trained, *self.frozen_networks()):
+                reshard(network)
 
     def rank_state_dict(self) -> dict:
         """Per-rank state a resumed run needs beside the RNG (each rank's sampling stream, for one)."""
@@ -130,8 +155,14 @@ class TrainingModule(L.LightningModule):
             validate_now(trainer)  # the baseline: the policy before its first update
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.report_finished_step()
+
+    def report_finished_step(self) -> None:
+        """The training report of the optimizer step just finished, when one is due; once per step. The
+        checkpoint callback calls it before it saves, so that no checkpoint is complete before its step's
+        report is written (a crash in between would lose the report for good)."""
         step = self.global_step
-        if step == self._seen_step:  # mid-accumulation: no optimizer step finished
+        if step == self._seen_step:  # mid-accumulation, or already reported
             return
         self._seen_step = step
         if step % self.cfg.report_every_n_steps == 0:
@@ -151,6 +182,7 @@ class TrainingModule(L.LightningModule):
         self.last_validated_step = self.global_step
         metrics = self.val_metrics.report()
         metrics.update(self.extra_report("validation"))
+        self.reshard()
         self._emit("validation", metrics, in_step_hook=False)
 
     def _report_training(self, in_step_hook: bool) -> None:

@@ -21,7 +21,7 @@ from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.data.mode import needs_judge
 from dpo_lightning.errors import UserError
-from dpo_lightning.layout import METRICS, RUN_CONFIG, run_record, write_json
+from dpo_lightning.layout import FSDP_STATE, METRICS, RUN_CONFIG, run_record, write_json
 from dpo_lightning.lightning_compat import progress_bar
 from dpo_lightning.memory import release_free_memory
 from dpo_lightning.models import (
@@ -35,7 +35,7 @@ from dpo_lightning.models import (
 from dpo_lightning.models.lora import check_lora
 from dpo_lightning.online.judges import check_judge, load_judge
 from dpo_lightning.online.vllm_sampler import VLLMSampler, check_vllm
-from dpo_lightning.training.checkpoints import lightning_state_path
+from dpo_lightning.training.checkpoints import is_sharded_checkpoint, lightning_state_path
 from dpo_lightning.training.dpo_module import DPOModule, OnlineDPOModule
 from dpo_lightning.training.loggers import build_loggers, check_loggers
 from dpo_lightning.training.module import TrainingModule
@@ -43,7 +43,7 @@ from dpo_lightning.training.publish import check_push
 from dpo_lightning.training.references import check_precompute, make_reference
 from dpo_lightning.training.reward_module import RewardModelModule
 from dpo_lightning.training.sinks import JsonlSink, LightningLoggerSink, ReportSink, log_validation, print_report
-from dpo_lightning.training.strategies import build_strategy, check_strategy, launcher_layout
+from dpo_lightning.training.strategies import build_strategy, check_strategy, launcher_layout, trainer_precision
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def build_trainer(
         strategy=build_strategy(cfg, policy),
         devices=devices,
         num_nodes=num_nodes,
-        precision=cfg.precision,
+        precision=trainer_precision(cfg),
         max_steps=cfg.max_steps,
         max_epochs=cfg.num_epochs if cfg.max_steps < 0 else None,
         accumulate_grad_batches=cfg.gradient_accumulation_steps,
@@ -168,9 +168,10 @@ def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSou
     """The policy (from the checkpoint when starting from one) and its reference network, frozen.
 
     The reference is always the configured one: `ref_model_name`, else the initial policy `model_name`,
-    never the checkpoint's trained weights.
+    never the checkpoint's trained weights. A sharded (FSDP) checkpoint's weights are read after sharding
+    (`TrainingModule.configure_model`, or Lightning's restore): the policy is built from `model_name` here.
     """
-    if start is None:
+    if start is None or is_sharded_checkpoint(start.path):
         policy = load_policy(cfg, policy_source)
         initial = policy if ref_source is None else None
     elif cfg.lora_r > 0:  # a LoRA checkpoint holds the adapters; the base is read from model_name again
@@ -224,8 +225,12 @@ def build_module(
         log.info("completions scored by %s", judge.description)
     if mode == "online":
         sampler = VLLMSampler.of(cfg, sources[0]) if cfg.sampler == "vllm" else None
-        return OnlineDPOModule(cfg, policy, reference, judge, tokenizer, sinks=sinks, sampler=sampler)
-    return DPOModule(cfg, policy, reference, sinks=sinks, judge=judge, tokenizer=tokenizer)
+        module = OnlineDPOModule(cfg, policy, reference, judge, tokenizer, sinks=sinks, sampler=sampler)
+    else:
+        module = DPOModule(cfg, policy, reference, sinks=sinks, judge=judge, tokenizer=tokenizer)
+    if start is not None and start.weights_only and is_sharded_checkpoint(start.path):
+        module.sharded_weights_from = start.path / FSDP_STATE
+    return module
 
 
 class TrainOutcome(NamedTuple):

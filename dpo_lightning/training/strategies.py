@@ -1,8 +1,13 @@
-"""How the policy is spread over devices: one device, DDP or FSDP, under a torchrun-style launcher.
+"""How the policy is spread over devices: one device, DDP or FSDP2, under a torchrun-style launcher.
 
 Determined's launcher (`determined.launch.torch_distributed`) wraps torchrun, so on a cluster and under
 plain `torchrun` alike every worker sees RANK, LOCAL_WORLD_SIZE, GROUP_WORLD_SIZE and TORCHELASTIC_RUN_ID;
 Lightning adopts that environment through `TorchElasticEnvironment` instead of launching processes itself.
+
+`strategy: fsdp` is FSDP2 (torch's per-parameter `fully_shard`) driven by Lightning's `ModelParallelStrategy`
+on CPU (gloo) and CUDA (nccl) alike. The sharding itself is `fsdp.py`'s; this module picks the strategy,
+checks what cannot run, and holds the few operations that differ between a whole and a sharded model
+(clipping, the full weights at export).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.errors import UserError
+from dpo_lightning.training.fsdp import FSDP2Strategy, full_state_dict, grad_norm_value
 
 
 def launcher_layout() -> tuple[int | str, int]:
@@ -29,25 +35,43 @@ def launched_world_size() -> int:
 
 
 def check_strategy(cfg: DPOConfig) -> None:
-    """Fail before anything loads when the strategy cannot run on this machine."""
-    if cfg.strategy == "fsdp" and cfg.export_merged:
+    """Fail before anything loads when the strategy cannot run with this launch or these settings."""
+    if cfg.strategy != "fsdp":
+        return
+    world = launched_world_size()
+    devices, nodes = launcher_layout()
+    local = devices if isinstance(devices, int) else 1
+    if local * nodes != world:
         raise UserError(
-            "export_merged is not supported with strategy: fsdp; merge final/'s adapters afterwards "
-            "(peft's AutoPeftModelForCausalLM(...).merge_and_unload())"
+            f"strategy: fsdp: the launcher started {world} processes but {nodes} node(s) of {local}; "
+            "FSDP's device mesh needs LOCAL_WORLD_SIZE x GROUP_WORLD_SIZE = WORLD_SIZE (launch every node alike)"
         )
-    if cfg.strategy == "fsdp" and not torch.cuda.is_available():
+    if cfg.fsdp_sharding_strategy == "HYBRID_SHARD" and nodes < 2:
         raise UserError(
-            "strategy: fsdp needs CUDA GPUs (Lightning's FSDP strategy does not run on CPU); "
-            "use --strategy ddp on this machine"
+            "fsdp_sharding_strategy: HYBRID_SHARD shards within a node and replicates across nodes; this run has "
+            "one node, so use FULL_SHARD (the same thing here)"
+        )
+    if cfg.export_merged:
+        raise UserError(
+            "export_merged is not supported with strategy: fsdp (merging needs the whole base on one rank); "
+            "merge final/'s adapters afterwards (peft's AutoPeftModelForCausalLM(...).merge_and_unload())"
+        )
+    if cfg.lora_r > 0 and cfg.load_in_4bit:
+        raise UserError(
+            "load_in_4bit (QLoRA) with strategy: fsdp: bitsandbytes' packed 4-bit weights cannot be sharded by "
+            "FSDP2; use strategy: ddp for QLoRA, or LoRA on a bf16/fp32 base with fsdp"
         )
 
 
 def decoder_layer_classes(policy: torch.nn.Module) -> set[type[torch.nn.Module]]:
-    """The transformer block classes FSDP wraps one by one, named by the model's own `_no_split_modules`."""
-    names = set(getattr(policy, "_no_split_modules", None) or [])
+    """The transformer block classes FSDP shards one by one, named by the model's own `_no_split_modules`
+    (found on any submodule: a peft wrapper or a reward model holds the transformers model inside)."""
+    names = set()
+    for module in policy.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
     found = {type(m) for m in policy.modules() if type(m).__name__ in names}
     if not found:
-        raise ValueError(f"{type(policy).__name__} names no decoder layer class (_no_split_modules) to wrap with FSDP")
+        raise ValueError(f"{type(policy).__name__} names no decoder layer class (_no_split_modules) to shard with FSDP")
     return found
 
 
@@ -63,58 +87,40 @@ def build_strategy(cfg: DPOConfig, policy: torch.nn.Module):
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(cluster_environment=environment)
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return FSDPStrategy(
+    decoder_layer_classes(policy)  # a model FSDP cannot split fails here, before the processes meet
+    _, nodes = launcher_layout()
+    return FSDP2Strategy(
+        sharding=cfg.fsdp_sharding_strategy,
+        world_size=world_size,
+        num_nodes=nodes,
+        bf16=cfg.precision == "bf16-mixed",
         cluster_environment=environment,
-        auto_wrap_policy=decoder_layer_classes(policy),
-        sharding_strategy=cfg.fsdp_sharding_strategy,
-        # the root unit holds what the layers leave (embeddings, final norms) of both a frozen reference network
-        # and the trained policy; FSDP mixes frozen and trainable parameters in one unit only this way
-        use_orig_params=True,
-        # checkpoints: every rank writes its own shard of weights and optimizer state
-        state_dict_type="sharded",
-        limit_all_gathers=True,
     )
 
 
-def is_fsdp(trainer) -> bool:
-    from lightning.pytorch.strategies import FSDPStrategy
+def trainer_precision(cfg: DPOConfig) -> str:
+    """Lightning's precision setting: under FSDP2 the sharding's MixedPrecisionPolicy casts (bf16 compute,
+    fp32 master weights and gradient reduction), so Lightning must not autocast on top of it."""
+    return "32-true" if cfg.strategy == "fsdp" else cfg.precision
 
-    return isinstance(trainer.strategy, FSDPStrategy)
+
+def is_fsdp(trainer) -> bool:
+    return trainer is not None and isinstance(trainer.strategy, FSDP2Strategy)
 
 
 def full_trained_state(trainer, module) -> dict[str, torch.Tensor] | None:
     """The trained model's complete weights on global rank 0 (None elsewhere); under FSDP every rank must
-    call it."""
+    call it, and the full tensors are gathered one parameter at a time into rank 0's CPU memory."""
     if not is_fsdp(trainer):
         return module.trained.state_dict() if trainer.is_global_zero else None
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    root = trainer.strategy.model
-    gather = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, gather):
-        full = root.state_dict()
-    if not trainer.is_global_zero:
-        return None
-    prefix = f"{trained_name(module)}."
-    return {key[len(prefix) :]: value for key, value in full.items() if key.startswith(prefix)}
-
-
-def trained_name(module) -> str:
-    """The attribute under which `module` holds its trained submodule (the prefix of its weights' names)."""
-    for name, child in module.named_children():
-        if child is module.trained:
-            return name
-    raise ValueError(f"{type(module).__name__}.trained is not one of its submodules")
+    state = full_state_dict(module.trained)
+    return state if trainer.is_global_zero else None
 
 
 def clip_gradients(trainer, module, max_norm: float) -> torch.Tensor:
     """Clip the trained model's global gradient norm; returns the norm before clipping.
 
-    Under FSDP each rank holds a shard of every gradient, so the norm must come from FSDP's own collective.
-    """
-    if trainer is not None and is_fsdp(trainer):
-        return trainer.strategy.model.clip_grad_norm_(max_norm)
-    return torch.nn.utils.clip_grad_norm_(module.trained.parameters(), max_norm)
+    Under FSDP each rank holds a shard of every gradient (a DTensor); torch's clipping reduces the shards'
+    norms over the mesh, and the number is read from the resulting DTensor."""
+    params = [p for p in module.trained.parameters() if p.grad is not None]
+    return grad_norm_value(torch.nn.utils.clip_grad_norm_(params, max_norm))

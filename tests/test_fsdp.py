@@ -1,0 +1,207 @@
+"""FSDP2 on two CPU ranks (gloo), run for real: every FSDP run is compared with a DDP run of the same global
+batch, step by step (losses, gradient norms, rewards, online scores and KL, generation metrics) and in its
+final weights, at fp32 and relative 1e-5. A run killed with SIGKILL after a checkpoint resumes to the
+straight run's numbers; checkpoints hold each rank's shard of the policy and optimizer, never the reference;
+`final/` loads with transformers (or peft, for LoRA) and gives the trained model's logits."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from contract import online_demo_values, stepwise_run_values, write_jsonl
+from safetensors.torch import load_file
+
+from dpo_lightning.builtin import preference_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ENTRY = [str(ROOT / "entrypoint.py")]
+KILLER = [str(ROOT / "tests" / "kill_after_checkpoint.py")]
+REL = 1e-5
+
+
+def _env() -> dict[str, str]:
+    tests = str(ROOT / "tests")
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tests}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _launch(script: list[str], values: dict, *extra: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    args = [f"--{k}={v}" for k, v in values.items()]
+    done = subprocess.run(
+        [*TORCHRUN, *script, *extra, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    if expect_ok:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _reports(output_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
+    """Each (group, step)'s report; a step reported again after a resume counts as its last report."""
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {(r["group"], r["step"]): r["metrics"] for r in map(json.loads, lines)}
+
+
+def _assert_same_reports(got: dict, want: dict, names: tuple[str, ...]) -> None:
+    assert set(got) == set(want)
+    for key, metrics in want.items():
+        for name in names:
+            if name not in metrics:
+                continue
+            a, b = got[key][name], metrics[name]
+            if math.isnan(b):
+                assert math.isnan(a), (key, name)
+            else:
+                assert a == pytest.approx(b, rel=REL, abs=1e-6), (key, name, a, b)
+
+
+def _assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=REL, atol=1e-7, msg=name)
+
+
+def _final_weights(output_dir: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "final" / name)
+
+
+def _checkpoints(output_dir: Path) -> dict[int, Path]:
+    found = {}
+    for folder in (output_dir / "checkpoints").iterdir():
+        if (folder / "metadata.json").is_file():
+            found[json.loads((folder / "metadata.json").read_text())["steps_completed"]] = folder
+    return found
+
+
+TRAIN_NAMES = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen")
+GENERATION_NAMES = ("generation/kl", "generation/policy/score", "generation/reference/score", "generation/win_rate")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("fsdp") / "pairs.jsonl", preference_rows(seed=5)["train"][:80])
+
+
+def _offline(tiny_model, data, output_dir: Path, strategy: str) -> dict:
+    """Six steps, checkpoints every two, validation with generation metrics every three."""
+    values = stepwise_run_values(
+        tiny_model,
+        data,
+        output_dir,
+        max_steps=6,
+        checkpoint_every_n_steps=2,
+        strategy=strategy,
+        reward_model="dpo_lightning.builtin:sentiment_reward",
+        generation_eval_every=1,
+        max_new_tokens=8,
+    )
+    return {"config": "experiments/local-tiny.yaml", **values}
+
+
+@pytest.fixture(scope="module")
+def offline_runs(tiny_model, data, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("offline")
+    for strategy in ("ddp", "fsdp"):
+        _launch(ENTRY, _offline(tiny_model, data, root / strategy, strategy))
+    return {strategy: root / strategy for strategy in ("ddp", "fsdp")}
+
+
+def test_fsdp_equals_ddp_step_by_step_and_in_its_final_weights(offline_runs):
+    fsdp, ddp = _reports(offline_runs["fsdp"]), _reports(offline_runs["ddp"])
+    assert sorted(k for k in fsdp if k[0] == "training") == [("training", s) for s in range(1, 7)]
+    assert fsdp[("training", 6)]["loss"] < fsdp[("training", 1)]["loss"]  # it trained
+    _assert_same_reports(fsdp, ddp, TRAIN_NAMES + GENERATION_NAMES)
+    assert "generation/kl" in fsdp[("validation", 6)]  # sampling sharded policy and reference ran
+    _assert_same_weights(_final_weights(offline_runs["fsdp"]), _final_weights(offline_runs["ddp"]))
+
+
+def test_fsdp_checkpoints_hold_shards_of_the_policy_and_optimizer_only(offline_runs, tiny_model):
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM
+
+    checkpoints = _checkpoints(offline_runs["fsdp"])
+    assert sorted(checkpoints) == [4, 6]  # keep_last_n_checkpoints: 2
+    middle, last = checkpoints[4], checkpoints[6]
+    for folder in (middle, last):
+        shards = folder / "trainer" / "fsdp"
+        assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        keys = dcp.FileSystemReader(str(shards)).read_metadata().state_dict_metadata.keys()
+        weights = {k.removeprefix("state_dict.") for k in keys if k.startswith("state_dict.")}
+        policy = AutoModelForCausalLM.from_pretrained(tiny_model)
+        assert weights == {name for name, _ in policy.named_parameters()}  # the policy's, once; no reference
+        assert any(k.startswith("optimizer_0.state.") and k.endswith("exp_avg_sq") for k in keys)
+    assert not (middle / "model.safetensors").exists()  # never gathered at an ordinary checkpoint
+    assert (last / "model.safetensors").is_file()  # the run's last checkpoint: gathered once
+
+
+def test_fsdp_final_loads_with_transformers_and_gives_the_trained_logits(offline_runs):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3], [8, 8, 120, 64, 2, 11]])
+    fsdp = AutoModelForCausalLM.from_pretrained(offline_runs["fsdp"] / "final").eval()
+    ddp = AutoModelForCausalLM.from_pretrained(offline_runs["ddp"] / "final").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fsdp(ids).logits, ddp(ids).logits, rtol=REL, atol=1e-5)
+
+
+def test_fsdp_killed_after_a_checkpoint_resumes_to_the_straight_run(offline_runs, tiny_model, data, tmp_path):
+    values = _offline(tiny_model, data, tmp_path / "run", "fsdp")
+    killed = _launch(KILLER, values, "4", expect_ok=False)
+    assert killed.returncode != 0
+    assert sorted(_checkpoints(tmp_path / "run")) == [2, 4] and not (tmp_path / "run" / "final").exists()
+    _launch(ENTRY, values)  # resumes from step 4 on both ranks
+    straight = _reports(offline_runs["fsdp"])
+    _assert_same_reports(_reports(tmp_path / "run"), straight, TRAIN_NAMES + GENERATION_NAMES)
+    _assert_same_weights(_final_weights(tmp_path / "run"), _final_weights(offline_runs["fsdp"]))
+
+
+def test_lora_with_precomputed_reference_and_checkpointing_under_fsdp_equals_ddp(tiny_model, data, tmp_path):
+    """LoRA adapters sharded with their layers, the reference log-probs precomputed from the adapter-disabled
+    policy, gradient checkpointing on: the same steps and adapters as DDP; final/ loads with peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = {"lora_r": 4, "lora_target_modules": "q_proj,v_proj", "gradient_checkpointing": True}
+    for strategy in ("ddp", "fsdp"):
+        values = stepwise_run_values(
+            tiny_model, data, tmp_path / strategy, max_steps=4, strategy=strategy, precompute_ref_logps=True, **lora
+        )
+        _launch(ENTRY, {"config": "experiments/local-tiny.yaml", **values})
+    _assert_same_reports(_reports(tmp_path / "fsdp"), _reports(tmp_path / "ddp"), TRAIN_NAMES)
+    adapters = "adapter_model.safetensors"
+    _assert_same_weights(_final_weights(tmp_path / "fsdp", adapters), _final_weights(tmp_path / "ddp", adapters))
+    assert not (tmp_path / "fsdp" / "final" / "model.safetensors").exists()  # adapters only
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    logits = {}
+    for strategy in ("ddp", "fsdp"):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)
+        model = PeftModel.from_pretrained(base, str(tmp_path / strategy / "final")).eval()
+        with torch.no_grad():
+            logits[strategy] = model(ids).logits
+    torch.testing.assert_close(logits["fsdp"], logits["ddp"], rtol=REL, atol=1e-5)
+
+
+def test_online_dpo_with_hf_generate_under_fsdp_equals_ddp(tiny_model, tmp_path):
+    """Sampling with the sharded policy (ranks generating in step), judging, KL against the sharded reference."""
+    for strategy in ("ddp", "fsdp"):
+        values = online_demo_values(
+            tiny_model,
+            tmp_path / strategy,
+            max_steps=4,
+            batch_size=4,
+            max_new_tokens=8,
+            val_check_interval=2,
+            report_every_n_steps=2,
+            strategy=strategy,
+        )
+        _launch(ENTRY, {"config": "experiments/online-tiny.yaml", **values})
+    names = ("loss", "grad_norm", "objective/scores_chosen", "objective/scores_rejected", "objective/kl")
+    fsdp, ddp = _reports(tmp_path / "fsdp"), _reports(tmp_path / "ddp")
+    assert ("validation", 4) in fsdp and "objective/kl" in fsdp[("training", 4)]
+    _assert_same_reports(fsdp, ddp, names + ("objective/scores", "objective/eos_rate"))
