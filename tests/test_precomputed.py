@@ -19,7 +19,9 @@ from dpo_lightning.determined.bridge import run_local
 from dpo_lightning.dpo.precomputed import (
     PrecomputedReference,
     cache_key,
+    interleave_shares,
     pairs_fingerprint,
+    rank_share,
     read_cached,
     reference_pass,
     weights_fingerprint,
@@ -57,7 +59,8 @@ def cache_dir(tmp_path, monkeypatch):
 def test_precomputed_log_probs_equal_the_live_reference(tiny, items):
     model, tokenizer = tiny
     collate = PairCollator(tokenizer.pad_token_id)
-    values = reference_pass(model, collate_in_batches(items, collate, 3), chunk_size=16, autocast_dtype=None)
+    batches = collate_in_batches(items, collate, 3)
+    values = reference_pass(FrozenReference(model, 16), batches, device=torch.device("cpu"), autocast_dtype=None)
     assert values.shape == (10, 2)
     live = FrozenReference(model)
     for start in range(0, 10, 4):  # other batches, so other padding widths, than the pass used
@@ -72,6 +75,17 @@ def test_precomputed_log_probs_equal_the_live_reference(tiny, items):
         stored = PrecomputedReference().logps(batch)
         torch.testing.assert_close(stored.logps, live.logps(batch).logps, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(stored.num_tokens, live.logps(batch).num_tokens)
+
+
+def test_rank_shares_cover_every_pair_once_and_come_back_in_order():
+    for size, world in ((10, 2), (7, 3), (2, 4), (0, 2)):
+        shares = [rank_share(size, rank, world) for rank in range(world)]
+        assert len({len(indices) for indices, _ in shares}) == 1  # every rank the same number of rows
+        owned = sorted(i for indices, own in shares for i in indices[:own])
+        assert owned == list(range(size))
+        values = torch.tensor([[[float(i), -float(i)] for i in indices] for indices, _ in shares]).reshape(world, -1, 2)
+        expected = torch.tensor([[float(i), -float(i)] for i in range(size)]).reshape(size, 2)
+        torch.testing.assert_close(interleave_shares(values, size), expected)
 
 
 def test_the_key_changes_with_the_reference_the_data_and_the_settings(tiny, items):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dpo_lightning.data.batch import PairBatch, SequenceBatch
-from dpo_lightning.dpo.logprobs import SequenceLogps, forward_logps
+from dpo_lightning.dpo.logprobs import SequenceLogps
 from dpo_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -123,23 +123,41 @@ def write_cached(path: Path, key: str, splits: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def reference_pass(
-    reference: torch.nn.Module,
+    reference,
     batches: Iterable[PairBatch],
     *,
-    chunk_size: int,
+    device: torch.device,
     autocast_dtype: torch.dtype | None,
     description: str = "reference log-probs",
 ) -> torch.Tensor:
-    """(pairs, 2) float32 (chosen, rejected) log-probs of every pair in `batches`, in order, with a progress bar."""
+    """(pairs, 2) float32 (chosen, rejected) log-probs of every pair in `batches`, in order, from a `Reference`
+    (`.logps(batch)`) on `device`, with a progress bar."""
     from tqdm.auto import tqdm
 
-    device = next(reference.parameters()).device
-    reference.eval()
     out = []
     for batch in tqdm(batches, desc=description, unit="batch", leave=False):
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            rows = forward_logps(reference, batch, chunk_size).logps.float()
+            rows = reference.logps(batch).logps.float()
         chosen, rejected = batch.split(rows)
         out.append(torch.stack([chosen, rejected], dim=1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def rank_share(size: int, rank: int, world_size: int) -> tuple[list[int], int]:
+    """The pair indices rank `rank` computes (every `world_size`-th from `rank`), padded with repeats of its
+    first index (or 0) to the same count on every rank, so that sharded forward passes stay in step; and how
+    many of them are its own."""
+    own = list(range(rank, size, world_size))
+    count = -(-size // world_size)
+    return own + [own[0] if own else 0] * (count - len(own)), len(own)
+
+
+def interleave_shares(shares: torch.Tensor, size: int) -> torch.Tensor:
+    """(world, count, 2) per-rank results of `rank_share`'s indices back into pair order (size, 2)."""
+    world = shares.shape[0]
+    out = torch.empty(size, *shares.shape[2:], dtype=shares.dtype)
+    for rank in range(world):
+        own = len(range(rank, size, world))
+        out[rank::world] = shares[rank, :own].cpu()
+    return out

@@ -11,13 +11,16 @@ from dpo_lightning.data.batch import PairBatch, PromptBatch
 from dpo_lightning.dpo.losses import chosen_nll, weighted_mean
 from dpo_lightning.dpo.metrics import PreferenceMetrics
 from dpo_lightning.dpo.objective import LossSettings, PairResult, pair_forward
+from dpo_lightning.dpo.precomputed import PrecomputedReference
 from dpo_lightning.dpo.reference import FrozenReference, Reference
+from dpo_lightning.memory import release_free_memory
 from dpo_lightning.online.comparison import compare_generations
 from dpo_lightning.online.judges import Judge
 from dpo_lightning.online.metrics import SampleMetrics
 from dpo_lightning.online.pairing import SampledPairs, sample_log_ratios, sample_pairs, sampler_logp_diff
 from dpo_lightning.online.sampling import HFSampler, Sampler, SamplingRNG, SamplingSettings
 from dpo_lightning.training.module import TrainingModule
+from dpo_lightning.training.references import PendingPrecompute, compute_pending
 from dpo_lightning.training.sinks import ReportSink
 
 
@@ -39,10 +42,12 @@ class DPOModule(TrainingModule):
         sinks: list[ReportSink] | None = None,
         judge: Judge | None = None,
         tokenizer=None,
+        pending: PendingPrecompute | None = None,
     ) -> None:
         super().__init__(cfg, sinks)
         self.policy = policy
         self.reference = reference
+        self.pending = pending  # reference log-probs to precompute once the ranks have met
         self.loss_settings = LossSettings.of(cfg)
         self.chunk_size = cfg.logps_chunk_size
         self.train_metrics = PreferenceMetrics()
@@ -60,8 +65,20 @@ class DPOModule(TrainingModule):
         return [self.reference.model] if isinstance(self.reference, FrozenReference) else []
 
     def on_fit_start(self) -> None:
+        if self.pending is not None:
+            self._precompute_reference()
         if self.judge is not None:
             self.judge.to(self.device)
+
+    def _precompute_reference(self) -> None:
+        """Compute the pending reference log-probs (every rank its share, the reference placed and sharded like
+        the policy), then let the reference network go before the first step."""
+        compute_pending(self.pending, self.reference, self.trainer, self.cfg)
+        self.pending = None
+        if isinstance(self.reference, torch.nn.Module):
+            del self.reference  # a registered submodule: unregistered before a plain object takes its name
+        self.reference = PrecomputedReference()
+        release_free_memory()
 
     def on_validation_start(self) -> None:
         self.on_fit_start()

@@ -1,10 +1,17 @@
-"""Which reference a run trains against: a frozen network (`dpo.reference.FrozenReference`), or its log-probs
-precomputed once and read from disk (`dpo.precomputed`, `precompute_ref_logps: true`)."""
+"""Which reference a run trains against: a frozen network (`dpo.reference.FrozenReference`), the LoRA policy
+with its adapters disabled, or either's log-probs precomputed once and read from disk (`dpo.precomputed`,
+`precompute_ref_logps: true`).
+
+Precomputing runs once the training processes have met and the networks are placed (and, under FSDP,
+sharded): each rank computes an equal share of the pairs, the shares are gathered, rank 0 writes the one
+cache file, and the reference network is let go before the first step.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -14,7 +21,9 @@ from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.dpo.precomputed import (
     PrecomputedReference,
     cache_key,
+    interleave_shares,
     pairs_fingerprint,
+    rank_share,
     read_cached,
     reference_pass,
     weights_fingerprint,
@@ -36,64 +45,82 @@ def check_precompute(cfg: DPOConfig, mode: str) -> None:
         )
 
 
-def _device() -> torch.device:
-    """This process's accelerator, as Lightning will pick it (LOCAL_RANK's GPU), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+@dataclass(frozen=True)
+class PendingPrecompute:
+    """Reference log-probs not in the cache yet: where they go once the ranks have computed them."""
+
+    path: Path
+    key: str
+    sizes: dict[str, int]
 
 
 def make_reference(
     cfg: DPOConfig, model: torch.nn.Module | None, datamodule: DPODataModule, policy: torch.nn.Module
-) -> Reference:
-    """The run's reference: its frozen network `model` kept as it is, or (`model` None, a LoRA run without
-    `ref_model_name`) the policy with its adapters disabled; or either used once for precomputed log-probs (read
-    from the cache when an earlier run computed the same ones) and then let go."""
+) -> tuple[Reference, PendingPrecompute | None]:
+    """The run's reference: its frozen network `model`, or (`model` None, a LoRA run without `ref_model_name`)
+    the policy with its adapters disabled. With precomputed log-probs: read from the cache when an earlier run
+    computed the same ones (no network kept), else the live reference and the pending computation, which
+    `compute_pending` finishes once training has set up."""
+    live = (
+        AdapterDisabledReference(policy, chunk_size=cfg.logps_chunk_size)
+        if model is None
+        else FrozenReference(model, chunk_size=cfg.logps_chunk_size)
+    )
     if not cfg.precompute_ref_logps:
-        if model is None:
-            return AdapterDisabledReference(policy, chunk_size=cfg.logps_chunk_size)
-        return FrozenReference(model, chunk_size=cfg.logps_chunk_size)
-    if model is None:
-        with policy.disable_adapter():
-            return _precomputed(cfg, policy, datamodule, weights=weights_fingerprint(policy, skip="lora_"))
-    return _precomputed(cfg, model, datamodule, weights=weights_fingerprint(model))
-
-
-def _precomputed(cfg: DPOConfig, model: torch.nn.Module, datamodule: DPODataModule, weights: str) -> Reference:
-    data = datamodule.prepare()
-    splits = {"train": data.train, **({"val": data.val} if data.val is not None else {})}
-    device = _device()
-    autocast = torch.bfloat16 if cfg.precision == "bf16-mixed" else None
+        return live, None
+    weights = weights_fingerprint(policy, skip="lora_") if model is None else weights_fingerprint(model)
+    splits = _splits(datamodule)
     settings = {
         "dtype": cfg.dtype,
         "precision": cfg.precision,
         "attn_implementation": cfg.attn_implementation,
         "logps_chunk_size": cfg.logps_chunk_size,
-        "device": device.type,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
     key = cache_key(weights, {n: pairs_fingerprint(d) for n, d in splits.items()}, settings)
     path = cache_root() / "ref_logps" / f"{key}.pt"
-    values = read_cached(path, key, {name: len(split) for name, split in splits.items()})
+    sizes = {name: len(split) for name, split in splits.items()}
+    values = read_cached(path, key, sizes)
     if values is None:
-        model.to(device)  # and back to the CPU after the pass, so that the device holds the policy alone
-        collate = PairCollator(datamodule.tokenizer.pad_token_id)
-        values = {
-            name: reference_pass(
-                model,
-                collate_in_batches(split, collate, cfg.batch_size),
-                chunk_size=cfg.logps_chunk_size,
-                autocast_dtype=autocast,
-                description=f"reference log-probs ({name})",
-            )
-            for name, split in splits.items()
-        }
-        write_cached(path, key, values)
-        log.info("reference log-probs of %s pairs computed and saved to %s", _counts(values), path)
-    else:
-        log.info("reference log-probs of %s pairs read from %s", _counts(values), path)
+        return live, PendingPrecompute(path, key, sizes)
+    log.info("reference log-probs of %s pairs read from %s", _counts(values), path)
     datamodule.attach_reference_logps(values)
-    model.to("cpu")
-    return PrecomputedReference()
+    return PrecomputedReference(), None
+
+
+def _splits(datamodule: DPODataModule) -> dict:
+    data = datamodule.prepare()
+    return {"train": data.train, **({"val": data.val} if data.val is not None else {})}
+
+
+def compute_pending(pending: PendingPrecompute, reference: Reference, trainer, cfg: DPOConfig) -> None:
+    """Every rank's share of the pairs through `reference`, gathered in pair order on every rank, written to
+    the cache by rank 0 and attached to the datamodule's splits. Every rank calls it, in step."""
+    datamodule = trainer.datamodule
+    collate = PairCollator(datamodule.tokenizer.pad_token_id)
+    autocast = torch.bfloat16 if cfg.precision == "bf16-mixed" and cfg.strategy != "fsdp" else None
+    rank, world = trainer.global_rank, trainer.world_size
+    values = {}
+    for name, split in _splits(datamodule).items():
+        indices, _ = rank_share(len(split), rank, world)
+        share = reference_pass(
+            reference,
+            collate_in_batches(split.select(indices) if indices else [], collate, cfg.batch_size),
+            device=trainer.strategy.root_device,
+            autocast_dtype=autocast,
+            description=f"reference log-probs ({name})",
+        )
+        gathered = trainer.strategy.all_gather(share.to(trainer.strategy.root_device))
+        values[name] = interleave_shares(gathered if world > 1 else gathered[None], len(split))
+    if trainer.is_global_zero:
+        write_cached(pending.path, pending.key, values)
+        log.info(
+            "reference log-probs of %s pairs computed on %d process(es), saved to %s",
+            _counts(values),
+            world,
+            pending.path,
+        )
+    datamodule.attach_reference_logps(values)
 
 
 def _counts(values: dict[str, torch.Tensor]) -> str:

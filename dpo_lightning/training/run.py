@@ -209,10 +209,10 @@ def build_module(
             model = RewardModel.from_pretrained(start.path, attn_implementation=cfg.attn_implementation)
         return RewardModelModule(cfg, model, sinks=sinks)
     policy, reference_model = load_models(cfg, *sources, start)
-    reference = make_reference(cfg, reference_model, datamodule, policy)
-    del reference_model  # with precomputed log-probs, the network is let go here
-    if cfg.precompute_ref_logps:
-        release_free_memory()  # its weights and the pass's buffers, before training allocates its own
+    reference, pending = make_reference(cfg, reference_model, datamodule, policy)
+    del reference_model  # with cached log-probs, the network is let go here
+    if cfg.precompute_ref_logps and pending is None:
+        release_free_memory()  # its weights, before training allocates its own
     judge = None
     if needs_judge(mode, cfg.generation_eval_every):
         judge = load_judge(
@@ -227,7 +227,7 @@ def build_module(
         sampler = VLLMSampler.of(cfg, sources[0]) if cfg.sampler == "vllm" else None
         module = OnlineDPOModule(cfg, policy, reference, judge, tokenizer, sinks=sinks, sampler=sampler)
     else:
-        module = DPOModule(cfg, policy, reference, sinks=sinks, judge=judge, tokenizer=tokenizer)
+        module = DPOModule(cfg, policy, reference, sinks=sinks, judge=judge, tokenizer=tokenizer, pending=pending)
     if start is not None and start.weights_only and is_sharded_checkpoint(start.path):
         module.sharded_weights_from = start.path / FSDP_STATE
     return module
