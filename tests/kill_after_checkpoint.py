@@ -12,14 +12,14 @@ import signal
 import sys
 from pathlib import Path
 
-from dpo_lightning.determined import session
+from dpo_lightning.training import session
 
 ENTRYPOINT = Path(__file__).resolve().parents[1] / "entrypoint.py"
 
 
 def main() -> None:
     kill_at = int(sys.argv[1])
-    save = session.CoreSession.save
+    save = session.TrainingSession.save
 
     def save_then_die(self, trainer, module, step, **kwargs):
         path = save(self, trainer, module, step, **kwargs)
@@ -27,7 +27,7 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
 
-    session.CoreSession.save = save_then_die
+    session.TrainingSession.save = save_then_die
     sys.argv = [str(ENTRYPOINT), *sys.argv[2:]]
     runpy.run_path(str(ENTRYPOINT), run_name="__main__")
 

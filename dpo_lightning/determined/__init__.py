@@ -1,7 +1,6 @@
-"""The bridge to Determined's Core API: the trial's configuration and start point, and a session that
-reports metrics, writes checkpoints through the sharded `store_path` protocol and answers preemption
-(`session.py`, duck-typed on the context). `bridge.py` is the only module of the package that imports
-`determined`.
+"""The bridge to Determined's Core API, an adapter at the edge: the trial's configuration and start point
+(`bridge.py`, the only module of the package that imports `determined`), and the storage a training session
+checkpoints, reports and asks about preemption through (`session.py`, duck-typed on the context).
 
 Imports: foundation, config, data, models, dpo, online, training
 """

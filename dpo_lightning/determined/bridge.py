@@ -21,7 +21,7 @@ from dpo_lightning.config import (
     make_config,
     resolve_hparams,
 )
-from dpo_lightning.determined.session import CoreSession
+from dpo_lightning.determined.session import core_session
 from dpo_lightning.errors import ConfigError, UserError
 from dpo_lightning.layout import (
     CHECKPOINTS,
@@ -130,7 +130,7 @@ def run_trial(
     command: str | None = None,
 ) -> TrainOutcome:
     """Train through a Core API context (real, dummy or fake)."""
-    session = CoreSession(core, cfg, trial_id=trial_id, on_cluster=on_cluster, start=start, command=command)
+    session = core_session(core, cfg, trial_id=trial_id, on_cluster=on_cluster, start=start, command=command)
     outcome = train(cfg, session=session, start=start, announce=announce)
     if outcome.interrupted:
         log.info("stopped at step %d with a checkpoint; run again to resume", outcome.trainer.global_step)

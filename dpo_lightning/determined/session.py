@@ -1,49 +1,26 @@
-"""A run's link to a Determined Core API context: metrics, progress, checkpoints, preemption.
+"""A run's link to a Determined Core API context: the `training.session.Storage` of its checkpoints,
+metrics, progress and preemption.
 
 The context is duck-typed (`.train`, `.checkpoint`, `.preempt`): Determined's real one on a cluster, its
 dummy one off-cluster (checkpoints under `<output_dir>/checkpoints/`), a strict fake in the tests. Only
-`bridge.py` builds one, so only that module imports `determined`.
-
-Rules the Core API sets, and where they are kept here:
-- metrics go out from rank 0 only, as plain finite floats, `steps_completed` = optimizer steps (`report`, a
-  report sink);
-- `store_path(metadata, shard=True)` is entered by every rank in step, `steps_completed` increasing, never
-  twice for one step (`save`);
-- `should_preempt()` is asked by every rank at the same steps (`CoreCallback._stop_reason`).
+`bridge.py` builds one, so only that module imports `determined`. What the Core API asks of the calls
+(rank 0 reports, every rank in `store_path` and `should_preempt`) is kept by the session that calls them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from pathlib import Path
-
-import lightning as L
 
 from dpo_lightning.config import DPOConfig
-from dpo_lightning.layout import CHECKPOINTS, run_record
-from dpo_lightning.lightning_compat import validate_now
-from dpo_lightning.training.checkpoints import (
-    add_full_weights,
-    checkpoint_metadata,
-    export_final,
-    export_merged,
-    has_full_weights,
-    prune_checkpoints,
-    restore_rank_state,
-    write_checkpoint,
-)
-from dpo_lightning.training.publish import model_card, push_final, training_command
-from dpo_lightning.training.run import StartPoint, TrainingInterrupted
-from dpo_lightning.training.signals import StopSignals
+from dpo_lightning.training.run import StartPoint
+from dpo_lightning.training.session import TrainingSession
 from dpo_lightning.training.sinks import Report
 
 log = logging.getLogger(__name__)
 
 # The validation metric adaptive_asha's `time_metric` names: how far a trial has trained.
 TIME_METRIC = "steps_completed"
-PROGRESS_EVERY_S = 30.0
 
 
 def plain_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -58,164 +35,40 @@ def plain_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return plain
 
 
-class CoreSession:
-    """Reports, checkpoints and the final state of one run (one trial), through a Core API context."""
+class CoreStorage:
+    """Checkpoints through the sharded `store_path` protocol, reports and preemption of a Core API context."""
 
-    def __init__(
-        self,
-        core,
-        cfg: DPOConfig,
-        *,
-        trial_id: int | None = None,
-        on_cluster: bool = False,
-        start: StartPoint | None = None,
-        command: str | None = None,
-    ) -> None:
+    def __init__(self, core) -> None:
         self.core = core
-        self.command = command or training_command()  # for the model card: the command that trained it
-        self.cfg = cfg
-        self.trial_id = trial_id
-        self.on_cluster = on_cluster
-        self.start = start
-        self.write_files = not on_cluster  # in a task container those files would vanish with it
-        self.record = run_record(cfg)
-        resumed = start is not None and not start.weights_only
-        self.last_saved: tuple[int, Path] | None = (start.step, start.path) if resumed else None
-        self.sinks = [self.report]
-        self.last_validation: tuple[int, dict[str, float]] | None = None  # for the model card
-        self.callbacks: list[L.Callback] = [CoreCallback(self)]
-        self._last_progress = -math.inf
 
-    # ------------------------------------------------------------------ metrics
+    def store_path(self, metadata: dict):
+        return self.core.checkpoint.store_path(metadata, shard=True)
 
     def report(self, report: Report) -> None:
-        """A report sink (the module calls it on global rank 0 only)."""
         values = plain_metrics(report.metrics)
-        if report.group == "validation":
-            self.last_validation = (report.step, dict(values))
         if report.group == "training":
             self.core.train.report_training_metrics(steps_completed=report.step, metrics=values)
         else:
             values[TIME_METRIC] = float(report.step)
             self.core.train.report_validation_metrics(steps_completed=report.step, metrics=values)
 
-    def progress(self, trainer: L.Trainer, *, force: bool = False) -> None:
-        """The share of training done, at most every PROGRESS_EVERY_S seconds (the WebUI's progress bar)."""
-        now = time.monotonic()
-        if not trainer.is_global_zero or (not force and now - self._last_progress < PROGRESS_EVERY_S):
-            return
-        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        self.core.train.report_progress(min(1.0, trainer.global_step / max(1, total)))
-        self._last_progress = now
+    def report_progress(self, fraction: float) -> None:
+        self.core.train.report_progress(fraction)
 
-    # ------------------------------------------------------------------ checkpoints
-
-    def save(self, trainer: L.Trainer, module, step: int, *, last: bool = False) -> Path:
-        """A checkpoint of `step` through the sharded protocol; every rank calls it. Never two per step. Under
-        FSDP only the `last` one holds the whole model in Hugging Face format beside the shards."""
-        if self.last_saved is not None and self.last_saved[0] == step:
-            path = self.last_saved[1]
-            # saved before it was known to be the last (an epoch-bounded run); rank 0's view decides for all
-            if last and self.write_files and not trainer.strategy.broadcast(has_full_weights(path)):
-                add_full_weights(path, trainer=trainer, module=module)
-            return path
-        metadata = checkpoint_metadata(step, self.trial_id)
-        with self.core.checkpoint.store_path(metadata, shard=True) as (path, storage_id):
-            write_checkpoint(
-                Path(path),
-                trainer=trainer,
-                module=module,
-                tokenizer=trainer.datamodule.tokenizer,
-                record=self.record,
-                full_weights=last,
-            )
-        self.last_saved = (step, Path(path))
-        if trainer.is_global_zero:
-            log.info("checkpoint %s saved at step %d (%s)", storage_id, step, path)
-            if not self.on_cluster:  # on a cluster, checkpoint_storage's retention policy decides
-                for old in prune_checkpoints(Path(self.cfg.output_dir) / CHECKPOINTS, self.cfg.keep_last_n_checkpoints):
-                    log.info("removed old checkpoint %s", old)
-        return Path(path)
-
-    def finish(self, trainer: L.Trainer, module) -> Path:
-        """The final checkpoint and, off-cluster, a copy of its policy in `<output_dir>/final/`."""
-        path = self.save(trainer, module, trainer.global_step, last=True)
-        if self.write_files and trainer.is_global_zero:
-            final = export_final(Path(self.cfg.output_dir), path)
-            log.info("final %s saved to %s", module.DESCRIPTION, final)
-            if self.cfg.export_merged:
-                merged = export_merged(final, module.trained, trainer.datamodule.tokenizer)
-                log.info("merged model (adapters merged into the base) saved to %s", merged)
-            step, metrics = self.last_validation or (trainer.global_step, None)
-            card = model_card(
-                self.cfg,
-                mode=trainer.datamodule.mode,
-                step=trainer.global_step,
-                metrics=metrics if step == trainer.global_step else None,
-                command=self.command,
-            )
-            (final / "README.md").write_text(card)
-            if self.cfg.push_to_hub:
-                log.info("final %s uploaded to %s", module.DESCRIPTION, push_final(final, self.cfg.push_to_hub))
-        self.progress(trainer, force=True)
-        return path
+    def should_preempt(self) -> bool:
+        return self.core.preempt.should_preempt()
 
 
-class CoreCallback(L.Callback):
-    """Per optimizer step: progress, the stop decision, periodic checkpoints; on resume, the RNG state."""
-
-    def __init__(self, session: CoreSession) -> None:
-        self.session = session
-        self.signals = StopSignals()
-        self._seen_step = 0
-
-    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        self._seen_step = trainer.global_step
-        self.signals.install()
-        start = self.session.start
-        if start is not None and not start.weights_only:
-            if not restore_rank_state(start.path, trainer.global_rank, pl_module):
-                log.warning("rank %d: checkpoint has no RNG state for this rank; continuing", trainer.global_rank)
-            if self._validation_due(trainer, start.step):
-                validate_now(trainer)
-
-    def _validation_due(self, trainer: L.Trainer, step: int) -> bool:
-        """Checkpoints are written before their step's validation; Lightning skips that validation on resume."""
-        has_validation = trainer.datamodule is not None and trainer.datamodule.has_validation
-        return has_validation and step > 0 and step % self.session.cfg.val_check_interval == 0
-
-    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self.signals.restore()
-
-    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
-        self.signals.restore()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self._seen_step:  # mid-accumulation: no optimizer step finished
-            return
-        self._seen_step = step
-        self.session.progress(trainer)
-        reason = self._stop_reason(trainer, step)
-        every = self.session.cfg.checkpoint_every_n_steps
-        # The last step is saved here, not after `fit`: once `fit` returns, Lightning's loop state marks the
-        # epoch finished, and a run resumed from there with a larger max_steps would skip the rest of it.
-        last = 0 < trainer.max_steps <= step
-        if reason or last or (every > 0 and step % every == 0):
-            # this step's report is written before its checkpoint is complete (after a stop, the steps since the
-            # last report too: the module's own hook will not run)
-            pl_module.report_finished_step()
-            if reason:
-                pl_module.flush_training_report()
-            self.session.save(trainer, pl_module, step, last=last)
-        if reason:
-            self.session.progress(trainer, force=True)
-            raise TrainingInterrupted(step, reason)
-
-    def _stop_reason(self, trainer: L.Trainer, step: int) -> str | None:
-        # Every rank must agree, or one rank would enter the checkpoint while another trains on.
-        if trainer.strategy.reduce_boolean_decision(self.signals.received is not None, all=False):
-            return "stopped by a signal"
-        if step % self.session.cfg.preempt_check_every_n_steps == 0 and self.session.core.preempt.should_preempt():
-            return "preempted"
-        return None
+def core_session(
+    core,
+    cfg: DPOConfig,
+    *,
+    trial_id: int | None = None,
+    on_cluster: bool = False,
+    start: StartPoint | None = None,
+    command: str | None = None,
+) -> TrainingSession:
+    """The training session of one trial, checkpointing and reporting through `core`."""
+    return TrainingSession(
+        CoreStorage(core), cfg, trial_id=trial_id, on_cluster=on_cluster, start=start, command=command
+    )

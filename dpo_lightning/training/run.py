@@ -2,7 +2,8 @@
 validate -> finish.
 
 What happens around the run (its report sinks, checkpoint storage, preemption) comes in through a `Session`:
-`determined.session.CoreSession` on a cluster and off it, or none for a fast dev run, which writes nothing.
+`session.TrainingSession` over Determined's Core API on a cluster and off it, or none for a fast dev run,
+which writes nothing.
 """
 
 from __future__ import annotations
