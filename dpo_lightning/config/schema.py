@@ -194,9 +194,11 @@ class DPOConfig:
 
     # --- distribution ---
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """Multi-device strategy: `ddp` replicates the model; `fsdp` shards it (needs GPUs)."""
+    """Multi-process strategy: `ddp` replicates the model; `fsdp` shards it (FSDP2: each decoder layer a unit, on
+    CPU or CUDA)."""
     fsdp_sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD"] = "FULL_SHARD"
-    """What FSDP shards: everything, gradients and optimizer state only, or full sharding within a node."""
+    """FULL_SHARD frees each layer's gathered weights after its forward; SHARD_GRAD_OP keeps them until its
+    backward (more memory, fewer gathers); HYBRID_SHARD shards within a node and replicates across nodes."""
 
     # --- cadence (all counted in optimizer steps) ---
     report_every_n_steps: int = 10
