@@ -69,6 +69,8 @@ class Preset:
 PRESETS = {
     "cpu-small": Preset(256, 4, 8, 2, 1024, 151_936, 2000, (20, 60), (10, 60), 4, 512, "32", 8, 2),
     "cpu-long": Preset(256, 4, 8, 2, 1024, 151_936, 200, (200, 400), (100, 300), 2, 1024, "32", 6, 2),
+    # most parameters in the decoder layers (as in 7B models), not the embedding: where FSDP's sharding shows
+    "cpu-layers": Preset(512, 16, 8, 2, 2048, 32_000, 400, (20, 60), (10, 60), 2, 256, "32", 6, 2),
     "smoke": Preset(64, 2, 4, 2, 128, 4096, 64, (5, 10), (3, 8), 2, 64, "32", 3, 1),  # does the script run?
     "gpu-qwen0.5b": Preset(896, 24, 14, 2, 4864, 151_936, 4000, (20, 200), (20, 200), 8, 1024, "bf16-mixed", 30, 5),
 }

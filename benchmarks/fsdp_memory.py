@@ -10,6 +10,10 @@ exits (resident set size on CPU, max allocated on GPU); the step time is the med
 the global pairs per step divided by the reported samples per second, warm-up steps left out. On CPU the peak
 includes each rank's load of the whole model before sharding; what FSDP saves is the gradients and AdamW state
 of the other ranks' shards. The last line gives FSDP's ratios to DDP's.
+
+The entrypoint keeps freed memory in the process for speed (dpo_lightning/memory.py), so on CPU a run's peak
+resident size also holds what its allocator kept; `--malloc-off` measures both with glibc's defaults instead,
+closer to the memory each strategy actually needs.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ def run(args, strategy: str, model_dir: Path, pairs: Path, workdir: Path, index:
         __file__, "--worker", str(peaks), *[f"--{k}={v}" for k, v in values.items()],
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
+    if args.malloc_off:
+        env["DPO_LIGHTNING_MALLOC"] = "off"
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{strategy} run failed:\n{done.stderr[-3000:]}")
@@ -88,6 +94,7 @@ def run(args, strategy: str, model_dir: Path, pairs: Path, workdir: Path, index:
         ],
         "median_s_per_step": round(statistics.median(pairs_per_step / m["samples_per_second"] for m in training), 3),
         "first_loss": reports[0]["metrics"]["loss"],
+        "malloc": "default" if args.malloc_off else "tuned",
     }
     print(json.dumps(result), flush=True)
     return result
@@ -101,6 +108,9 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument(
+        "--malloc-off", action="store_true", help="glibc's allocator defaults (DPO_LIGHTNING_MALLOC=off) in both runs"
+    )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "dpo-lightning-bench")
     args = parser.parse_args()
     workdir = args.workdir / args.preset

@@ -241,3 +241,72 @@ def test_the_vllm_sync_stream_under_fsdp_equals_the_unsharded_weights(tiny_model
         torch.testing.assert_close(got["streamed"][name], value, rtol=0, atol=1e-6, msg=name)
     if not lora:
         assert set(got["state"]) == set(got["whole"]) - {"lm_head.weight"}  # the tied head saved once
+
+
+def test_a_trial_warm_started_from_a_sharded_checkpoint_takes_its_weights(offline_runs, tiny_model, data, tmp_path):
+    """Another trial's FSDP checkpoint gives a new trial (FSDP or DDP) its policy weights, read from the
+    shards, and nothing else: a fresh schedule from step 1, whose first report (taken before any update)
+    already shows the donor's training."""
+    donor = _checkpoints(offline_runs["fsdp"])[4]  # an ordinary checkpoint: shards only
+    first = {}
+    for strategy in ("ddp", "fsdp"):
+        values = stepwise_run_values(tiny_model, data, tmp_path / strategy, max_steps=2, strategy=strategy)
+        logs = tmp_path / f"logs-{strategy}"
+        logs.mkdir()
+        script = [str(ROOT / "tests" / "fake_trial.py"), json.dumps({k: str(v) for k, v in values.items()})]
+        done = subprocess.run(
+            [*TORCHRUN, *script, str(tmp_path / f"storage-{strategy}"), str(logs), "0", str(donor)],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        reports = json.loads((logs / "rank-0.json").read_text())["reports"]
+        first[strategy] = next(metrics for group, step, metrics in reports if group == "training" and step == 1)
+    assert first["fsdp"]["rewards/margins"] > 0.01  # the donor's weights against the initial reference
+    for name in ("loss", "logps/chosen", "rewards/margins"):
+        assert first["fsdp"][name] == pytest.approx(first["ddp"][name], rel=REL, abs=1e-6), name
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def test_hybrid_shard_over_two_nodes_equals_ddp(tiny_model, data, tmp_path):
+    """HYBRID_SHARD on two simulated nodes of two processes each (two torchrun agents meeting through a c10d
+    rendezvous on this machine): sharded within a node, replicated across the two, the same steps and
+    weights as DDP over the same four processes."""
+    values = {"config": "experiments/local-tiny.yaml", **stepwise_run_values(tiny_model, data, tmp_path / "ddp")}
+    values.update(batch_size=2, max_steps=4, checkpoint_every_n_steps=2)
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", *ENTRY]
+    done = subprocess.run(
+        [*ddp, *[f"--{k}={v}" for k, v in values.items()]], cwd=ROOT, env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    values.update(output_dir=tmp_path / "hybrid", strategy="fsdp", fsdp_sharding_strategy="HYBRID_SHARD")
+    rendezvous = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{_free_port()}", "--rdzv_id", "hybrid"]
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2", *rendezvous]
+    command = [*node, *ENTRY, *[f"--{k}={v}" for k, v in values.items()]]
+    agents = [
+        subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in "ab"
+    ]
+    outputs = [agent.communicate(timeout=300)[0].decode(errors="replace") for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    _assert_same_reports(_reports(tmp_path / "hybrid"), _reports(tmp_path / "ddp"), TRAIN_NAMES)
+    # A key bias shifts every attention logit of a query alike, which softmax ignores: its true gradient is 0,
+    # and AdamW turns the rounding noise left in its place (which another reduction order changes) into full
+    # steps. Every other weight must agree.
+    hybrid, ddp = (_final_weights(tmp_path / run) for run in ("hybrid", "ddp"))
+    zero_gradient = {name for name in ddp if name.endswith("k_proj.bias")}
+    _assert_same_weights(
+        {n: v for n, v in hybrid.items() if n not in zero_gradient},
+        {n: v for n, v in ddp.items() if n not in zero_gradient},
+    )
+    shards = _checkpoints(tmp_path / "hybrid")[2] / "trainer" / "fsdp"
+    assert len(list(shards.glob("*.distcp"))) == 4

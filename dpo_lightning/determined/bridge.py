@@ -50,9 +50,14 @@ def distributed_context():
     """Determined's view of the launcher's processes; None for a single process."""
     if launched_world_size() <= 1:
         return None
+    import os
+
     from determined.core import DistributedContext
 
-    return DistributedContext.from_torch_distributed()
+    # Determined's launcher names the chief in DET_CHIEF_IP; plain multi-node torchrun names it MASTER_ADDR
+    return DistributedContext.from_torch_distributed(
+        chief_ip=os.environ.get("DET_CHIEF_IP") or os.environ.get("MASTER_ADDR")
+    )
 
 
 def cluster_config(hparams: dict, overrides: dict) -> DPOConfig:
