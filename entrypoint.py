@@ -88,10 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from dpo_lightning.console import configure_logging
         from dpo_lightning.determined.bridge import run
-        from dpo_lightning.memory import tune_cpu_allocator
 
         configure_logging()
-        tune_cpu_allocator()  # before the first large allocation
         return run(args.config, overrides, fast_dev_run=args.fast_dev_run, resume=args.resume)
     except UserError as exc:  # one line per problem (a run missing several things says all of them)
         for line in str(exc).splitlines():

@@ -11,9 +11,9 @@ the global pairs per step divided by the reported samples per second, warm-up st
 includes each rank's load of the whole model before sharding; what FSDP saves is the gradients and AdamW state
 of the other ranks' shards. The last line gives FSDP's ratios to DDP's.
 
-The entrypoint keeps freed memory in the process for speed (dpo_lightning/memory.py), so on CPU a run's peak
-resident size also holds what its allocator kept; `--malloc-off` measures both with glibc's defaults instead,
-closer to the memory each strategy actually needs.
+Outside FSDP the entrypoint keeps freed memory in the process for speed (dpo_lightning/memory.py), so a DDP
+run's peak resident size on CPU also holds what its allocator kept; FSDP runs keep glibc's defaults (memory is
+their point). `--malloc-off` gives DDP glibc's defaults too, to compare like with like.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import runpy
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def worker(peaks_dir: str, entry_args: list[str]) -> None:
 def run(args, strategy: str, model_dir: Path, pairs: Path, workdir: Path, index: int) -> dict:
     preset = PRESETS[args.preset]
     out = workdir / f"{strategy}-{index}"
+    shutil.rmtree(out, ignore_errors=True)  # a finished run in the folder would only say so and exit
     peaks = Path(tempfile.mkdtemp(prefix="peaks-", dir=workdir))
     values = {
         "config": "experiments/local-tiny.yaml",
@@ -94,7 +96,7 @@ def run(args, strategy: str, model_dir: Path, pairs: Path, workdir: Path, index:
         ],
         "median_s_per_step": round(statistics.median(pairs_per_step / m["samples_per_second"] for m in training), 3),
         "first_loss": reports[0]["metrics"]["loss"],
-        "malloc": "default" if args.malloc_off else "tuned",
+        "malloc": "default" if args.malloc_off or strategy == "fsdp" else "tuned",
     }
     print(json.dumps(result), flush=True)
     return result

@@ -1,4 +1,5 @@
-"""The CPU allocator's settings for training, set once by each script before the first large allocation.
+"""The CPU allocator's settings for training, set once per run before the first large allocation (by the
+entrypoint's run for every strategy but FSDP, whose point is memory, and by evaluate.py).
 
 glibc's malloc serves every block above 32 MB (its largest dynamic mmap threshold) with a fresh `mmap` and
 hands it back with `munmap` on free, and trims the heap top back to the OS after a free. A training step

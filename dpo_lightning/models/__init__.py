@@ -1,6 +1,7 @@
 """Models as loaded from disk or the Hub: names resolved before anything heavy happens (`loading.py`), causal
 LMs and tokenizers for the policy and the reference, and `RewardModel`, the scalar-head network that
-`mode: reward` trains (`reward_model.py`). How a model is used (a frozen reference, a judge, a sampler) is
+`mode: reward` trains (`reward_model.py`), and what any layer may ask of a model FSDP has sharded
+(`sharding.py`). How a model is used (a frozen reference, a judge, a sampler) is
 decided in the layers above.
 
 Imports: foundation, config
