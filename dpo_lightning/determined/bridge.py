@@ -184,7 +184,7 @@ def tune_allocator(cfg: DPOConfig) -> None:
     """The CPU allocator's speed settings (`memory.tune_cpu_allocator`), before the first large allocation;
     not under FSDP, whose point is memory: its gathers and reductions allocate buffers of many sizes, which a
     heap that never trims keeps as fragments (measured on cpu-small, 2 processes: FSDP's peak per process was
-    1.22x DDP's with the settings, 0.79x without; benchmarks/fsdp_memory.py)."""
+    1.16-1.22x DDP's with the settings, 0.73x without; benchmarks/fsdp_memory.py)."""
     if cfg.strategy != "fsdp":
         tune_cpu_allocator()
 
