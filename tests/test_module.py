@@ -40,7 +40,7 @@ def test_weight_decay_skips_biases_and_norms_by_name():
 
 
 def test_weight_decay_choice_does_not_depend_on_shape():
-    # FSDP with use_orig_params shows the optimizer flattened 1-D shards: the choice must be the same there
+    # a sharded parameter's local shape is not the model's (flattened 1-D shards, for one): the choice must hold
     model = random_qwen2(num_hidden_layers=1, tie_word_embeddings=False)
     names = {id(p): n for n, p in model.named_parameters()}
     expected = {n for n, p in model.named_parameters() if not n.endswith("bias") and "norm" not in n}

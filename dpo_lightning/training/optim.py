@@ -32,8 +32,8 @@ def warmup_steps_for(cfg, total_steps: int) -> int:
 def decays(module: torch.nn.Module, param_name: str) -> bool:
     """Whether a parameter gets weight decay: everything but biases and normalisation gains.
 
-    Decided by name and owning module, never by shape: FSDP with `use_orig_params` hands the optimizer
-    flattened 1-D shards, where a shape test would exempt every parameter."""
+    Decided by name and owning module, never by shape: a sharded parameter's local shape is not the model's
+    (FSDP1 flattened every shard to 1-D, where a shape test would exempt every parameter)."""
     return not (param_name.endswith("bias") or "norm" in type(module).__name__.lower() or "norm" in param_name.lower())
 
 
