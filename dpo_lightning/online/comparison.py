@@ -109,34 +109,35 @@ def compare_generations(
     streams = {"policy": SamplingRNG(seed), "reference": SamplingRNG(seed + 1_000_003)}
     collected: dict[str, list] = {k: [] for k in ("policy", "reference", "kl", "p_eos", "r_eos", "p_len", "r_len")}
     samples: list[dict] = []
-    with reference.sampling_model() as reference_model:
-        samplers = {"policy": sampler_for(policy), "reference": sampler_for(reference_model)}
-        for batch in batches:
-            mine = sample_one(samplers["policy"], tokenizer, batch, settings, streams["policy"])
-            theirs = sample_one(samplers["reference"], tokenizer, batch, settings, streams["reference"])
-            prompts = batch.prompts
-            policy_scores = judge.score(prompts, mine.texts).float()
-            reference_scores = judge.score(prompts, theirs.texts).float()
-            kl = sequence_log_ratio(
-                policy, reference, batch.prompt_ids(), mine.ids, tokenizer.pad_token_id, logps_chunk_size
+    policy_sampler = sampler_for(policy)
+    for batch in batches:
+        mine = sample_one(policy_sampler, tokenizer, batch, settings, streams["policy"])
+        # only while the reference samples: for a LoRA policy it is the same model with its adapters off
+        with reference.sampling_model() as reference_model:
+            theirs = sample_one(sampler_for(reference_model), tokenizer, batch, settings, streams["reference"])
+        prompts = batch.prompts
+        policy_scores = judge.score(prompts, mine.texts).float()
+        reference_scores = judge.score(prompts, theirs.texts).float()
+        kl = sequence_log_ratio(
+            policy, reference, batch.prompt_ids(), mine.ids, tokenizer.pad_token_id, logps_chunk_size
+        )
+        collected["policy"] += policy_scores.tolist()
+        collected["reference"] += reference_scores.tolist()
+        collected["kl"] += kl.tolist()
+        collected["p_eos"] += mine.has_eos.float().tolist()
+        collected["r_eos"] += theirs.has_eos.float().tolist()
+        collected["p_len"] += [float(len(ids)) for ids in mine.ids]
+        collected["r_len"] += [float(len(ids)) for ids in theirs.ids]
+        for i in range(min(len(prompts), num_samples_shown - len(samples))):
+            samples.append(
+                {
+                    "prompt": prompt_text(prompts[i]),
+                    "policy": mine.texts[i],
+                    "reference": theirs.texts[i],
+                    "policy_score": float(policy_scores[i]),
+                    "reference_score": float(reference_scores[i]),
+                }
             )
-            collected["policy"] += policy_scores.tolist()
-            collected["reference"] += reference_scores.tolist()
-            collected["kl"] += kl.tolist()
-            collected["p_eos"] += mine.has_eos.float().tolist()
-            collected["r_eos"] += theirs.has_eos.float().tolist()
-            collected["p_len"] += [float(len(ids)) for ids in mine.ids]
-            collected["r_len"] += [float(len(ids)) for ids in theirs.ids]
-            for i in range(min(len(prompts), num_samples_shown - len(samples))):
-                samples.append(
-                    {
-                        "prompt": prompt_text(prompts[i]),
-                        "policy": mine.texts[i],
-                        "reference": theirs.texts[i],
-                        "policy_score": float(policy_scores[i]),
-                        "reference_score": float(reference_scores[i]),
-                    }
-                )
     result = win_rate(torch.tensor(collected["policy"]), torch.tensor(collected["reference"]))
     metrics = {
         "win_rate": result.rate,

@@ -1,0 +1,65 @@
+"""Features that work alone and broke together: each test here failed before its fix (issue: features that
+combine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpo_lightning.config import make_config
+from dpo_lightning.data.batch import SequenceBatch
+from dpo_lightning.data.collate import PromptCollator
+from dpo_lightning.dpo.logprobs import forward_logps
+from dpo_lightning.dpo.reference import AdapterDisabledReference
+from dpo_lightning.models.lora import add_adapters
+from dpo_lightning.online.comparison import compare_generations, sample_one
+from dpo_lightning.online.sampling import HFSampler, SamplingRNG, SamplingSettings
+
+PROMPTS = ["Describe the river.", "Tell me about a lovely garden in the morning.", "Why is the castle old?"]
+
+
+class LengthJudge:
+    """Scores a completion by its length in characters (a judge needs only `score`)."""
+
+    description = "length"
+
+    def score(self, prompts, completions) -> torch.Tensor:
+        return torch.tensor([float(len(c)) for c in completions])
+
+
+@pytest.fixture
+def lora_policy(tiny_model):
+    """The tiny model under LoRA adapters whose weights moved (B != 0): the adapted policy differs from its base."""
+    policy = add_adapters(AutoModelForCausalLM.from_pretrained(tiny_model), make_config({"lora_r": 4}))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    return policy.eval()
+
+
+def test_lora_generation_metrics_sample_and_score_the_policy_with_its_adapters_on(tiny_model, lora_policy):
+    """The reference of a LoRA run is the policy with its adapters off; that must hold for the reference's own
+    samples and log-probs only, never for the policy's (which made `generation/kl` 0 all run)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    items = [{"prompt_ids": tokenizer(t)["input_ids"], "prompt_json": json.dumps(t)} for t in PROMPTS]
+    batch = PromptCollator(tokenizer.pad_token_id)(items)
+    settings = SamplingSettings(8, 1.0, 1.0, (tokenizer.eos_token_id,), tokenizer.pad_token_id)
+    reference = AdapterDisabledReference(lora_policy)
+    result = compare_generations(lora_policy, reference, tokenizer, [batch], LengthJudge(), settings, seed=7)
+
+    # by hand: the adapted policy's own draws from the same stream, scored with the adapters on and then off
+    mine = sample_one(HFSampler(lora_policy), tokenizer, batch, settings, SamplingRNG(7))
+    rows = SequenceBatch.from_rows(batch.prompt_ids(), mine.ids, tokenizer.pad_token_id)
+    with torch.no_grad():
+        adapted = forward_logps(lora_policy, rows).logps
+        with lora_policy.disable_adapter():
+            base = forward_logps(lora_policy, rows).logps
+    expected = (adapted - base).mean().item()
+    assert abs(expected) > 1e-2  # the adapters matter here
+    assert result.metrics["kl"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert result.metrics["policy/length"] == pytest.approx(sum(map(len, mine.ids)) / len(mine.ids))
