@@ -63,3 +63,22 @@ def test_lora_generation_metrics_sample_and_score_the_policy_with_its_adapters_o
     assert abs(expected) > 1e-2  # the adapters matter here
     assert result.metrics["kl"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert result.metrics["policy/length"] == pytest.approx(sum(map(len, mine.ids)) / len(mine.ids))
+
+
+@pytest.mark.parametrize("chunk_size", [0, 4])
+def test_an_empty_prompt_scores_the_same_tokens_packed_and_padded(chunk_size):
+    """With no prompt (`prompt: ""`, an implicit pair with no shared start, a tokenizer without BOS) nothing
+    predicts a sequence's first token: the padded layout never scores it, and in a packed row the previous
+    sequence's last position must not either (it did: -9.06 packed against -4.59 padded)."""
+    from tiny_models import random_pairs, random_qwen2
+
+    from dpo_lightning.data.batch import PairBatch
+
+    prompts, chosen, rejected = random_pairs(3, (0, 4, 0), (5, 3, 2), (4, 6, 3))
+    padded = PairBatch.from_pairs(prompts, chosen, rejected, pad_token_id=0)
+    packed = PairBatch.from_pairs(prompts, chosen, rejected, pad_token_id=0, packed=True)
+    model = random_qwen2()
+    expected, got = forward_logps(model, padded, chunk_size), forward_logps(model, packed, chunk_size)
+    assert expected.num_tokens.tolist() == [4, 3, 1, 3, 6, 2]  # an empty prompt's first completion token unscored
+    for name in ("logps", "num_tokens", "logits_sum"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-5, atol=1e-5, msg=name)

@@ -106,11 +106,17 @@ class SequenceBatch:
 
     def scored_positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, position, sequence) of every position t whose next token t + 1 is a completion token: the
-        positions whose logits score the completion (the one-token shift), and the sequence each belongs to."""
+        positions whose logits score the completion (the one-token shift), and the sequence each belongs to.
+        A sequence's first token is never scored, as in the padded layout where nothing precedes it: in a packed
+        row the position before it is the previous sequence's last (reachable with an empty prompt)."""
         rows, positions = self.completion_mask[:, 1:].nonzero(as_tuple=True)
         if not self.packed:
             return rows, positions, rows
         starts = torch.cumsum(self.sequence_lengths, 0) - self.sequence_lengths
+        begins = torch.zeros(self.input_ids.shape[1], dtype=torch.bool, device=positions.device)
+        begins[starts] = True
+        keep = ~begins[positions + 1]
+        rows, positions = rows[keep], positions[keep]
         sequences = torch.searchsorted(starts, positions + 1, right=True) - 1
         return rows, positions, sequences
 
