@@ -4,6 +4,10 @@ combine)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from dpo_lightning.models.lora import add_adapters
 from dpo_lightning.online.comparison import compare_generations, sample_one
 from dpo_lightning.online.sampling import HFSampler, SamplingRNG, SamplingSettings
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Describe the river.", "Tell me about a lovely garden in the morning.", "Why is the castle old?"]
 
 
@@ -82,3 +87,69 @@ def test_an_empty_prompt_scores_the_same_tokens_packed_and_padded(chunk_size):
     assert expected.num_tokens.tolist() == [4, 3, 1, 3, 6, 2]  # an empty prompt's first completion token unscored
     for name in ("logps", "num_tokens", "logits_sum"):
         torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _crash_and_resume_values(tiny_model, pairs, out) -> dict:
+    from contract import stepwise_run_values
+
+    values = stepwise_run_values(tiny_model, pairs, out, max_steps=6, checkpoint_every_n_steps=2)
+    return {"config": "experiments/local-tiny.yaml", **values, "val_check_interval": 2, "report_to": "tensorboard,csv"}
+
+
+def _entry(script: list[str], values: dict) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "HF_HUB_OFFLINE": "1"}
+    args = [f"--{k}={v}" for k, v in values.items()]
+    return subprocess.run([sys.executable, *script, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def _every_sink(out: Path) -> dict[str, list[tuple[str, int, float]]]:
+    """(group, step, loss) of every report, as each sink holds them: metrics.jsonl, the CSV file, TensorBoard."""
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    jsonl = [(r["group"], r["step"], r["metrics"]["loss"]) for r in rows]
+    with (out / "logs" / "metrics.csv").open(newline="") as handle:
+        table = [
+            ("validation", int(r["step"]), float(r["val/loss"]))
+            if r.get("val/loss")
+            else ("training", int(r["step"]), float(r["train/loss"]))
+            for r in csv.DictReader(handle)
+        ]
+    events = EventAccumulator(str(out / "logs" / "tensorboard"))
+    events.Reload()
+    board = [
+        (group, event.step, event.value)
+        for group, tag in (("training", "train/loss"), ("validation", "val/loss"))
+        for event in events.Scalars(tag)
+    ]
+    return {"jsonl": jsonl, "csv": table, "tensorboard": board}
+
+
+def test_a_crash_past_a_checkpoint_leaves_each_report_once_in_every_sink(tiny_model, tmp_path):
+    """Killed after step 5's report (checkpoints at 2 and 4), resumed from step 4: metrics.jsonl, the CSV file
+    and TensorBoard each hold every (group, step) once, with the straight run's values (they held steps 5
+    and validation 4 twice)."""
+    from contract import write_jsonl
+
+    from dpo_lightning.builtin import preference_rows
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(seed=5)["train"][:60])
+    straight = _crash_and_resume_values(tiny_model, pairs, tmp_path / "straight")
+    assert _entry([str(ROOT / "entrypoint.py")], straight).returncode == 0
+    crashed = _crash_and_resume_values(tiny_model, pairs, tmp_path / "crashed")
+    assert _entry([str(ROOT / "tests" / "crash.py"), "report:5"], crashed).returncode == -9
+    before = _every_sink(tmp_path / "crashed")["jsonl"]
+    assert ("training", 5) in {(g, s) for g, s, _ in before} and ("validation", 4) in {(g, s) for g, s, _ in before}
+    assert _entry([str(ROOT / "entrypoint.py")], crashed).returncode == 0  # resumes from step 4
+
+    expected = _every_sink(tmp_path / "straight")
+    got = _every_sink(tmp_path / "crashed")
+    for sink, reports in got.items():
+        keys = [(group, step) for group, step, _ in reports]
+        assert len(keys) == len(set(keys)), (sink, keys)
+        assert sorted(keys) == sorted((g, s) for g, s, _ in expected[sink]), sink
+        want = {(g, s): v for g, s, v in expected[sink]}
+        for group, step, value in reports:
+            assert value == pytest.approx(want[(group, step)], rel=1e-5), (sink, group, step)

@@ -23,7 +23,7 @@ from dpo_lightning.builtin import preference_rows
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENTRY = [str(ROOT / "entrypoint.py")]
-KILLER = [str(ROOT / "tests" / "kill_after_checkpoint.py")]
+CRASH = [str(ROOT / "tests" / "crash.py")]
 REL = 1e-5
 
 
@@ -161,7 +161,7 @@ def test_fsdp_final_loads_with_transformers_and_gives_the_trained_logits(offline
 
 def test_fsdp_killed_after_a_checkpoint_resumes_to_the_straight_run(offline_runs, tiny_model, data, tmp_path):
     values = _offline(tiny_model, data, tmp_path / "run", "fsdp")
-    killed = _launch(KILLER, values, "4", expect_ok=False)
+    killed = _launch(CRASH, values, "checkpoint:4", expect_ok=False)
     assert killed.returncode != 0
     assert sorted(_checkpoints(tmp_path / "run")) == [2, 4] and not (tmp_path / "run" / "final").exists()
     _launch(ENTRY, values)  # resumes from step 4 on both ranks

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.errors import UserError
+from dpo_lightning.training.sinks import kept_on_resume
 
 LOGS = "logs"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # target -> import name
@@ -40,22 +41,30 @@ def check_loggers(cfg: DPOConfig) -> None:
         )
 
 
-def build_loggers(cfg: DPOConfig, *, on_cluster: bool, write_files: bool) -> list[Logger]:
-    """Lightning loggers for the run's `report_to`, each resuming where an earlier launch left off."""
+def build_loggers(
+    cfg: DPOConfig, *, on_cluster: bool, write_files: bool, resumed_step: int | None = None
+) -> list[Logger]:
+    """Lightning loggers for the run's `report_to`, each resuming where an earlier launch left off; after a
+    crash (`resumed_step`: the checkpoint's step), without what the crashed launch wrote past it."""
     targets = report_targets(cfg, on_cluster=on_cluster)
     if not (write_files or on_cluster):
         return []
     root = Path(cfg.output_dir) / LOGS
-    return [_logger(target, cfg, root) for target in targets]
+    return [_logger(target, cfg, root, resumed_step) for target in targets]
 
 
-def _logger(target: str, cfg: DPOConfig, root: Path) -> Logger:
+def _logger(target: str, cfg: DPOConfig, root: Path, resumed_step: int | None = None) -> Logger:
     if target == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        return TensorBoardLogger(save_dir=str(root), name="", version="tensorboard", default_hp_metric=False)
+        # TensorBoard purges by step alone, every tag at once: from the checkpoint's step on, so its validation
+        # (repeated on resume) is not there twice; the step's training report is written again (`replay`)
+        purge = {} if resumed_step is None else {"purge_step": resumed_step}
+        logger = TensorBoardLogger(save_dir=str(root), name="", version="tensorboard", default_hp_metric=False, **purge)
+        logger.purges_from = resumed_step  # read by run.drop_reports_past
+        return logger
     if target == "csv":
-        return AppendingCSVLogger(root / "metrics.csv")
+        return AppendingCSVLogger(root / "metrics.csv", resumed_step=resumed_step)
     if target == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -119,10 +128,11 @@ class AppendingCSVLogger(Logger):
     """One CSV file of every report, a row per (report, step), appended across launches: a resumed run adds
     its rows after the earlier ones, and a new metric name rewrites the header once."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resumed_step: int | None = None) -> None:
         super().__init__()
         self.path = Path(path)
         self._header: list[str] | None = None  # read from the file once, kept in step with it after
+        self.resumed_step = resumed_step  # rows past it, written by a crashed launch, go before the first write
 
     @property
     def name(self) -> str:
@@ -139,6 +149,9 @@ class AppendingCSVLogger(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        if self.resumed_step is not None:
+            self._drop_past(self.resumed_step)
+            self.resumed_step = None
         if self._header is None:
             self._header = self._read_header()
         fields = self._header + [key for key in row if key not in self._header]
@@ -154,6 +167,19 @@ class AppendingCSVLogger(Logger):
                 csv.DictWriter(handle, fieldnames=fields).writerow(row)
         self._header = fields
 
+    def _drop_past(self, resumed_step: int) -> None:
+        """Rewrite the file without the rows a run resumed from `resumed_step` writes again."""
+        header, rows = self._read_header(), self._read_rows()
+        if not rows:
+            return
+        kept = [row for row in rows if kept_on_resume(_row_group(row), int(float(row["step"])), resumed_step)]
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        with partial.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(kept)
+        partial.replace(self.path)
+
     def _read_header(self) -> list[str]:
         if not self.path.is_file():
             return []
@@ -165,3 +191,8 @@ class AppendingCSVLogger(Logger):
             return []
         with self.path.open(newline="") as handle:
             return list(csv.DictReader(handle))
+
+
+def _row_group(row: dict) -> str:
+    """A CSV row's report group: validation rows fill `val/` columns only."""
+    return "validation" if any(key.startswith("val/") and value for key, value in row.items()) else "training"

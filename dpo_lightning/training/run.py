@@ -43,7 +43,14 @@ from dpo_lightning.training.module import TrainingModule
 from dpo_lightning.training.publish import check_push
 from dpo_lightning.training.references import check_precompute, make_reference
 from dpo_lightning.training.reward_module import RewardModelModule
-from dpo_lightning.training.sinks import JsonlSink, LightningLoggerSink, ReportSink, log_validation, print_report
+from dpo_lightning.training.sinks import (
+    JsonlSink,
+    LightningLoggerSink,
+    ReportSink,
+    log_validation,
+    print_report,
+    truncate_reports,
+)
 from dpo_lightning.training.strategies import build_strategy, check_strategy, launcher_layout, trainer_precision
 
 log = logging.getLogger(__name__)
@@ -105,6 +112,17 @@ def build_trainer(
         callbacks=[*callbacks, progress_bar()],
         fast_dev_run=fast_dev_run,
     )
+
+
+def drop_reports_past(metrics_file: Path, step: int, logger_sink: LightningLoggerSink) -> None:
+    """After a crash, each report once in every sink: metrics.jsonl loses what the resumed run reports again
+    (the CSV logger drops the same rows itself, TensorBoard purges from `step`), and the training report of
+    `step` itself, which TensorBoard's purge took, is written to TensorBoard again."""
+    kept = truncate_reports(metrics_file, step)
+    purged = [logger for logger in logger_sink.trainer.loggers if getattr(logger, "purges_from", None) == step]
+    for report in kept:
+        if report.step == step and purged:
+            logger_sink(report, loggers=purged)
 
 
 def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
@@ -281,17 +299,22 @@ def train(
     if fast_dev_run:
         sinks.append(print_report)
     module = build_module(cfg, mode, sources, start, datamodule, sinks)
+    resumed_step = None if start is None or start.weights_only else start.step
+    loggers = build_loggers(cfg, on_cluster=on_cluster, write_files=write_files, resumed_step=resumed_step)
     trainer = build_trainer(
         cfg,
         module.trained,
         has_validation=datamodule.has_validation,
         callbacks=list(session.callbacks) if session is not None else [],
         fast_dev_run=fast_dev_run,
-        logger=[] if fast_dev_run else build_loggers(cfg, on_cluster=on_cluster, write_files=write_files),
+        logger=[] if fast_dev_run else loggers,
     )
-    module.sinks.append(LightningLoggerSink(trainer))
+    logger_sink = LightningLoggerSink(trainer)
+    module.sinks.append(logger_sink)
     if write_files and trainer.is_global_zero:
         write_json(output_dir / RUN_CONFIG, run_record(cfg))
+        if resumed_step is not None:
+            drop_reports_past(output_dir / METRICS, resumed_step, logger_sink)
 
     resume_from = None if start is None or start.weights_only else str(lightning_state_path(start.path))
     try:

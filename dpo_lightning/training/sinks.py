@@ -38,7 +38,38 @@ class JsonlSink:
     def __call__(self, report: Report) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": report.step, "group": report.group, "metrics": report.metrics}) + "\n")
+            f.write(_line(report))
+
+
+def kept_on_resume(group: str, step: int, resumed_step: int) -> bool:
+    """Whether a report written before a crash stays when the run resumes from the checkpoint of
+    `resumed_step`: training reports up to that step (each is written before its step's checkpoint), and
+    validations before it (a checkpoint is written before its step's validation, which the resumed run
+    repeats)."""
+    return step <= resumed_step if group == "training" else step < resumed_step
+
+
+def truncate_reports(path: Path, resumed_step: int) -> list[Report]:
+    """Rewrite metrics.jsonl without what a resumed run reports again (`kept_on_resume`), atomically; returns
+    the reports kept."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line torn by the crash
+        if kept_on_resume(row["group"], row["step"], resumed_step):
+            kept.append(Report(row["group"], row["step"], row["metrics"]))
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text("".join(_line(report) for report in kept))
+    partial.replace(path)
+    return kept
+
+
+def _line(report: Report) -> str:
+    return json.dumps({"step": report.step, "group": report.group, "metrics": report.metrics}) + "\n"
 
 
 def print_report(report: Report) -> None:
@@ -75,9 +106,9 @@ class LightningLoggerSink:
     def __init__(self, trainer: L.Trainer) -> None:
         self.trainer = trainer
 
-    def __call__(self, report: Report) -> None:
+    def __call__(self, report: Report, loggers: list | None = None) -> None:
         prefix = "train" if report.group == "training" else "val"
         metrics = {f"{prefix}/{name}": value for name, value in report.metrics.items()}
-        for logger in self.trainer.loggers:
+        for logger in self.trainer.loggers if loggers is None else loggers:
             logger.log_metrics(metrics, step=report.step)
             logger.save()
