@@ -153,3 +153,37 @@ def test_a_crash_past_a_checkpoint_leaves_each_report_once_in_every_sink(tiny_mo
         want = {(g, s): v for g, s, v in expected[sink]}
         for group, step, value in reports:
             assert value == pytest.approx(want[(group, step)], rel=1e-5), (sink, group, step)
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_the_report_window_open_at_a_checkpoint_survives_a_crash(tiny_model, tmp_path, mode):
+    """Reports every 4 steps, checkpoints every 3, killed right after the step-6 checkpoint: the resumed run's
+    step-8 report averages steps 5-8 as the straight run's does, not 7-8 alone (it did: the window's sums
+    were not in the checkpoint)."""
+    from contract import online_demo_values, stepwise_run_values, write_jsonl
+
+    from dpo_lightning.builtin import preference_rows
+
+    def values(out: Path) -> dict:
+        common = dict(max_steps=8, checkpoint_every_n_steps=3, report_every_n_steps=4, val_check_interval=100)
+        if mode == "online":
+            run = online_demo_values(tiny_model, out, batch_size=4, max_new_tokens=8, **common)
+            return {"config": "experiments/online-tiny.yaml", **run}
+        pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(seed=5)["train"][:60])
+        return {"config": "experiments/local-tiny.yaml", **stepwise_run_values(tiny_model, pairs, out, **common)}
+
+    assert _entry([str(ROOT / "entrypoint.py")], values(tmp_path / "straight")).returncode == 0
+    crashed = values(tmp_path / "crashed")
+    assert _entry([str(ROOT / "tests" / "crash.py"), "checkpoint:6"], crashed).returncode == -9
+    assert _entry([str(ROOT / "entrypoint.py")], crashed).returncode == 0
+
+    def training(out: Path) -> dict[int, dict]:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["metrics"] for r in rows if r["group"] == "training"}
+
+    expected, got = training(tmp_path / "straight"), training(tmp_path / "crashed")
+    assert sorted(got) == sorted(expected) == [4, 8]
+    names = ["loss", "grad_norm", "rewards/margins", "logps/chosen", "logits/chosen"]
+    names += ["objective/scores", "objective/kl"] if mode == "online" else []
+    for name in names:
+        assert got[8][name] == pytest.approx(expected[8][name], rel=1e-5, abs=1e-7), name

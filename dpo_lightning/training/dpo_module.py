@@ -197,10 +197,14 @@ class OnlineDPOModule(DPOModule):
     def on_validation_epoch_start(self) -> None:
         self._val_rng = SamplingRNG(sampling_seed(self.cfg.seed, self.global_rank, "validation"))
 
+    def report_windows(self) -> dict[str, torch.nn.Module]:
+        return {**super().report_windows(), "train_samples": self.train_samples}
+
     def rank_state_dict(self) -> dict:
-        return {"sampling_rng": self.sampling_rng.state_dict()}
+        return {**super().rank_state_dict(), "sampling_rng": self.sampling_rng.state_dict()}
 
     def load_rank_state_dict(self, state: dict) -> None:
+        super().load_rank_state_dict(state)
         if "sampling_rng" in state:
             self.sampling_rng.load_state_dict(state["sampling_rng"])
 

@@ -19,6 +19,7 @@ from dpo_lightning.training.fsdp import load_sharded_weights
 from dpo_lightning.training.optim import adamw, decay_groups, lr_lambda, warmup_steps_for
 from dpo_lightning.training.sinks import Report, ReportSink
 from dpo_lightning.training.strategies import clip_gradients, decoder_layer_classes, is_fsdp
+from dpo_lightning.training.window import load_window_state, window_state
 
 
 def short_window_scale(accumulation_steps: int, micro_batches: int) -> float:
@@ -86,12 +87,24 @@ class TrainingModule(L.LightningModule):
             for network in (self.trained, *self.frozen_networks()):
                 reshard(network)
 
+    def report_windows(self) -> dict[str, torch.nn.Module]:
+        """The metric containers whose training report window a checkpoint keeps."""
+        return {"train_metrics": self.train_metrics}
+
     def rank_state_dict(self) -> dict:
-        """Per-rank state a resumed run needs beside the RNG (each rank's sampling stream, for one)."""
-        return {}
+        """Per-rank state a resumed run needs beside the RNG: the open report window (what each rank's metrics
+        and gradient norms hold since the last report), and what subclasses add (a sampling stream)."""
+        windows = {name: window_state(metrics) for name, metrics in self.report_windows().items()}
+        return {"report_window": {"metrics": windows, "grad_norms": list(self._grad_norms)}}
 
     def load_rank_state_dict(self, state: dict) -> None:
-        pass
+        window = state.get("report_window")
+        if window is None:
+            return
+        containers = self.report_windows()
+        for name, saved in window["metrics"].items():
+            load_window_state(containers[name], saved, self.device)
+        self._grad_norms = list(window["grad_norms"])
 
     def extra_report(self, group: str) -> dict[str, float]:
         """Metrics beyond the main group's, added to each report (every rank calls this together)."""
