@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpo_lightning.config import make_config
-from dpo_lightning.errors import UserError
+from dpo_lightning.errors import ConfigError, UserError
 from dpo_lightning.training.fsdp import RESHARD_AFTER_FORWARD, mesh_shape
 from dpo_lightning.training.strategies import (
     build_strategy,
@@ -80,17 +80,27 @@ def test_fsdp_combinations_that_cannot_work_are_one_line_errors(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     check_strategy(make_config({"strategy": "fsdp"}))  # one process: runs (a one-GPU smoke run)
     check_strategy(make_config({"strategy": "fsdp", "lora_r": 4}))
-    cases = {
-        "HYBRID_SHARD shards within a node": {"fsdp_sharding_strategy": "HYBRID_SHARD"},
+    with pytest.raises(UserError, match="HYBRID_SHARD shards within a node"):
+        check_strategy(make_config({"strategy": "fsdp", "fsdp_sharding_strategy": "HYBRID_SHARD"}))
+    # whatever the launch: the configuration itself refuses
+    refused = {
         "export_merged is not supported with strategy: fsdp": {"export_merged": True, "lora_r": 4},
         "bitsandbytes' packed 4-bit weights cannot be sharded": {"lora_r": 4, "load_in_4bit": True},
     }
-    for message, values in cases.items():
-        with pytest.raises(UserError, match=message) as caught:
-            check_strategy(make_config({"strategy": "fsdp", **values}))
+    for message, values in refused.items():
+        with pytest.raises(ConfigError, match=message) as caught:
+            make_config({"strategy": "fsdp", **values})
         assert "\n" not in str(caught.value)
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
     with pytest.raises(UserError, match="started 3 processes but 1 node"):
         check_strategy(make_config({"strategy": "fsdp"}))
+
+
+def test_qlora_with_the_vllm_sampler_is_refused_in_one_line():
+    """The engine takes merged weights, and adapter deltas cannot be added to 4-bit packed ones."""
+    values = {"lora_r": 4, "load_in_4bit": True, "sampler": "vllm", "mode": "online", "max_prompt_length": 16}
+    with pytest.raises(ConfigError, match="load_in_4bit with sampler: vllm") as caught:
+        make_config({**values, "reward_model": "dpo_lightning.builtin:sentiment_reward"})
+    assert "\n" not in str(caught.value)

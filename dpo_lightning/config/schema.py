@@ -346,6 +346,11 @@ def _check_sampling(cfg: DPOConfig) -> str | None:
         return f"vllm_gpu_memory_utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}"
     if cfg.lora_r == 0 and (cfg.load_in_4bit or cfg.export_merged):
         return f"{'load_in_4bit' if cfg.load_in_4bit else 'export_merged'} needs LoRA adapters: set lora_r > 0"
+    if cfg.load_in_4bit and cfg.sampler == "vllm":
+        return (
+            "load_in_4bit with sampler: vllm: the engine takes the policy with its adapters merged, and adapter deltas "
+            "cannot be added to 4-bit packed weights; use sampler: hf, or LoRA on a bf16 base (load_in_4bit: false)"
+        )
     if cfg.lora_r > 0 and cfg.mode == "reward":
         return "lora_r applies to DPO's policy; mode reward trains a reward model in full (set lora_r: 0)"
     if not 0.0 <= cfg.lora_dropout < 1.0:
@@ -387,6 +392,23 @@ def vllm_max_model_len(cfg: DPOConfig) -> int:
     return cfg.vllm_max_model_len or cfg.max_prompt_length + cfg.max_new_tokens
 
 
+def _check_strategy(cfg: DPOConfig) -> str | None:
+    """What FSDP cannot do whatever the launch (the launch itself is checked by `training.strategies`)."""
+    if cfg.strategy != "fsdp":
+        return None
+    if cfg.lora_r > 0 and cfg.load_in_4bit:
+        return (
+            "load_in_4bit (QLoRA) with strategy: fsdp: bitsandbytes' packed 4-bit weights cannot be sharded by "
+            "FSDP2; use strategy: ddp for QLoRA, or LoRA on a bf16/fp32 base with fsdp"
+        )
+    if cfg.export_merged:
+        return (
+            "export_merged is not supported with strategy: fsdp (merging needs the whole base on one process); "
+            "merge final/'s adapters afterwards (peft's AutoPeftModelForCausalLM(...).merge_and_unload())"
+        )
+    return None
+
+
 def _check_text(cfg: DPOConfig) -> str | None:
     for name in ("model_name", "dataset_name", "output_dir", "train_split"):
         if not getattr(cfg, name).strip():
@@ -413,6 +435,7 @@ _CHECKS = (
     _check_steps,
     _check_columns,
     _check_report_to,
+    _check_strategy,
 )
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(DPOConfig)}

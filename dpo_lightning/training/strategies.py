@@ -35,7 +35,8 @@ def launched_world_size() -> int:
 
 
 def check_strategy(cfg: DPOConfig) -> None:
-    """Fail before anything loads when the strategy cannot run with this launch or these settings."""
+    """Fail before anything loads when the strategy cannot run with this launch (what FSDP cannot do whatever
+    the launch is the configuration's own check, `config.schema._check_strategy`)."""
     if cfg.strategy != "fsdp":
         return
     world = launched_world_size()
@@ -50,16 +51,6 @@ def check_strategy(cfg: DPOConfig) -> None:
         raise UserError(
             "fsdp_sharding_strategy: HYBRID_SHARD shards within a node and replicates across nodes; this run has "
             "one node, so use FULL_SHARD (the same thing here)"
-        )
-    if cfg.export_merged:
-        raise UserError(
-            "export_merged is not supported with strategy: fsdp (merging needs the whole base on one rank); "
-            "merge final/'s adapters afterwards (peft's AutoPeftModelForCausalLM(...).merge_and_unload())"
-        )
-    if cfg.lora_r > 0 and cfg.load_in_4bit:
-        raise UserError(
-            "load_in_4bit (QLoRA) with strategy: fsdp: bitsandbytes' packed 4-bit weights cannot be sharded by "
-            "FSDP2; use strategy: ddp for QLoRA, or LoRA on a bf16/fp32 base with fsdp"
         )
 
 
