@@ -187,3 +187,34 @@ def test_the_report_window_open_at_a_checkpoint_survives_a_crash(tiny_model, tmp
     names += ["objective/scores", "objective/kl"] if mode == "online" else []
     for name in names:
         assert got[8][name] == pytest.approx(expected[8][name], rel=1e-5, abs=1e-7), name
+
+
+def test_a_judge_with_a_short_window_sees_the_completions_of_long_prompts(tiny_model, tmp_path):
+    """Online DPO with a sequence-classification judge whose `reward_max_length` is shorter than a rendered
+    prompt: the judge keeps each completion and cuts the prompt from the left, so the two samples of a prompt
+    get their own scores (they got the same one, every pair a tie of weight 0), and the share of cut judge
+    inputs is reported."""
+    from contract import online_demo_values
+    from transformers import AutoModelForSequenceClassification
+
+    judge = tmp_path / "judge"
+    torch.manual_seed(1)
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(judge)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(judge)
+    values = online_demo_values(
+        tiny_model,
+        tmp_path / "run",
+        reward_model=str(judge),
+        reward_max_length=12,  # shorter than any rendered prompt of the built-in set
+        max_steps=2,
+        batch_size=8,
+        max_new_tokens=8,
+        report_every_n_steps=1,
+        val_check_interval=100,
+    )
+    done = _entry([str(ROOT / "entrypoint.py")], {"config": "experiments/online-tiny.yaml", **values})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    training = [r["metrics"] for r in rows if r["group"] == "training"]
+    assert [m["objective/judge_cut_rate"] for m in training] == [1.0, 1.0]
+    assert all(m["objective/tie_rate"] < 0.5 for m in training), [m["objective/tie_rate"] for m in training]

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Qwen2ForSequenceClassification
 
-from dpo_lightning.data.reward_text import encode_for_reward, prompt_text, render_for_reward
+from dpo_lightning.data.reward_text import encode_for_reward, encode_for_reward_cut, prompt_text, render_for_reward
 from dpo_lightning.errors import UserError
 from dpo_lightning.models import REWARD_MARKER, ModelSource, RewardModel, load_tokenizer
 from dpo_lightning.online.judges import (
@@ -278,14 +278,24 @@ def test_render_without_chat_template(tiny_model):
     assert ids == [tokenizer("Describe the garden.\nIt is warm.")["input_ids"]]
 
 
-def test_encode_keeps_the_start(tokenizer):
+@pytest.mark.parametrize("limit", [26, 16])
+def test_encode_cuts_the_prompt_from_the_left_and_keeps_the_completion(tokenizer, limit):
     full = encode_for_reward(tokenizer, PROMPTS, COMPLETIONS, max_length=1024)
-    cut = encode_for_reward(tokenizer, PROMPTS, COMPLETIONS, max_length=6)
-    assert cut == [ids[:6] for ids in full]
+    assert [len(row) for row in full] == [27, 25, 55, 25, 31]
     assert full[0] == tokenizer(chatml(PROMPTS[0], COMPLETIONS[0]), add_special_tokens=False)["input_ids"]
-    tokenizer.truncation_side = "left"  # a tokenizer set to cut the left still keeps the start here
+    ids, cut = encode_for_reward_cut(tokenizer, PROMPTS, COMPLETIONS, max_length=limit)
+    assert cut == [len(row) > limit for row in full] and any(cut)
+    for completion, whole, kept in zip(COMPLETIONS, full, ids, strict=True):
+        reply = tokenizer(f"{completion}<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        if len(whole) <= limit:
+            assert kept == whole
+        elif len(reply) <= limit:  # the chat template adds nothing in front: the text's last tokens
+            assert kept == whole[-limit:] and tokenizer.decode(kept).endswith(completion + "<|im_end|>\n")
+        else:  # the completion alone is longer than the window (the castle's, at 16): its start
+            assert len(kept) == limit and tokenizer.decode(kept).startswith(completion[:20])
+    tokenizer.truncation_side = "left"  # the tokenizer's own setting plays no part
     try:
-        assert encode_for_reward(tokenizer, PROMPTS, COMPLETIONS, max_length=6) == cut
+        assert encode_for_reward_cut(tokenizer, PROMPTS, COMPLETIONS, max_length=limit) == (ids, cut)
     finally:
         tokenizer.truncation_side = "right"
 

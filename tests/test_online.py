@@ -458,6 +458,7 @@ def test_sample_metrics_by_hand():
         tie=torch.tensor([False, True]),
         prompt_weight=torch.tensor([1.0, 1.0]),
         logp_diff=torch.tensor([0.1, 0.3]),
+        judge_cut=torch.tensor([True, False, False, False]),
     )
     metrics.update(  # the second prompt is evaluation padding (weight 0): it counts nowhere
         scores=torch.tensor([-1.0, 5.0, 100.0, -100.0]),
@@ -468,6 +469,7 @@ def test_sample_metrics_by_hand():
         tie=torch.tensor([False, True]),
         prompt_weight=torch.tensor([1.0, 0.0]),
         logp_diff=torch.tensor([0.2]),
+        judge_cut=torch.tensor([True, True, True, True]),
     )
     report = metrics.report(with_time=False)
     expected = {
@@ -481,6 +483,7 @@ def test_sample_metrics_by_hand():
         "objective/scores_chosen": (3 + 5) / 2,
         "objective/scores_rejected": (1 - 1) / 2,
         "objective/scores_margin": (2 + 6) / 2,
+        "objective/judge_cut_rate": 3 / 6,  # the padding prompt's samples count nowhere
     }
     assert set(report) == set(expected)
     for name, value in expected.items():

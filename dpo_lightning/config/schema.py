@@ -126,7 +126,8 @@ class DPOConfig:
     reward_batch_size: int = 16
     """Completions scored per reward-model forward pass."""
     reward_max_length: int = 1024
-    """Tokens of prompt + completion the reward model sees at most (as it tokenizes them; keeps the start)."""
+    """Tokens of prompt + completion the reward model sees at most (as it tokenizes them); a longer text loses
+    the start of its prompt, never its completion."""
     prompt_lines: int = 4
     """Plain-text prompt sources (tiny_shakespeare, .txt files): lines of a block (speech) per prompt."""
     sampler: Literal["hf", "vllm"] = "hf"

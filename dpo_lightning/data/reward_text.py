@@ -1,6 +1,7 @@
 """Text as a reward model reads it: the prompt and completion rendered whole (through the chat template when the
-tokenizer has one) and tokenized keeping the start. Judging (online) and reward-model training (data) both
-encode through `encode_for_reward`, so both see identical inputs."""
+tokenizer has one) and tokenized; a text too long for the reward model loses the start of its prompt, never
+its completion (what is judged). Judging (online) and reward-model training (data) both encode through
+`encode_for_reward`, so both see identical inputs."""
 
 from __future__ import annotations
 
@@ -33,23 +34,70 @@ def render_for_reward(tokenizer, prompt: Prompt, completion: str | list[dict[str
 def encode_for_reward(
     tokenizer, prompts: Sequence[Prompt], completions: Sequence[str], *, max_length: int
 ) -> list[list[int]]:
-    """Token ids of each rendered (prompt, completion), at most `max_length`, keeping the start. Scoring and
-    reward-model training both encode through here, so both see identical inputs."""
+    """Token ids of each rendered (prompt, completion), at most `max_length` (`encode_for_reward_cut`)."""
+    return encode_for_reward_cut(tokenizer, prompts, completions, max_length=max_length)[0]
+
+
+def encode_for_reward_cut(
+    tokenizer, prompts: Sequence[Prompt], completions: Sequence[str], *, max_length: int
+) -> tuple[list[list[int]], list[bool]]:
+    """(token ids, whether each was cut) of each rendered (prompt, completion), at most `max_length`. A text that
+    is too long keeps the tokens the tokenizer adds in front (BOS) and its end: the prompt is cut from the
+    left and the completion kept whole; a completion longer than `max_length` on its own keeps its start."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
     if not prompts:
-        return []
+        return [], []
     rendered = [render_for_reward(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
     add_special_tokens = rendered[0][1]  # the same for every text: it depends on the tokenizer only
-    side = tokenizer.truncation_side
-    tokenizer.truncation_side = "right"
-    try:
-        encoded = tokenizer(
-            [text for text, _ in rendered],
-            add_special_tokens=add_special_tokens,
-            truncation=True,
-            max_length=max_length,
-        )
-    finally:
-        tokenizer.truncation_side = side
-    return [list(ids) for ids in encoded["input_ids"]]
+    fast = getattr(tokenizer, "is_fast", False)  # character offsets tell exactly where the completion starts
+    encoded = tokenizer(
+        [text for text, _ in rendered], add_special_tokens=add_special_tokens, return_offsets_mapping=fast
+    )
+    out, cut = [], []
+    for index, (prompt, (text, _)) in enumerate(zip(prompts, rendered, strict=True)):
+        ids = list(encoded["input_ids"][index])
+        if len(ids) <= max_length:
+            out.append(ids)
+            cut.append(False)
+            continue
+        head = _rendered_prompt(tokenizer, prompt, text)
+        if fast:
+            front, start = _spans(encoded["offset_mapping"][index], len(head))
+        else:  # a slow tokenizer: the prompt's own token count (the boundary may merge differently)
+            special = set(tokenizer.all_special_ids)
+            front = next((i for i, token in enumerate(ids) if token not in special), len(ids))
+            start = len(tokenizer(head, add_special_tokens=add_special_tokens)["input_ids"]) if head else front
+        out.append(_keep_completion(ids, min(front, max_length), max(start, front), max_length))
+        cut.append(True)
+    return out, cut
+
+
+def _rendered_prompt(tokenizer, prompt: Prompt, text: str) -> str:
+    """The start of the rendered `text` that is the prompt (with the chat template's generation prompt), or ""
+    when the text does not start with the prompt rendered alone."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = list(prompt) if not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        head = prompt_text(prompt)
+    return head if text.startswith(head) else ""
+
+
+def _spans(offsets, completion_char: int) -> tuple[int, int]:
+    """(tokens added in front, index of the completion's first token) from each token's character span: added
+    special tokens span no characters."""
+    front = 0
+    while front < len(offsets) and tuple(offsets[front]) == (0, 0):
+        front += 1
+    start = next((i for i in range(front, len(offsets)) if offsets[i][0] >= completion_char), len(offsets))
+    return front, start
+
+
+def _keep_completion(ids: list[int], front: int, start: int, max_length: int) -> list[int]:
+    """`max_length` of `ids`: the `front` tokens the tokenizer added, then the end of the text (the prompt cut
+    from the left), or the start of the completion (from index `start`) when it alone does not fit."""
+    room = max_length - front
+    if len(ids) - start > room:
+        return ids[:front] + ids[start : start + room]
+    return ids[:front] + ids[len(ids) - room :]

@@ -14,9 +14,10 @@ A `reward_model` string is read, in this order, as:
    ``Skywork/Skywork-Reward-V2-Qwen3-0.6B``.
 
 Models (kinds 2 and 3) see the conversation rendered and cut by `data.reward_text.encode_for_reward` to
-`max_length` tokens keeping the start. A folder of kind 2 is also a valid kind-3 folder; both score the same
-whenever a text does not end in the pad token (Hugging Face pools the rightmost non-pad token, RewardModel the
-last token of the attention mask).
+`max_length` tokens: a long prompt loses its start, the completion is kept; which inputs were cut is in
+`last_cut` after each `score` (online DPO reports their share as `objective/judge_cut_rate`). A folder of
+kind 2 is also a valid kind-3 folder; both score the same whenever a text does not end in the pad token
+(Hugging Face pools the rightmost non-pad token, RewardModel the last token of the attention mask).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Protocol
 import torch
 
 from dpo_lightning.data.batch import SequenceBatch
-from dpo_lightning.data.reward_text import Prompt, encode_for_reward, prompt_text
+from dpo_lightning.data.reward_text import Prompt, encode_for_reward_cut, prompt_text
 from dpo_lightning.errors import UserError, first_line
 from dpo_lightning.models import (
     REWARD_FORMAT,
@@ -146,7 +147,8 @@ class _ModelJudge:
 
     @torch.no_grad()
     def score(self, prompts: list[Prompt], completions: list[str]) -> torch.Tensor:
-        ids = encode_for_reward(self.tokenizer, prompts, completions, max_length=self.max_length)
+        ids, cut = encode_for_reward_cut(self.tokenizer, prompts, completions, max_length=self.max_length)
+        self.last_cut = torch.tensor(cut, dtype=torch.bool)
         scores = []
         for start in range(0, len(ids), self.batch_size):
             rows = ids[start : start + self.batch_size]

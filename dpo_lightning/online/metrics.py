@@ -21,6 +21,7 @@ SAMPLE_METRICS = (
     "objective/tie_rate",
     "objective/completion_length",
     "objective/sampler_logp_diff",
+    "objective/judge_cut_rate",
 )
 
 
@@ -48,9 +49,10 @@ class SampleMetrics(torch.nn.Module):
     scores, kl, eos_rate and completion_length are means over every sample; scores_chosen/rejected/margin
     over the pairs that were trained on (ties excluded); tie_rate and ties over prompts. kl is the sampled
     estimate of KL(policy || reference) per completion: the mean of sum(log pi - log pi_ref) over its tokens.
-    sampler_logp_diff is a mean over sampled tokens of |log-prob the sampler reported - the training policy's|:
-    0 where the sampler is the policy itself, and how far a separate engine's weights or numerics have drifted
-    from the policy's otherwise.
+    judge_cut_rate is the share of samples the judge saw with their prompt cut short (to its
+    `reward_max_length`; the completion is always kept whole). sampler_logp_diff is a mean over sampled tokens
+    of |log-prob the sampler reported - the training policy's|: 0 where the sampler is the policy itself, and
+    how far a separate engine's weights or numerics have drifted from the policy's otherwise.
     """
 
     def __init__(self) -> None:
@@ -74,16 +76,19 @@ class SampleMetrics(torch.nn.Module):
         tie: torch.Tensor,
         prompt_weight: torch.Tensor,
         logp_diff: torch.Tensor,
+        judge_cut: torch.Tensor | None = None,
     ) -> None:
         """One micro-batch: per-sample (N,) scores, kl, has_eos, lengths; per-prompt (P,) chosen and rejected
         scores, tie flags and weights (0 for the rows that only even out evaluation shards); per sampled token
-        (K,) |sampler log-prob - policy log-prob|."""
+        (K,) |sampler log-prob - policy log-prob|; per sample (N,) whether the judge saw its prompt cut short."""
         sample_weight = prompt_weight.repeat_interleave(SAMPLES_PER_PROMPT)
         pair_weight = prompt_weight * (~tie).float()
         self._update("objective/scores", scores, sample_weight)
         self._update("objective/kl", kl, sample_weight)
         self._update("objective/eos_rate", has_eos, sample_weight)
         self._update("objective/completion_length", lengths, sample_weight)
+        cut = torch.zeros_like(scores) if judge_cut is None else judge_cut.to(scores.device)
+        self._update("objective/judge_cut_rate", cut, sample_weight)
         self._update("objective/tie_rate", tie, prompt_weight)
         chosen, rejected = pair_scores
         self._update("objective/scores_chosen", chosen, pair_weight)

@@ -61,6 +61,7 @@ class SampledPairs(NamedTuple):
     # (K,) the sampler's log-prob of each completion token in the pair batch's scored order (chosen rows, then
     # rejected, each in token order); None where the sampler is the policy itself
     sampler_logps: torch.Tensor | None
+    judge_cut: torch.Tensor  # (N,) bool: the judge saw the sample with its prompt cut short (never the completion)
 
 
 def sample_pairs(
@@ -83,6 +84,8 @@ def sample_pairs(
     judged = [prompt for prompt in prompts.prompts for _ in range(SAMPLES_PER_PROMPT)]
     with timer.measure("scoring", device):
         scores = judge.score(judged, texts).float()
+    judge_cut = getattr(judge, "last_cut", None)  # a function judge reads whole texts
+    judge_cut = torch.zeros(len(texts), dtype=torch.bool) if judge_cut is None else judge_cut
     scores = apply_missing_eos_penalty(scores, completions.has_eos, missing_eos_penalty)
     per_prompt = scores.view(-1, SAMPLES_PER_PROMPT)
     chosen, rejected, tie = order_pairs(per_prompt)
@@ -111,6 +114,7 @@ def sample_pairs(
         chosen=chosen,
         prompt_weight=weight,
         sampler_logps=sampler_logps,
+        judge_cut=judge_cut,
     )
 
 

@@ -238,6 +238,7 @@ class OnlineDPOModule(DPOModule):
             tie=sampled.tie,
             prompt_weight=sampled.prompt_weight,
             logp_diff=sampler_logp_diff(sampled, result.policy_tokens),
+            judge_cut=sampled.judge_cut,
         )
         return loss
 
