@@ -218,3 +218,32 @@ def test_a_judge_with_a_short_window_sees_the_completions_of_long_prompts(tiny_m
     training = [r["metrics"] for r in rows if r["group"] == "training"]
     assert [m["objective/judge_cut_rate"] for m in training] == [1.0, 1.0]
     assert all(m["objective/tie_rate"] < 0.5 for m in training), [m["objective/tie_rate"] for m in training]
+
+
+def test_raising_max_steps_on_resume_keeps_the_warmup_and_decays_over_the_new_total(tiny_model, tmp_path):
+    """10 steps with warmup_ratio 0.2 (2 warmup steps, linear decay), then the same run to 20 steps: the
+    resumed steps follow warmup 2 and decay to step 20, from step 11 on, and say so in one line (warmup was
+    recomputed as 4 steps of the new total, restarting the rate at step 11)."""
+    from contract import stepwise_run_values, write_jsonl
+
+    from dpo_lightning.builtin import preference_rows
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(seed=5)["train"][:80])
+    values = stepwise_run_values(
+        tiny_model, pairs, tmp_path / "run", max_steps=10, warmup_ratio=0.2, lr_scheduler="linear"
+    )
+    values = {"config": "experiments/local-tiny.yaml", **values, "val_check_interval": 100}
+    assert _entry([str(ROOT / "entrypoint.py")], values).returncode == 0
+    longer = _entry([str(ROOT / "entrypoint.py")], {**values, "max_steps": 20})
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "the run now ends at step 20 instead of 10" in longer.stderr + longer.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["metrics"]["learning_rate"] for r in rows if r["group"] == "training"}
+    peak = float(values["learning_rate"])
+    for step in range(1, 21):  # reported at step N: the rate after N optimizer steps (the next step's)
+        done = step
+        if step <= 10:  # the first launch, planned for 10 steps
+            factor = done / 2 if done < 2 else 1 - (done - 2) / (10 - 2)
+        else:
+            factor = 1 - (done - 2) / (20 - 2)
+        assert rates[step] == pytest.approx(peak * factor, rel=1e-6, abs=1e-12), step

@@ -7,6 +7,7 @@ metrics and define one shared step for training and validation.
 
 from __future__ import annotations
 
+import logging
 import resource
 
 import lightning as L
@@ -20,6 +21,8 @@ from dpo_lightning.training.optim import adamw, decay_groups, lr_lambda, warmup_
 from dpo_lightning.training.sinks import Report, ReportSink
 from dpo_lightning.training.strategies import clip_gradients, decoder_layer_classes, is_fsdp
 from dpo_lightning.training.window import load_window_state, window_state
+
+log = logging.getLogger(__name__)
 
 
 def short_window_scale(accumulation_steps: int, micro_batches: int) -> float:
@@ -52,6 +55,8 @@ class TrainingModule(L.LightningModule):
         self._seen_step = 0
         self._window_micro_batches = 0  # backward passes since the last optimizer step
         self.sharded_weights_from = None  # a sharded checkpoint whose trained weights a warm start takes
+        self._schedule: dict[str, int] = {}  # the learning-rate schedule's warmup and total steps
+        self._saved_schedule: dict[str, int] | None = None  # a resumed checkpoint's
         # Checkpoints keep the trained weights once, in Hugging Face format beside the trainer state, and frozen
         # models are rebuilt from the configuration: the Lightning state restored on resume holds no weights.
         self.strict_loading = False
@@ -115,6 +120,38 @@ class TrainingModule(L.LightningModule):
         # keeps its own shard in the Lightning state instead, since no rank holds the whole model.
         if not is_fsdp(self.trainer):
             checkpoint["state_dict"] = {}
+        checkpoint["lr_schedule"] = dict(self._schedule)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._saved_schedule = checkpoint.get("lr_schedule")  # compared with this run's at train start
+
+    def _continue_schedule(self) -> None:
+        """A resumed run whose length changed (max_steps or num_epochs raised) keeps the warmup it already did:
+        its schedule decays over the new total from the checkpoint's step, instead of warming up again at
+        its new ratio; said in one line."""
+        saved, self._saved_schedule = self._saved_schedule, None
+        if saved is None or saved["total_steps"] == self._schedule["total_steps"]:
+            return
+        total, warmup = self._schedule["total_steps"], saved["warmup_steps"]
+        self._schedule = {"warmup_steps": warmup, "total_steps": total}
+        scheduler = self.lr_schedulers()
+        scheduler.lr_lambdas = [lr_lambda(self.cfg.lr_scheduler, warmup, total) for _ in scheduler.base_lrs]
+        # the restored optimizer holds the old schedule's rate for the next step: set the new one now
+        groups = scheduler.optimizer.param_groups
+        for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        log.info(
+            "the run now ends at step %d instead of %d: the learning-rate schedule (%s) keeps its %d warmup "
+            "steps and now spans to step %d; the rate for step %d is %.3g",
+            total,
+            saved["total_steps"],
+            self.cfg.lr_scheduler,
+            warmup,
+            total,
+            self.global_step + 1,
+            scheduler._last_lr[0],
+        )
 
     def release(self) -> None:
         """Let go of what the run holds beside its models (a sampling engine) once training and validation are
@@ -131,7 +168,8 @@ class TrainingModule(L.LightningModule):
             eps=cfg.adam_epsilon,
         )
         total = int(self.trainer.estimated_stepping_batches)
-        schedule = lr_lambda(cfg.lr_scheduler, warmup_steps_for(cfg, total), total)
+        self._schedule = {"warmup_steps": warmup_steps_for(cfg, total), "total_steps": total}
+        schedule = lr_lambda(cfg.lr_scheduler, self._schedule["warmup_steps"], total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -158,6 +196,7 @@ class TrainingModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._seen_step = self.global_step  # a resumed run starts past step 0
+        self._continue_schedule()
         trainer = self.trainer
         if (
             self.cfg.validate_at_start
