@@ -1,13 +1,15 @@
 """The configuration: one typed, frozen `DPOConfig` per run, read from an experiment file's `hyperparameters:`
 with command-line overrides on top (one parser for local runs, Determined trials and evaluation).
 
-`schema.py` holds every key with its default, documentation and checks; `parse.py` reads files, overrides and
+`schema.py` holds every key with its default and documentation, `checks.py` every check of values and
+combinations; `parse.py` reads files, overrides and
 Determined's hyperparameter values. This package is the bottom layer: it imports nothing from dpo_lightning
 beyond the foundation modules.
 
 Imports: foundation
 """
 
+from dpo_lightning.config.checks import online_problem, vllm_max_model_len
 from dpo_lightning.config.parse import (
     config_changes,
     load_config,
@@ -25,8 +27,6 @@ from dpo_lightning.config.schema import (
     RESUMABLE_CHANGES,
     USES_LABEL_SMOOTHING,
     DPOConfig,
-    online_problem,
-    vllm_max_model_len,
 )
 
 __all__ = [

@@ -35,6 +35,7 @@ RESUMABLE_CHANGES = (
     "push_to_hub",
 )
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+REPORT_TARGETS = ("tensorboard", "wandb", "mlflow", "csv", "none")
 PRECISIONS = ("32", "bf16-mixed")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -229,10 +230,11 @@ class DPOConfig:
     local run; the token is huggingface_hub's (HF_TOKEN or `hf auth login`)."""
 
     def __post_init__(self) -> None:
-        for check in _CHECKS:
-            problem = check(self)
-            if problem:
-                raise ConfigError(problem)
+        from dpo_lightning.config.checks import first_problem
+
+        problem = first_problem(self)
+        if problem:
+            raise ConfigError(problem)
 
     @property
     def frozen_dtype(self):
@@ -243,201 +245,6 @@ class DPOConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-def _positive(*names: str):
-    def check(cfg: DPOConfig) -> str | None:
-        for name in names:
-            if getattr(cfg, name) <= 0:
-                return f"{name} must be > 0, got {getattr(cfg, name)}"
-        return None
-
-    return check
-
-
-def _non_negative(*names: str):
-    def check(cfg: DPOConfig) -> str | None:
-        for name in names:
-            if getattr(cfg, name) < 0:
-                return f"{name} must be >= 0, got {getattr(cfg, name)}"
-        return None
-
-    return check
-
-
-def _check_loss(cfg: DPOConfig) -> str | None:
-    if cfg.loss_type not in LOSS_TYPES:
-        return f"unknown loss_type '{cfg.loss_type}'; valid choices: {', '.join(LOSS_TYPES)}"
-    if not 0.0 <= cfg.label_smoothing < 0.5:
-        return f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"
-    if cfg.label_smoothing > 0 and cfg.loss_type not in USES_LABEL_SMOOTHING:
-        users = ", ".join(sorted(USES_LABEL_SMOOTHING))
-        return f"label_smoothing is only used by loss_type {users}; loss_type '{cfg.loss_type}' would ignore it"
-    return None
-
-
-def _check_lengths(cfg: DPOConfig) -> str | None:
-    for name in ("max_completion_length", "eval_batch_size"):
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            return f"{name} must be > 0 or null, got {value}"
-    if cfg.max_prompt_length is not None:
-        if cfg.max_prompt_length <= 0:
-            return f"max_prompt_length must be > 0 or null, got {cfg.max_prompt_length}"
-        if cfg.max_prompt_length >= cfg.max_length:
-            return (
-                f"max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length}) "
-                "so that every pair keeps a completion token"
-            )
-    return None
-
-
-def _check_fractions(cfg: DPOConfig) -> str | None:
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        return f"val_fraction must be in [0, 1), got {cfg.val_fraction}"
-    if not 0.0 <= cfg.warmup_ratio < 1.0:
-        return f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}"
-    return None
-
-
-def _check_steps(cfg: DPOConfig) -> str | None:
-    if cfg.max_steps == 0 or cfg.max_steps < -1:
-        return f"max_steps must be a positive number of optimizer steps or -1 (use num_epochs), got {cfg.max_steps}"
-    return None
-
-
-REPORT_TARGETS = ("tensorboard", "wandb", "mlflow", "csv", "none")
-
-
-def _check_report_to(cfg: DPOConfig) -> str | None:
-    targets = [t for t in cfg.report_to.replace(" ", "").split(",") if t]
-    unknown = [t for t in targets if t not in REPORT_TARGETS]
-    if unknown or not targets:
-        return f"report_to: unknown '{','.join(unknown)}'; valid choices, comma-separated: {', '.join(REPORT_TARGETS)}"
-    if "none" in targets and len(targets) > 1:
-        return "report_to: none cannot be combined with other trackers"
-    return None
-
-
-def _check_columns(cfg: DPOConfig) -> str | None:
-    for role, column in cfg.columns.items():
-        if role not in COLUMN_ROLES:
-            return f"columns has unknown role '{role}'; valid roles: {', '.join(COLUMN_ROLES)}"
-        if not isinstance(column, str) or not column:
-            return f"columns.{role} must be a non-empty column name, got {column!r}"
-    return None
-
-
-def _check_sampling(cfg: DPOConfig) -> str | None:
-    if not 0.0 < cfg.top_p <= 1.0:
-        return f"top_p must be in (0, 1], got {cfg.top_p}"
-    if cfg.reward_model is not None and not cfg.reward_model.strip():
-        return "reward_model must not be empty; leave it null for offline runs"
-    if cfg.generation_eval_every > 0 and cfg.reward_model is None:
-        return "generation_eval_every needs a reward_model to judge the policy's completions against the reference's"
-    if cfg.precompute_ref_logps and (cfg.mode in ("online", "reward") or cfg.generation_eval_every > 0):
-        why = (
-            f"mode {cfg.mode} has no fixed pairs"
-            if cfg.mode in ("online", "reward")
-            else ("generation_eval_every samples the reference model, which precomputing leaves out of memory")
-        )
-        return f"precompute_ref_logps works only for offline DPO without generation metrics: {why}"
-    if cfg.sampler != "hf" and cfg.mode in ("offline", "reward"):
-        return f"sampler: {cfg.sampler} samples online DPO's completions; mode {cfg.mode} samples none (sampler: hf)"
-    if not 0.0 < cfg.vllm_gpu_memory_utilization <= 1.0:
-        return f"vllm_gpu_memory_utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}"
-    if cfg.lora_r == 0 and (cfg.load_in_4bit or cfg.export_merged):
-        return f"{'load_in_4bit' if cfg.load_in_4bit else 'export_merged'} needs LoRA adapters: set lora_r > 0"
-    if cfg.load_in_4bit and cfg.sampler == "vllm":
-        return (
-            "load_in_4bit with sampler: vllm: the engine takes the policy with its adapters merged, and adapter deltas "
-            "cannot be added to 4-bit packed weights; use sampler: hf, or LoRA on a bf16 base (load_in_4bit: false)"
-        )
-    if cfg.lora_r > 0 and cfg.mode == "reward":
-        return "lora_r applies to DPO's policy; mode reward trains a reward model in full (set lora_r: 0)"
-    if not 0.0 <= cfg.lora_dropout < 1.0:
-        return f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}"
-    if not cfg.lora_target_modules.strip():
-        return "lora_target_modules must name modules, or be all-linear"
-    if cfg.padding_free and cfg.mode == "reward":
-        return "padding_free packs DPO's sequences; mode reward scores padded rows (set padding_free: false)"
-    if cfg.mode == "online":
-        return online_problem(cfg)
-    return None
-
-
-def online_problem(cfg: DPOConfig) -> str | None:
-    """What keeps `cfg` from training online, or None (checked again once `mode: auto` has seen the data)."""
-    if cfg.reward_model is None:
-        return (
-            "online DPO needs a reward_model: a sequence-classification model (Hub name or folder), "
-            "a RewardModel folder from mode: reward, or a function package.module:function"
-        )
-    if cfg.max_prompt_length is None:
-        return "online DPO needs max_prompt_length (prompt tokens kept) so that prompt + max_new_tokens fits max_length"
-    if cfg.max_prompt_length + cfg.max_new_tokens > cfg.max_length:
-        return (
-            f"max_prompt_length ({cfg.max_prompt_length}) + max_new_tokens ({cfg.max_new_tokens}) must be <= "
-            f"max_length ({cfg.max_length}): sampled completions are trained on as they are, never cut"
-        )
-    needed = cfg.max_prompt_length + cfg.max_new_tokens
-    if cfg.sampler == "vllm" and 0 < cfg.vllm_max_model_len < needed:
-        return (
-            f"vllm_max_model_len ({cfg.vllm_max_model_len}) must be >= max_prompt_length ({cfg.max_prompt_length}) + "
-            f"max_new_tokens ({cfg.max_new_tokens}), or 0 to fit them"
-        )
-    return None
-
-
-def vllm_max_model_len(cfg: DPOConfig) -> int:
-    """Tokens of prompt + completion the vLLM engine is built for."""
-    return cfg.vllm_max_model_len or cfg.max_prompt_length + cfg.max_new_tokens
-
-
-def _check_strategy(cfg: DPOConfig) -> str | None:
-    """What FSDP cannot do whatever the launch (the launch itself is checked by `training.strategies`)."""
-    if cfg.strategy != "fsdp":
-        return None
-    if cfg.lora_r > 0 and cfg.load_in_4bit:
-        return (
-            "load_in_4bit (QLoRA) with strategy: fsdp: bitsandbytes' packed 4-bit weights cannot be sharded by "
-            "FSDP2; use strategy: ddp for QLoRA, or LoRA on a bf16/fp32 base with fsdp"
-        )
-    if cfg.export_merged:
-        return (
-            "export_merged is not supported with strategy: fsdp (merging needs the whole base on one process); "
-            "merge final/'s adapters afterwards (peft's AutoPeftModelForCausalLM(...).merge_and_unload())"
-        )
-    return None
-
-
-def _check_text(cfg: DPOConfig) -> str | None:
-    for name in ("model_name", "dataset_name", "output_dir", "train_split"):
-        if not getattr(cfg, name).strip():
-            return f"{name} must not be empty"
-    return None
-
-
-_CHECKS = (
-    _check_text,
-    _positive("beta", "batch_size", "gradient_accumulation_steps", "num_epochs", "max_length", "learning_rate"),
-    _positive("report_every_n_steps", "val_check_interval", "keep_last_n_checkpoints", "adam_epsilon"),
-    _positive("preempt_check_every_n_steps", "max_new_tokens", "reward_batch_size", "reward_max_length"),
-    _positive("temperature", "prompt_lines", "vllm_sync_every", "vllm_kv_cache_gib"),
-    _non_negative("vllm_max_model_len", "lora_r", "rpo_alpha"),
-    _positive("lora_alpha"),
-    _non_negative("missing_eos_penalty", "generation_eval_every"),
-    _positive("generation_eval_prompts"),
-    _check_sampling,
-    _non_negative("weight_decay", "max_grad_norm", "warmup_steps", "checkpoint_every_n_steps", "num_workers"),
-    _non_negative("logps_chunk_size"),
-    _check_loss,
-    _check_lengths,
-    _check_fractions,
-    _check_steps,
-    _check_columns,
-    _check_report_to,
-    _check_strategy,
-)
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(DPOConfig)}
 FIELD_TYPES = typing.get_type_hints(DPOConfig)

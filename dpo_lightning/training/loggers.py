@@ -42,29 +42,38 @@ def check_loggers(cfg: DPOConfig) -> None:
 
 
 def build_loggers(
-    cfg: DPOConfig, *, on_cluster: bool, write_files: bool, resumed_step: int | None = None
+    cfg: DPOConfig,
+    *,
+    on_cluster: bool,
+    write_files: bool,
+    resumed_step: int | None = None,
+    revalidated: bool = False,
 ) -> list[Logger]:
     """Lightning loggers for the run's `report_to`, each resuming where an earlier launch left off; after a
-    crash (`resumed_step`: the checkpoint's step), without what the crashed launch wrote past it."""
+    crash (`resumed_step`: the checkpoint's step), without what the crashed launch wrote past it
+    (`sinks.kept_on_resume`)."""
     targets = report_targets(cfg, on_cluster=on_cluster)
     if not (write_files or on_cluster):
         return []
     root = Path(cfg.output_dir) / LOGS
-    return [_logger(target, cfg, root, resumed_step) for target in targets]
+    return [_logger(target, cfg, root, resumed_step, revalidated) for target in targets]
 
 
-def _logger(target: str, cfg: DPOConfig, root: Path, resumed_step: int | None = None) -> Logger:
+def _logger(
+    target: str, cfg: DPOConfig, root: Path, resumed_step: int | None = None, revalidated: bool = False
+) -> Logger:
     if target == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        # TensorBoard purges by step alone, every tag at once: from the checkpoint's step on, so its validation
-        # (repeated on resume) is not there twice; the step's training report is written again (`replay`)
-        purge = {} if resumed_step is None else {"purge_step": resumed_step}
+        # TensorBoard purges by step alone, every tag at once: from the checkpoint's step on when its validation
+        # is repeated (else from the next step), and that step's training report is written to it again
+        purge_step = None if resumed_step is None else resumed_step + (0 if revalidated else 1)
+        purge = {} if purge_step is None else {"purge_step": purge_step}
         logger = TensorBoardLogger(save_dir=str(root), name="", version="tensorboard", default_hp_metric=False, **purge)
-        logger.purges_from = resumed_step  # read by run.drop_reports_past
+        logger.purges_from = purge_step  # read by run.drop_reports_past
         return logger
     if target == "csv":
-        return AppendingCSVLogger(root / "metrics.csv", resumed_step=resumed_step)
+        return AppendingCSVLogger(root / "metrics.csv", resumed_step=resumed_step, revalidated=revalidated)
     if target == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -128,11 +137,12 @@ class AppendingCSVLogger(Logger):
     """One CSV file of every report, a row per (report, step), appended across launches: a resumed run adds
     its rows after the earlier ones, and a new metric name rewrites the header once."""
 
-    def __init__(self, path: Path, resumed_step: int | None = None) -> None:
+    def __init__(self, path: Path, resumed_step: int | None = None, revalidated: bool = False) -> None:
         super().__init__()
         self.path = Path(path)
         self._header: list[str] | None = None  # read from the file once, kept in step with it after
         self.resumed_step = resumed_step  # rows past it, written by a crashed launch, go before the first write
+        self.revalidated = revalidated
 
     @property
     def name(self) -> str:
@@ -172,7 +182,11 @@ class AppendingCSVLogger(Logger):
         header, rows = self._read_header(), self._read_rows()
         if not rows:
             return
-        kept = [row for row in rows if kept_on_resume(_row_group(row), int(float(row["step"])), resumed_step)]
+        kept = [
+            row
+            for row in rows
+            if kept_on_resume(_row_group(row), int(float(row["step"])), resumed_step, self.revalidated)
+        ]
         partial = self.path.with_name(f".{self.path.name}.partial")
         with partial.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=header)

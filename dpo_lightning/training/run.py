@@ -114,11 +114,22 @@ def build_trainer(
     )
 
 
-def drop_reports_past(metrics_file: Path, step: int, logger_sink: LightningLoggerSink) -> None:
+def periodic_validation(cfg: DPOConfig, step: int) -> bool:
+    """Whether `step` ends with one of the run's periodic validations."""
+    return step > 0 and step % cfg.val_check_interval == 0
+
+
+def validates_again(cfg: DPOConfig, step: int, has_validation: bool) -> bool:
+    """Whether a run resumed from the checkpoint of `step` validates at that step again: the periodic validation
+    written after its checkpoint, or the final one of a run that ends there."""
+    return has_validation and (periodic_validation(cfg, step) or 0 < cfg.max_steps <= step)
+
+
+def drop_reports_past(metrics_file: Path, step: int, revalidated: bool, logger_sink: LightningLoggerSink) -> None:
     """After a crash, each report once in every sink: metrics.jsonl loses what the resumed run reports again
-    (the CSV logger drops the same rows itself, TensorBoard purges from `step`), and the training report of
-    `step` itself, which TensorBoard's purge took, is written to TensorBoard again."""
-    kept = truncate_reports(metrics_file, step)
+    (the CSV logger drops the same rows itself, TensorBoard purges by step), and the training report of
+    `step` itself, when TensorBoard's purge took it, is written to TensorBoard again."""
+    kept = truncate_reports(metrics_file, step, revalidated)
     purged = [logger for logger in logger_sink.trainer.loggers if getattr(logger, "purges_from", None) == step]
     for report in kept:
         if report.step == step and purged:
@@ -300,7 +311,10 @@ def train(
         sinks.append(print_report)
     module = build_module(cfg, mode, sources, start, datamodule, sinks)
     resumed_step = None if start is None or start.weights_only else start.step
-    loggers = build_loggers(cfg, on_cluster=on_cluster, write_files=write_files, resumed_step=resumed_step)
+    revalidated = resumed_step is not None and validates_again(cfg, resumed_step, datamodule.has_validation)
+    loggers = build_loggers(
+        cfg, on_cluster=on_cluster, write_files=write_files, resumed_step=resumed_step, revalidated=revalidated
+    )
     trainer = build_trainer(
         cfg,
         module.trained,
@@ -314,7 +328,7 @@ def train(
     if write_files and trainer.is_global_zero:
         write_json(output_dir / RUN_CONFIG, run_record(cfg))
         if resumed_step is not None:
-            drop_reports_past(output_dir / METRICS, resumed_step, logger_sink)
+            drop_reports_past(output_dir / METRICS, resumed_step, revalidated, logger_sink)
 
     resume_from = None if start is None or start.weights_only else str(lightning_state_path(start.path))
     try:

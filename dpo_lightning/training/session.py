@@ -37,7 +37,7 @@ from dpo_lightning.training.checkpoints import (
     write_checkpoint,
 )
 from dpo_lightning.training.publish import model_card, push_final, training_command
-from dpo_lightning.training.run import StartPoint, TrainingInterrupted
+from dpo_lightning.training.run import StartPoint, TrainingInterrupted, periodic_validation
 from dpo_lightning.training.signals import StopSignals
 from dpo_lightning.training.sinks import Report
 
@@ -186,7 +186,7 @@ class CheckpointCallback(L.Callback):
     def _validation_due(self, trainer: L.Trainer, step: int) -> bool:
         """Checkpoints are written before their step's validation; Lightning skips that validation on resume."""
         has_validation = trainer.datamodule is not None and trainer.datamodule.has_validation
-        return has_validation and step > 0 and step % self.session.cfg.val_check_interval == 0
+        return has_validation and periodic_validation(self.session.cfg, step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         self.signals.restore()

@@ -41,15 +41,17 @@ class JsonlSink:
             f.write(_line(report))
 
 
-def kept_on_resume(group: str, step: int, resumed_step: int) -> bool:
+def kept_on_resume(group: str, step: int, resumed_step: int, revalidated: bool) -> bool:
     """Whether a report written before a crash stays when the run resumes from the checkpoint of
     `resumed_step`: training reports up to that step (each is written before its step's checkpoint), and
-    validations before it (a checkpoint is written before its step's validation, which the resumed run
-    repeats)."""
-    return step <= resumed_step if group == "training" else step < resumed_step
+    validations before it, or at it when the resumed run does not validate there again (`revalidated`: a
+    checkpoint is written before its step's validation)."""
+    if group == "training":
+        return step <= resumed_step
+    return step < resumed_step or (step == resumed_step and not revalidated)
 
 
-def truncate_reports(path: Path, resumed_step: int) -> list[Report]:
+def truncate_reports(path: Path, resumed_step: int, revalidated: bool) -> list[Report]:
     """Rewrite metrics.jsonl without what a resumed run reports again (`kept_on_resume`), atomically; returns
     the reports kept."""
     if not path.is_file():
@@ -60,7 +62,7 @@ def truncate_reports(path: Path, resumed_step: int) -> list[Report]:
             row = json.loads(line)
         except ValueError:
             continue  # a line torn by the crash
-        if kept_on_resume(row["group"], row["step"], resumed_step):
+        if kept_on_resume(row["group"], row["step"], resumed_step, revalidated):
             kept.append(Report(row["group"], row["step"], row["metrics"]))
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text("".join(_line(report) for report in kept))

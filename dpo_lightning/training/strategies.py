@@ -36,7 +36,7 @@ def launched_world_size() -> int:
 
 def check_strategy(cfg: DPOConfig) -> None:
     """Fail before anything loads when the strategy cannot run with this launch (what FSDP cannot do whatever
-    the launch is the configuration's own check, `config.schema._check_strategy`)."""
+    the launch is the configuration's own check, `config.checks._check_strategy`)."""
     if cfg.strategy != "fsdp":
         return
     world = launched_world_size()
