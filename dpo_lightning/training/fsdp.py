@@ -1,11 +1,11 @@
 """FSDP2: torch's per-parameter sharding (`fully_shard`), driven by Lightning's `ModelParallelStrategy`.
 
 Each decoder layer is one unit and the model itself (the policy, not the LightningModule) is the root, so
-`policy(...)` and `generate` gather what they need wherever they are called. The trained model's root keeps
-its parameters whole from forward to backward (FSDP2's default for a root); a frozen network reshards after
-every forward, since no backward follows. Checkpoints are torch distributed checkpoints of the trained
-model's trainable parameters and the optimizer state, one file per rank; frozen networks (the reference, a
-LoRA base) are rebuilt from the configuration and never saved.
+`policy(...)` and `generate` gather what they need wherever they are called. A root keeps its parameters whole
+from its forward to its backward (FSDP2's default for a root; the chunked head reads the head's weight after
+the forward); a frozen network, which has no backward, is resharded after each use. Checkpoints are torch
+distributed checkpoints of the trained model's trainable parameters and the optimizer state, one file per
+rank; frozen networks (the reference, a LoRA base) are rebuilt from the configuration and never saved.
 """
 
 from __future__ import annotations
