@@ -27,10 +27,10 @@ def launched(monkeypatch):
         monkeypatch.setenv(key, value)
 
 
-def test_single_process_uses_lightnings_default(monkeypatch):
+def test_a_single_process_uses_one_device(monkeypatch):
     for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    assert launcher_layout() == ("auto", 1)
+    assert launcher_layout() == (1, 1)  # one process, one device: several run only under a launcher
     assert build_strategy(make_config({}), torch.nn.Linear(2, 2)) == "auto"
 
 

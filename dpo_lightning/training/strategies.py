@@ -21,13 +21,14 @@ from dpo_lightning.errors import UserError
 from dpo_lightning.training.fsdp import FSDP2Strategy, full_state_dict, grad_norm_value
 
 
-def launcher_layout() -> tuple[int | str, int]:
-    """(devices, num_nodes) from a torchrun-style launcher's environment, else Lightning's defaults."""
+def launcher_layout() -> tuple[int, int]:
+    """(devices, num_nodes) from a torchrun-style launcher's environment, else one device: more than one process
+    runs only under a launcher (Lightning's "auto" would start a process per GPU itself)."""
     if "LOCAL_WORLD_SIZE" in os.environ:
         local = int(os.environ["LOCAL_WORLD_SIZE"])
         nodes = int(os.environ.get("GROUP_WORLD_SIZE", int(os.environ["WORLD_SIZE"]) // local))
         return local, nodes
-    return "auto", 1
+    return 1, 1
 
 
 def launched_world_size() -> int:
@@ -40,8 +41,7 @@ def check_strategy(cfg: DPOConfig) -> None:
     if cfg.strategy != "fsdp":
         return
     world = launched_world_size()
-    devices, nodes = launcher_layout()
-    local = devices if isinstance(devices, int) else 1
+    local, nodes = launcher_layout()
     if local * nodes != world:
         raise UserError(
             f"strategy: fsdp: the launcher started {world} processes but {nodes} node(s) of {local}; "
