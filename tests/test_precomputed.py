@@ -80,10 +80,11 @@ def test_precomputed_log_probs_equal_the_live_reference(tiny, items):
 def test_rank_shares_cover_every_pair_once_and_come_back_in_order():
     for size, world in ((10, 2), (7, 3), (2, 4), (0, 2)):
         shares = [rank_share(size, rank, world) for rank in range(world)]
-        assert len({len(indices) for indices, _ in shares}) == 1  # every rank the same number of rows
-        owned = sorted(i for indices, own in shares for i in indices[:own])
+        assert len({len(indices) for indices in shares}) == 1  # every rank the same number of rows
+        own = [len(range(rank, size, world)) for rank in range(world)]  # the rest only evens the shares out
+        owned = sorted(i for indices, n in zip(shares, own, strict=True) for i in indices[:n])
         assert owned == list(range(size))
-        values = torch.tensor([[[float(i), -float(i)] for i in indices] for indices, _ in shares]).reshape(world, -1, 2)
+        values = torch.tensor([[[float(i), -float(i)] for i in indices] for indices in shares]).reshape(world, -1, 2)
         expected = torch.tensor([[float(i), -float(i)] for i in range(size)]).reshape(size, 2)
         torch.testing.assert_close(interleave_shares(values, size), expected)
 

@@ -144,13 +144,12 @@ def reference_pass(
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
-def rank_share(size: int, rank: int, world_size: int) -> tuple[list[int], int]:
+def rank_share(size: int, rank: int, world_size: int) -> list[int]:
     """The pair indices rank `rank` computes (every `world_size`-th from `rank`), padded with repeats of its
-    first index (or 0) to the same count on every rank, so that sharded forward passes stay in step; and how
-    many of them are its own."""
+    first index (or 0) to the same count on every rank, so that sharded forward passes stay in step."""
     own = list(range(rank, size, world_size))
     count = -(-size // world_size)
-    return own + [own[0] if own else 0] * (count - len(own)), len(own)
+    return own + [own[0] if own else 0] * (count - len(own))
 
 
 def interleave_shares(shares: torch.Tensor, size: int) -> torch.Tensor:

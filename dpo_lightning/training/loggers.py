@@ -167,11 +167,7 @@ class AppendingCSVLogger(Logger):
         fields = self._header + [key for key in row if key not in self._header]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if fields != self._header:  # a new column: write the file again under the wider header
-            rows = self._read_rows()
-            with self.path.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows([*rows, row])
+            self._rewrite(fields, [*self._read_rows(), row])
         else:
             with self.path.open("a", newline="") as handle:
                 csv.DictWriter(handle, fieldnames=fields).writerow(row)
@@ -179,19 +175,22 @@ class AppendingCSVLogger(Logger):
 
     def _drop_past(self, resumed_step: int) -> None:
         """Rewrite the file without the rows a run resumed from `resumed_step` writes again."""
-        header, rows = self._read_header(), self._read_rows()
-        if not rows:
-            return
-        kept = [
-            row
-            for row in rows
-            if kept_on_resume(_row_group(row), int(float(row["step"])), resumed_step, self.revalidated)
-        ]
+        rows = self._read_rows()
+        if rows:
+            kept = [
+                row
+                for row in rows
+                if kept_on_resume(_row_group(row), int(float(row["step"])), resumed_step, self.revalidated)
+            ]
+            self._rewrite(self._read_header(), kept)
+
+    def _rewrite(self, fields: list[str], rows: list[dict]) -> None:
+        """The whole file again, under `fields`, replaced at once (a crash leaves the old file or the new)."""
         partial = self.path.with_name(f".{self.path.name}.partial")
         with partial.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=header)
+            writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
-            writer.writerows(kept)
+            writer.writerows(rows)
         partial.replace(self.path)
 
     def _read_header(self) -> list[str]:

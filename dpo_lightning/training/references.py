@@ -51,7 +51,6 @@ class PendingPrecompute:
 
     path: Path
     key: str
-    sizes: dict[str, int]
 
 
 def make_reference(
@@ -79,10 +78,9 @@ def make_reference(
     }
     key = cache_key(weights, {n: pairs_fingerprint(d) for n, d in splits.items()}, settings)
     path = cache_root() / "ref_logps" / f"{key}.pt"
-    sizes = {name: len(split) for name, split in splits.items()}
-    values = read_cached(path, key, sizes)
+    values = read_cached(path, key, {name: len(split) for name, split in splits.items()})
     if values is None:
-        return live, PendingPrecompute(path, key, sizes)
+        return live, PendingPrecompute(path, key)
     log.info("reference log-probs of %s pairs read from %s", _counts(values), path)
     datamodule.attach_reference_logps(values)
     return PrecomputedReference(), None
@@ -102,7 +100,7 @@ def compute_pending(pending: PendingPrecompute, reference: Reference, trainer, c
     rank, world = trainer.global_rank, trainer.world_size
     values = {}
     for name, split in _splits(datamodule).items():
-        indices, _ = rank_share(len(split), rank, world)
+        indices = rank_share(len(split), rank, world)
         share = reference_pass(
             reference,
             collate_in_batches(split.select(indices) if indices else [], collate, cfg.batch_size),

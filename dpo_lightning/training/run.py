@@ -312,8 +312,12 @@ def train(
     module = build_module(cfg, mode, sources, start, datamodule, sinks)
     resumed_step = None if start is None or start.weights_only else start.step
     revalidated = resumed_step is not None and validates_again(cfg, resumed_step, datamodule.has_validation)
-    loggers = build_loggers(
-        cfg, on_cluster=on_cluster, write_files=write_files, resumed_step=resumed_step, revalidated=revalidated
+    loggers = (
+        []
+        if fast_dev_run
+        else build_loggers(
+            cfg, on_cluster=on_cluster, write_files=write_files, resumed_step=resumed_step, revalidated=revalidated
+        )
     )
     trainer = build_trainer(
         cfg,
@@ -321,7 +325,7 @@ def train(
         has_validation=datamodule.has_validation,
         callbacks=list(session.callbacks) if session is not None else [],
         fast_dev_run=fast_dev_run,
-        logger=[] if fast_dev_run else loggers,
+        logger=loggers,
     )
     logger_sink = LightningLoggerSink(trainer)
     module.sinks.append(logger_sink)
