@@ -7,6 +7,8 @@ here rather than a run silently.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 
 
@@ -23,6 +25,27 @@ def validate_now(trainer: L.Trainer) -> None:
     trainer.validating = True
     val_loop.run()
     trainer.training = True
+
+
+def validate_on_steps(trainer: L.Trainer, due: Callable[[int], bool]) -> None:
+    """From now on the fit loop validates where it would between two batches, but after the batches that finish
+    an optimizer step `step` for which `due(step)`, once per step (not at the current step: a resumed run's
+    due validation is its own).
+
+    Stands in for: "validate every N optimizer steps". Lightning counts `val_check_interval` in batches, which
+    drift from optimizer steps once an epoch ends mid-accumulation (its last, partial group is a step).
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    last = {"step": trainer.global_step}
+
+    def should_check_val(data_fetcher) -> bool:
+        step = trainer.global_step
+        if step == last["step"] or not due(step):
+            return False
+        last["step"] = step
+        return True
+
+    epoch_loop._should_check_val_fx = should_check_val
 
 
 def micro_batches_done(trainer: L.Trainer) -> int:

@@ -247,3 +247,24 @@ def test_raising_max_steps_on_resume_keeps_the_warmup_and_decays_over_the_new_to
         else:
             factor = 1 - (done - 2) / (20 - 2)
         assert rates[step] == pytest.approx(peak * factor, rel=1e-6, abs=1e-12), step
+
+
+def test_validation_follows_optimizer_steps_across_epochs_that_end_mid_accumulation(tiny_model, tmp_path):
+    """Accumulation 2 over epochs of 3 batches (6 pairs of 2): each epoch's last batch is a step of its own, so
+    optimizer steps drift from batch counts. Validation every 2 steps must come at steps 2, 4 and 6 (counted in
+    batches it came at 5 and never at 4, while a run resumed from step 4 validated there)."""
+    from contract import stepwise_run_values, write_jsonl
+
+    from dpo_lightning.builtin import preference_rows
+    from dpo_lightning.determined.bridge import run_local
+
+    by_prompt = {row["prompt"]: row for row in preference_rows(seed=7)["train"]}
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", list(by_prompt.values())[:8])
+    values = stepwise_run_values(
+        tiny_model, pairs, tmp_path / "run", batch_size=2, gradient_accumulation_steps=2, val_fraction=0.25
+    )
+    values.update(max_steps=6, val_check_interval=2, report_to="none")
+    run_local(make_config(values))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["group"] == "validation"] == [2, 4, 6]
+    assert [r["step"] for r in rows if r["group"] == "training"] == [1, 2, 3, 4, 5, 6]

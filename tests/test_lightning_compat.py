@@ -7,16 +7,17 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from dpo_lightning.lightning_compat import micro_batches_done, validate_now
+from dpo_lightning.lightning_compat import micro_batches_done, validate_now, validate_on_steps
 
 
 class Probe(L.LightningModule):
     """A linear model that records what the hooks see."""
 
-    def __init__(self, validate_at_start: bool = False) -> None:
+    def __init__(self, validate_at_start: bool = False, validate_every: int = 0) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(2, 1)
         self.validate_at_start = validate_at_start
+        self.validate_every = validate_every
         self.events: list[tuple] = []
 
     def training_step(self, batch, batch_idx):
@@ -26,6 +27,8 @@ class Probe(L.LightningModule):
         self.events.append(("val", self.global_step, batch_idx))
 
     def on_train_start(self):
+        if self.validate_every:
+            validate_on_steps(self.trainer, lambda step: step % self.validate_every == 0)
         if self.validate_at_start:
             validate_now(self.trainer)
             self.events.append(("back in training", self.trainer.training, self.trainer.validating))
@@ -65,6 +68,14 @@ def test_validate_now_runs_a_whole_validation_inside_fit_and_returns_to_training
     ]
     assert ("back in training", True, False) in probe.events
     assert [e[2] for e in probe.events if e[0] == "done"] == [0, 1, 2, 3]  # training went on, batch by batch
+
+
+def test_validate_on_steps_counts_optimizer_steps_across_epochs_that_end_mid_accumulation():
+    probe = Probe(validate_every=2)
+    trainer = _trainer(max_steps=6, accumulate_grad_batches=2, val_check_interval=10**9, check_val_every_n_epoch=None)
+    trainer.fit(probe, _data(3), _data(1))  # 3 batches an epoch: 2 optimizer steps
+    # after the batch that finishes steps 2, 4 and 6, once each (Lightning's batch count would say 2 and 5)
+    assert [step for kind, step, _ in (e for e in probe.events if e[0] == "val")] == [2, 4, 6]
 
 
 def test_micro_batches_done_counts_the_steps_run_this_epoch():

@@ -45,13 +45,19 @@ def mixed_precision(bf16: bool):
 def shard_model(model: torch.nn.Module, mesh, layer_classes, *, layers_reshard: bool, mp_policy) -> None:
     """Shard `model` in place: each decoder layer a unit, the model the root (tied embeddings and head, final
     norm). Every root keeps its parameters whole after its forward, since the chunked head reads the head's
-    weight after it; a frozen network is resharded by its caller once its log-probs are taken."""
-    from torch.distributed.fsdp import fully_shard
+    weight after it; a frozen network is resharded by its caller once its log-probs are taken.
+
+    `generate` counts as a forward of the root: peft's `generate` calls the wrapped causal LM below the root,
+    whose forward hook (which gathers the root's own parameters, and on a run's first call sets up the root)
+    would otherwise never run."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for module in list(model.modules()):
         if type(module) in layer_classes:
             fully_shard(module, mesh=mesh, reshard_after_forward=layers_reshard, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    if hasattr(model, "generate"):
+        register_fsdp_forward_method(model, "generate")
 
 
 def _options(**kwargs):

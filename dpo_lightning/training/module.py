@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 from dpo_lightning.config import DPOConfig
-from dpo_lightning.lightning_compat import validate_now
+from dpo_lightning.lightning_compat import validate_now, validate_on_steps
 from dpo_lightning.models.sharding import is_sharded, reshard
 from dpo_lightning.training.fsdp import load_sharded_weights
 from dpo_lightning.training.optim import adamw, decay_groups, lr_lambda, warmup_steps_for
@@ -38,6 +38,11 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def periodic_validation(cfg: DPOConfig, step: int) -> bool:
+    """Whether optimizer step `step` ends with one of the run's periodic validations."""
+    return step > 0 and step % cfg.val_check_interval == 0
 
 
 class TrainingModule(L.LightningModule):
@@ -196,6 +201,8 @@ class TrainingModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._seen_step = self.global_step  # a resumed run starts past step 0
+        if not self.trainer.fast_dev_run:
+            validate_on_steps(self.trainer, lambda step: periodic_validation(self.cfg, step))
         self._continue_schedule()
         trainer = self.trainer
         if (

@@ -9,6 +9,7 @@ which writes nothing.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from dpo_lightning.online.vllm_sampler import VLLMSampler, check_vllm
 from dpo_lightning.training.checkpoints import is_sharded_checkpoint, lightning_state_path
 from dpo_lightning.training.dpo_module import DPOModule, OnlineDPOModule
 from dpo_lightning.training.loggers import build_loggers, check_loggers
-from dpo_lightning.training.module import TrainingModule
+from dpo_lightning.training.module import TrainingModule, periodic_validation
 from dpo_lightning.training.publish import check_push
 from dpo_lightning.training.references import check_precompute, make_reference
 from dpo_lightning.training.reward_module import RewardModelModule
@@ -89,7 +90,7 @@ class Session(Protocol):
 def build_trainer(
     cfg: DPOConfig, policy, *, has_validation: bool, callbacks: list, fast_dev_run: bool, logger: list | bool = False
 ) -> L.Trainer:
-    """Lightning counts validation intervals in batches; the config counts optimizer steps."""
+    """The Lightning Trainer of a run: one device per process, our own checkpoints and validation cadence."""
     devices, num_nodes = launcher_layout()
     return L.Trainer(
         accelerator="auto",
@@ -100,7 +101,8 @@ def build_trainer(
         max_steps=cfg.max_steps,
         max_epochs=cfg.num_epochs if cfg.max_steps < 0 else None,
         accumulate_grad_batches=cfg.gradient_accumulation_steps,
-        val_check_interval=cfg.val_check_interval * cfg.gradient_accumulation_steps,
+        # periodic validation counts optimizer steps, not batches (`lightning_compat.validate_on_steps`)
+        val_check_interval=sys.maxsize,
         check_val_every_n_epoch=None,
         limit_val_batches=None if has_validation else 0,
         num_sanity_val_steps=0,
@@ -112,11 +114,6 @@ def build_trainer(
         callbacks=[*callbacks, progress_bar()],
         fast_dev_run=fast_dev_run,
     )
-
-
-def periodic_validation(cfg: DPOConfig, step: int) -> bool:
-    """Whether `step` ends with one of the run's periodic validations."""
-    return step > 0 and step % cfg.val_check_interval == 0
 
 
 def validates_again(cfg: DPOConfig, step: int, has_validation: bool) -> bool:

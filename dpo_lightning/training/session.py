@@ -36,8 +36,9 @@ from dpo_lightning.training.checkpoints import (
     restore_rank_state,
     write_checkpoint,
 )
+from dpo_lightning.training.module import periodic_validation
 from dpo_lightning.training.publish import model_card, push_final, training_command
-from dpo_lightning.training.run import StartPoint, TrainingInterrupted, periodic_validation
+from dpo_lightning.training.run import StartPoint, TrainingInterrupted
 from dpo_lightning.training.signals import StopSignals
 from dpo_lightning.training.sinks import Report
 
