@@ -268,3 +268,30 @@ def test_validation_follows_optimizer_steps_across_epochs_that_end_mid_accumulat
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["group"] == "validation"] == [2, 4, 6]
     assert [r["step"] for r in rows if r["group"] == "training"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_mode_auto_is_held_to_the_same_rules_as_the_mode_the_data_chose(tiny_model, tmp_path, monkeypatch):
+    """A rule of a mode lives once (`config.mode_problem`): an explicit `mode: online` meets it with the rest of
+    the configuration, `mode: auto` once the data has chosen online, before any model loads, in the same words."""
+    from contract import tiny_run_values, write_jsonl
+
+    from dpo_lightning.determined.bridge import run_local
+    from dpo_lightning.errors import UserError
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr("dpo_lightning.training.run.load_policy", no_loading)
+    rows = [{"prompt": f"Tell me about the {thing}."} for thing in ("river", "garden", "castle", "market")]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    online = dict(reward_model="dpo_lightning.builtin:sentiment_reward", max_prompt_length=16, max_new_tokens=8)
+    values = tiny_run_values(tiny_model, prompts, tmp_path / "out", precompute_ref_logps=True, **online)
+    rule = "precompute_ref_logps works only for offline DPO: mode online has no fixed pairs"
+    with pytest.raises(UserError) as explicit:
+        make_config({**values, "mode": "online"})
+    with pytest.raises(UserError) as chosen:
+        run_local(make_config(values))
+    assert str(explicit.value) == rule
+    assert str(chosen.value).endswith(f"holds prompts, not preference pairs, so mode auto trains online: {rule}")
+    assert "prompts.jsonl" in str(chosen.value) and "\n" not in str(chosen.value)
+    assert not (tmp_path / "out").exists()

@@ -6,15 +6,34 @@ ids[P .. L-1] with logits[P-1 .. L-2].
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from dpo_lightning.data.batch import SequenceBatch
 from dpo_lightning.data.collate import PairCollator
-from dpo_lightning.dpo.logprobs import forward_logps, sequence_logps, token_logps
+from dpo_lightning.dpo.logprobs import SequenceLogps, forward_logps, token_logps
 
 V = 7
 EOS = 0
+
+
+class GivenLogits(torch.nn.Module):
+    """A causal LM whose logits are given, whatever its inputs: the plain path of `forward_logps` on them."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, **inputs):
+        return SimpleNamespace(logits=self.logits)
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> SequenceLogps:
+    """`forward_logps` of right-padded rows whose model gives `logits`."""
+    batch = SequenceBatch(input_ids, torch.ones_like(input_ids), completion_mask)
+    return forward_logps(GivenLogits(logits), batch)
 
 
 def reference_logp(logits: torch.Tensor, ids, prompt_len: int, length: int) -> float:

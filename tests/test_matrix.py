@@ -139,30 +139,54 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tests}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _drive(launcher: list[str], plan: list[dict], plan_file: Path) -> None:
+def _drive(launcher: list[str], plan: list[dict], plan_file: Path) -> str:
+    """Run `plan` under `launcher`; what it printed last, for the rows it left without an outcome."""
     if not plan:
-        return
+        return ""
     plan_file.write_text(json.dumps(plan))
     command = [*launcher, str(ROOT / "tests" / "matrix_driver.py"), str(plan_file)]
-    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired as stopped:
+        return f"timed out after {stopped.timeout} s"
+    return f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")
-def matrix(inputs, tmp_path_factory) -> dict[str, Path]:
+def matrix(inputs, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     """Every row that can run on this machine, run: the one-process rows in one process, the two-process rows
-    in one torchrun. Returns each row's folder."""
+    in one torchrun. Returns each row's folder and what its launch printed last."""
     root = tmp_path_factory.mktemp("matrix")
     runnable = [row for row in RUNS if not any(_missing(n, v) for n, v in row.items())]
     folders = {label(row): root / f"row-{k}" for k, row in enumerate(runnable)}
-    plans: dict[int, list[dict]] = {1: [], 2: []}
+    launchers = {1: [sys.executable], 2: [sys.executable, "-m", "torch.distributed.run", "--standalone"]}
+    launchers[2] += ["--nproc_per_node", "2"]
+    shared: dict[int, list[dict]] = {1: [], 2: []}
+    printed: dict[str, str] = {}
     for row in runnable:
-        values = run_values(row, inputs, folders[label(row)])
-        plans[row["ranks"]].append({"name": label(row), "values": values, "crash_after": CRASH_AFTER})
-    _drive([sys.executable], plans[1], root / "one-process.json")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    _drive(torchrun, plans[2], root / "two-processes.json")
-    return folders
+        entry = {"name": label(row), "values": run_values(row, inputs, folders[label(row)]), "crash_after": CRASH_AFTER}
+        if row["sampler"] != "vllm":
+            shared[row["ranks"]].append(entry)
+            continue
+        # a vLLM engine is started once per process, as in a user's run (a second one in the same process of a
+        # two-process launch hangs): each of the row's two runs in a launch of its own
+        plan = root / f"{folders[label(row)].name}.json"
+        for phase in ("straight", "resumed"):
+            printed[label(row)] = _drive(launchers[row["ranks"]], [{**entry, "phases": [phase]}], plan)
+    for ranks, plan in shared.items():
+        done = _drive(launchers[ranks], plan, root / f"{ranks}-processes.json")
+        printed.update({entry["name"]: done for entry in plan})
+    return {label(row): (folders[label(row)], printed[label(row)]) for row in runnable}
+
+
+def _outcome(folder: Path, printed: str) -> dict:
+    """The driver's outcome of one row; a failure names the error (each rank's, under torchrun)."""
+    if (folder / OUTCOME).is_file():
+        outcome = json.loads((folder / OUTCOME).read_text())
+        assert "error" not in outcome, outcome["error"]
+        return outcome
+    errors = "\n".join(path.read_text()[-3000:] for path in sorted(folder.glob("error-rank-*.txt")))
+    pytest.fail(f"no outcome for {folder.name}: {errors or printed}")
 
 
 def test_the_matrix_covers_every_pair_of_values_in_few_runs():
@@ -227,9 +251,8 @@ def _final_logits(folder: Path, lora: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize("row", [row for row in RUNS if not _refusals(row)], ids=label)
 def test_a_combination_runs_resumes_exactly_and_exports(row, matrix, inputs):
-    folder = matrix[label(row)]
-    outcome = json.loads((folder / OUTCOME).read_text())
-    assert "error" not in outcome, outcome["error"]
+    folder, printed = matrix[label(row)]
+    outcome = _outcome(folder, printed)
     assert outcome["resumed_from"] == CRASH_AFTER  # the second run did resume, from the crash's checkpoint
     straight, resumed = _reports(folder / STRAIGHT), _reports(folder / RESUMED)
 

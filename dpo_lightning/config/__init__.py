@@ -9,7 +9,7 @@ beyond the foundation modules.
 Imports: foundation
 """
 
-from dpo_lightning.config.checks import online_problem, vllm_max_model_len
+from dpo_lightning.config.checks import mode_problem, vllm_max_model_len
 from dpo_lightning.config.parse import (
     config_changes,
     load_config,
@@ -24,6 +24,8 @@ from dpo_lightning.config.schema import (
     LOSS_TYPES,
     MODES,
     PAIR_MODES,
+    PAIR_ROLES,
+    PROMPT_ROLES,
     RESUMABLE_CHANGES,
     USES_LABEL_SMOOTHING,
     DPOConfig,
@@ -34,16 +36,18 @@ __all__ = [
     "LOSS_TYPES",
     "MODES",
     "PAIR_MODES",
+    "PAIR_ROLES",
+    "PROMPT_ROLES",
     "RESUMABLE_CHANGES",
     "USES_LABEL_SMOOTHING",
     "DPOConfig",
     "config_changes",
     "load_config",
     "make_config",
-    "online_problem",
-    "vllm_max_model_len",
+    "mode_problem",
     "parse_overrides",
     "read_experiment_hparams",
     "resolve_hparams",
     "unknown_key_message",
+    "vllm_max_model_len",
 ]

@@ -98,15 +98,11 @@ def _check_sampling(cfg: DPOConfig) -> str | None:
         return "reward_model must not be empty; leave it null for offline runs"
     if cfg.generation_eval_every > 0 and cfg.reward_model is None:
         return "generation_eval_every needs a reward_model to judge the policy's completions against the reference's"
-    if cfg.precompute_ref_logps and (cfg.mode in ("online", "reward") or cfg.generation_eval_every > 0):
-        why = (
-            f"mode {cfg.mode} has no fixed pairs"
-            if cfg.mode in ("online", "reward")
-            else ("generation_eval_every samples the reference model, which precomputing leaves out of memory")
+    if cfg.precompute_ref_logps and cfg.generation_eval_every > 0:
+        return (
+            "precompute_ref_logps works only without generation metrics: generation_eval_every samples the "
+            "reference model, which precomputing leaves out of memory"
         )
-        return f"precompute_ref_logps works only for offline DPO without generation metrics: {why}"
-    if cfg.sampler != "hf" and cfg.mode in ("offline", "reward"):
-        return f"sampler: {cfg.sampler} samples online DPO's completions; mode {cfg.mode} samples none (sampler: hf)"
     if not 0.0 < cfg.vllm_gpu_memory_utilization <= 1.0:
         return f"vllm_gpu_memory_utilization must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}"
     if cfg.lora_r == 0 and (cfg.load_in_4bit or cfg.export_merged):
@@ -116,21 +112,35 @@ def _check_sampling(cfg: DPOConfig) -> str | None:
             "load_in_4bit with sampler: vllm: the engine takes the policy with its adapters merged, and adapter deltas "
             "cannot be added to 4-bit packed weights; use sampler: hf, or LoRA on a bf16 base (load_in_4bit: false)"
         )
-    if cfg.lora_r > 0 and cfg.mode == "reward":
-        return "lora_r applies to DPO's policy; mode reward trains a reward model in full (set lora_r: 0)"
     if not 0.0 <= cfg.lora_dropout < 1.0:
         return f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}"
     if not cfg.lora_target_modules.strip():
         return "lora_target_modules must name modules, or be all-linear"
-    if cfg.padding_free and cfg.mode == "reward":
-        return "padding_free packs DPO's sequences; mode reward scores padded rows (set padding_free: false)"
-    if cfg.mode == "online":
-        return online_problem(cfg)
     return None
 
 
-def online_problem(cfg: DPOConfig) -> str | None:
-    """What keeps `cfg` from training online, or None (checked again once `mode: auto` has seen the data)."""
+def mode_problem(cfg: DPOConfig, mode: str) -> str | None:
+    """What keeps `cfg` from training `mode` (offline, online or reward), or None: checked with the rest of the
+    configuration when `mode` is set, and by the data pipeline once `mode: auto` has chosen from the data."""
+    if cfg.precompute_ref_logps and mode != "offline":
+        return f"precompute_ref_logps works only for offline DPO: mode {mode} has no fixed pairs"
+    if cfg.sampler != "hf" and mode != "online":
+        return f"sampler: {cfg.sampler} samples online DPO's completions; mode {mode} samples none (sampler: hf)"
+    if cfg.lora_r > 0 and mode == "reward":
+        return "lora_r applies to DPO's policy; mode reward trains a reward model in full (set lora_r: 0)"
+    if cfg.padding_free and mode == "reward":
+        return "padding_free packs DPO's sequences; mode reward scores padded rows (set padding_free: false)"
+    if mode == "online":
+        return _online_problem(cfg)
+    return None
+
+
+def _check_mode(cfg: DPOConfig) -> str | None:
+    return None if cfg.mode == "auto" else mode_problem(cfg, cfg.mode)
+
+
+def _online_problem(cfg: DPOConfig) -> str | None:
+    """What keeps `cfg` from sampling and judging online, or None."""
     if cfg.reward_model is None:
         return (
             "online DPO needs a reward_model: a sequence-classification model (Hub name or folder), "
@@ -192,6 +202,7 @@ _CHECKS = (
     _non_negative("missing_eos_penalty", "generation_eval_every"),
     _positive("generation_eval_prompts"),
     _check_sampling,
+    _check_mode,
     _non_negative("weight_decay", "max_grad_norm", "warmup_steps", "checkpoint_every_n_steps", "num_workers"),
     _non_negative("logps_chunk_size"),
     _check_loss,

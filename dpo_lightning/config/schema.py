@@ -14,7 +14,11 @@ from typing import Any, Literal
 
 from dpo_lightning.errors import ConfigError
 
-COLUMN_ROLES = ("prompt", "chosen", "rejected", "messages")
+# The roles a dataset's columns fill (`columns` maps role -> column): a prompt, as text or as a conversation
+# (in this order of precedence), and a pair's two completions. `data.formats` builds its layouts from these.
+PROMPT_ROLES = ("prompt", "messages")
+PAIR_ROLES = ("chosen", "rejected")
+COLUMN_ROLES = (*PROMPT_ROLES, *PAIR_ROLES)
 MODES = ("auto", "offline", "online", "reward")
 PAIR_MODES = ("offline", "reward")  # modes that train on preference pairs
 STRATEGIES = ("ddp", "fsdp")

@@ -7,14 +7,7 @@ import json
 
 import torch
 
-from dpo_lightning.data.batch import PairBatch, PromptBatch, SequenceBatch
-
-
-def completion_batch(
-    prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, pad_to_multiple_of: int | None = None
-) -> SequenceBatch:
-    """Right-padded prompt + completion rows (N, T), masks from lengths, never from the pad id."""
-    return SequenceBatch.from_rows(prompts, completions, pad_token_id, pad_to_multiple_of)
+from dpo_lightning.data.batch import PairBatch, PromptBatch
 
 
 def _weights(items: list[dict]) -> torch.Tensor | None:

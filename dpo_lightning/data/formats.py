@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from dpo_lightning.config import PAIR_ROLES, PROMPT_ROLES
 from dpo_lightning.errors import UserError
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HH_MARKER = "\n\nAssistant:"
-ROLES = ("prompt", "messages", "chosen", "rejected")
+ROLES = (*PROMPT_ROLES, *PAIR_ROLES)
 LAYOUTS_HELP = (
     "accepted layouts: prompt+chosen+rejected, chosen+rejected (prompt implicit, e.g. Anthropic HH), "
     "messages+chosen+rejected, or prompts alone (prompt or messages) for online DPO; "
@@ -217,12 +218,27 @@ def present_roles(column_names: list[str], columns: dict[str, str]) -> dict[str,
     return {role: columns.get(role, role) for role in ROLES if columns.get(role, role) in column_names}
 
 
-def has_pairs(found: dict[str, str]) -> bool:
-    return "chosen" in found and "rejected" in found
+def has_pairs(found) -> bool:
+    """Whether the roles `found` (a role -> column map, or a row) hold both completions of a pair."""
+    return all(role in found for role in PAIR_ROLES)
 
 
-def has_prompts(found: dict[str, str]) -> bool:
-    return "prompt" in found or "messages" in found
+def has_prompts(found) -> bool:
+    return prompt_role(found) is not None
+
+
+def prompt_role(found) -> str | None:
+    """The role the prompt is read from: the first of PROMPT_ROLES present in `found` (roles, or a row)."""
+    return next((role for role in PROMPT_ROLES if role in found), None)
+
+
+def row_roles(found: dict[str, str], trains_pairs: bool) -> tuple[str, ...]:
+    """The roles every row of data whose roles are `found` must fill: its prompt role, and both completions
+    when it has them or the run trains on pairs."""
+    prompt = prompt_role(found)
+    if prompt is not None and not trains_pairs and not any(role in found for role in PAIR_ROLES):
+        return (prompt,)
+    return (*([prompt] if prompt else []), *PAIR_ROLES)
 
 
 def detect_layout(found: dict[str, str], column_names: list[str], label: str) -> str:
@@ -231,14 +247,12 @@ def detect_layout(found: dict[str, str], column_names: list[str], label: str) ->
         raise UserError(
             f"{label}: no preference pairs in columns {', '.join(column_names) or '(none)'}; {LAYOUTS_HELP}"
         )
-    if "prompt" in found:
-        return "explicit"
-    return "messages" if "messages" in found else "implicit"
+    return {"prompt": "explicit", "messages": "messages", None: "implicit"}[prompt_role(found)]
 
 
 def prompt_row(row: dict) -> dict:
     """A prompt for online DPO: `prompt` (text or messages), else the `messages` conversation."""
-    role = "prompt" if "prompt" in row else "messages"
+    role = prompt_role(row) or PROMPT_ROLES[-1]  # a row with neither: said missing by `_present`
     prompt = _text_or_messages(_present(row, role), role)
     if _is_blank(prompt) if isinstance(prompt, str) else not prompt:
         raise BadRow(f"'{role}' is empty")

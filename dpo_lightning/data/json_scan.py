@@ -14,14 +14,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from dpo_lightning.config import PAIR_MODES
-from dpo_lightning.data.formats import present_roles
+from dpo_lightning.data.formats import present_roles, row_roles
 from dpo_lightning.data.mode import decide_mode
 from dpo_lightning.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-PAIR_ROLES = ("chosen", "rejected")
-PROMPT_ROLES = ("prompt", "messages")
 
 
 class _Scan(NamedTuple):
@@ -177,17 +174,9 @@ def _check_record(record: Any, lineno: int, wanted: dict[str, str], kinds: dict)
 
 
 def _wanted_columns(first: dict, columns: dict[str, str], mode: str) -> dict[str, str]:
-    """Role -> column that every line must have: the prompt role the first line uses, plus chosen/rejected
-    when the first line has a chosen column or the decided mode trains on pairs."""
-    pairs = {role: columns.get(role, role) for role in PAIR_ROLES}
-    prompt = {}
-    for role in PROMPT_ROLES:
-        if columns.get(role, role) in first:
-            prompt = {role: columns.get(role, role)}
-            break
-    if prompt and mode not in PAIR_MODES and pairs["chosen"] not in first:
-        return prompt
-    return {**prompt, **pairs}
+    """Role -> column that every line must have: the roles the first line fills (`formats.row_roles`)."""
+    roles = row_roles(present_roles(list(first), columns), trains_pairs=mode in PAIR_MODES)
+    return {role: columns.get(role, role) for role in roles}
 
 
 def _utf8_records(path: Path, label: str, keep_broken: bool) -> Iterator[tuple[int, Any]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, NamedTuple
 
-from dpo_lightning.config import online_problem
+from dpo_lightning.config import mode_problem
 from dpo_lightning.data.formats import normalize, normalize_prompts, unique_prompts
 from dpo_lightning.data.reward_text import encode_for_reward
 from dpo_lightning.data.sources import RawSplits, load_splits, resolve_source, split_labels
@@ -42,20 +42,22 @@ def check_source(cfg) -> None:
     resolve_source(cfg.dataset_name)
 
 
-def check_online(cfg, raw: RawSplits) -> None:
-    """An online run must be able to sample and judge; `mode: auto` learns that only here, from the data."""
-    if raw.mode != "online" or cfg.mode != "auto":
-        return  # an explicit `mode: online` was checked with the rest of the configuration
-    problem = online_problem(cfg)
+def check_decided_mode(cfg, raw: RawSplits) -> None:
+    """The mode `mode: auto` chose from the data must be one this configuration can train (`mode_problem`; an
+    explicit mode was checked with the rest of the configuration)."""
+    if cfg.mode != "auto":
+        return
+    problem = mode_problem(cfg, raw.mode)
     if problem:
         train_label, _ = split_labels(raw)
-        raise UserError(f"{train_label} holds prompts, not preference pairs, so mode auto trains online: {problem}")
+        holds = "prompts, not preference pairs" if raw.mode == "online" else "preference pairs"
+        raise UserError(f"{train_label} holds {holds}, so mode auto trains {raw.mode}: {problem}")
 
 
 def prepare_data(cfg, tokenizer) -> PreparedData:
     """Load the configured dataset once and prepare what the run's mode trains on."""
     raw = load_splits(cfg)
-    check_online(cfg, raw)
+    check_decided_mode(cfg, raw)
     mode = raw.mode
     if mode == "online":
         train, val = prepare_prompts(cfg, tokenizer, raw)

@@ -38,15 +38,6 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> SequenceLogps:
-    """Summed completion log-probs of each sequence.
-
-    logits: (N, T, V) from the model on input_ids; input_ids, completion_mask: (N, T), mask 1 on completion
-    tokens (prompt and padding 0). Returns per-sequence sums (N,).
-    """
-    return _padded_sums(logits, token_logps(logits[:, :-1], input_ids[:, 1:]), completion_mask)
-
-
 def _padded_sums(logits: torch.Tensor, per_token: torch.Tensor, completion_mask: torch.Tensor) -> SequenceLogps:
     """Per-sequence sums of per-token log-probs (N, T - 1) over the scored (shifted) completion positions."""
     scored = completion_mask[:, 1:].to(torch.float32)

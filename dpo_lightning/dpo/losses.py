@@ -20,7 +20,7 @@ from dpo_lightning.errors import ConfigError
 
 # The configuration names the loss choices (`config.LOSS_TYPES`, checked before any loss runs); the registry
 # below holds one function for each, as a test checks.
-__all__ = ["LOSS_TYPES", "USES_LABEL_SMOOTHING", "LossOutput", "compute_loss", "get_loss_fn", "weighted_mean"]
+__all__ = ["LOSS_TYPES", "USES_LABEL_SMOOTHING", "LossOutput", "compute_loss", "weighted_mean"]
 
 
 class LossOutput(NamedTuple):
@@ -183,15 +183,16 @@ def robust_loss(
 
 class _LossSpec(NamedTuple):
     fn: Callable[..., LossOutput]
-    uses_label_smoothing: bool = False
     uses_lengths: bool = False
 
 
+# Which losses take label_smoothing is the configuration's to say (`config.USES_LABEL_SMOOTHING`: it refuses
+# label_smoothing with the others before anything runs); this registry only maps names to functions.
 _REGISTRY: dict[str, _LossSpec] = {
-    "sigmoid": _LossSpec(sigmoid_loss, uses_label_smoothing=True),
+    "sigmoid": _LossSpec(sigmoid_loss),
     "ipo": _LossSpec(ipo_loss, uses_lengths=True),
     "hinge": _LossSpec(hinge_loss),
-    "robust": _LossSpec(robust_loss, uses_label_smoothing=True),
+    "robust": _LossSpec(robust_loss),
 }
 
 
@@ -200,11 +201,6 @@ def _spec(name: str) -> _LossSpec:
         return _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"unknown loss_type {name!r}; valid choices: {', '.join(LOSS_TYPES)}") from None
-
-
-def get_loss_fn(name: str) -> Callable[..., LossOutput]:
-    """Return the loss function registered under ``name``; raise ConfigError for an unknown name."""
-    return _spec(name).fn
 
 
 def compute_loss(
@@ -227,7 +223,7 @@ def compute_loss(
     """
     spec = _spec(loss_type)
     kwargs: dict[str, object] = {"beta": beta}
-    if spec.uses_label_smoothing:
+    if loss_type in USES_LABEL_SMOOTHING:
         kwargs["label_smoothing"] = label_smoothing
     if spec.uses_lengths:
         # A silent default length would change the loss's scale, so refuse rather than guess.

@@ -30,19 +30,9 @@ from dpo_lightning.dpo.precomputed import (
     write_cached,
 )
 from dpo_lightning.dpo.reference import AdapterDisabledReference, FrozenReference, Reference
-from dpo_lightning.errors import UserError
 from dpo_lightning.hub import cache_root
 
 log = logging.getLogger(__name__)
-
-
-def check_precompute(cfg: DPOConfig, mode: str) -> None:
-    """Precomputed log-probs need fixed pairs: online runs sample new ones every step."""
-    if cfg.precompute_ref_logps and mode != "offline":
-        raise UserError(
-            f"precompute_ref_logps works on a dataset's preference pairs (offline DPO); this run trains {mode}: "
-            "set precompute_ref_logps: false"
-        )
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from dpo_lightning.training.dpo_module import DPOModule, OnlineDPOModule
 from dpo_lightning.training.loggers import build_loggers, check_loggers
 from dpo_lightning.training.module import TrainingModule, periodic_validation
 from dpo_lightning.training.publish import check_push
-from dpo_lightning.training.references import check_precompute, make_reference
+from dpo_lightning.training.references import make_reference
 from dpo_lightning.training.reward_module import RewardModelModule
 from dpo_lightning.training.sinks import (
     JsonlSink,
@@ -148,8 +148,8 @@ def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
         if cfg.ref_model_name:
             found["reference"] = resolve_model(cfg.ref_model_name, "ref_model_name")
 
-    def judge() -> None:  # with `mode: auto` the data decides whether a judge is needed: checked once it has
-        if cfg.reward_model and (cfg.mode == "online" or cfg.generation_eval_every > 0):
+    def judge() -> None:  # with `mode: auto` choosing online, the data says so: `judge_needed_by_data`
+        if cfg.reward_model and needs_judge(cfg.mode, cfg.generation_eval_every):
             check_judge(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
 
     checks = (
@@ -176,11 +176,14 @@ def _problem(check) -> str | None:
     return None
 
 
-def check_sampler(cfg: DPOConfig, mode: str) -> None:
-    """`sampler` names the engine of online samples; once `mode: auto` has chosen from the data, say so when
-    it chose a mode that samples nothing."""
-    if cfg.sampler != "hf" and mode != "online":
-        raise UserError(f"sampler: {cfg.sampler} samples online DPO's completions; this run's mode is {mode}")
+def judge_needed_by_data(cfg: DPOConfig, mode: str) -> bool:
+    """Whether the judge is needed only because `mode: auto` chose online from the data (else `resolve_sources`
+    checked it, or no judge is needed)."""
+    return needs_judge(mode, cfg.generation_eval_every) and not needs_judge(cfg.mode, cfg.generation_eval_every)
+
+
+def warn_off_sync_checkpoints(cfg: DPOConfig) -> None:
+    """A resume from a checkpoint between two vLLM syncs samples differently from the uninterrupted run."""
     if cfg.sampler == "vllm" and cfg.vllm_sync_every > 1 and cfg.checkpoint_every_n_steps % cfg.vllm_sync_every:
         log.warning(
             "checkpoint_every_n_steps (%d) is not a multiple of vllm_sync_every (%d): a run resumed from such a "
@@ -293,10 +296,9 @@ def train(
     datamodule.prepare()  # data errors surface before the models load
     mode = datamodule.mode
     log.info("mode: %s%s", mode, " (chosen by the data)" if cfg.mode == "auto" else "")
-    if needs_judge(mode, cfg.generation_eval_every):  # checked before any model loads
+    if judge_needed_by_data(cfg, mode):  # checked before any model loads
         check_judge(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
-    check_precompute(cfg, mode)
-    check_sampler(cfg, mode)
+    warn_off_sync_checkpoints(cfg)
 
     output_dir = Path(cfg.output_dir)
     write_files = session is not None and session.write_files and not fast_dev_run
