@@ -13,7 +13,8 @@ invariants:
 - with generation metrics, the policy's KL from its reference is > 0 once it has moved.
 
 Adding an option is one line in FACTORS (and a line in REFUSED for values that cannot go with another's).
-The one-process runs share one Python process and the two-process runs one torchrun (matrix_driver.py).
+The one-process runs share one Python process (matrix_driver.py); each run of two processes is a torchrun of
+its own.
 """
 
 from __future__ import annotations
@@ -161,15 +162,16 @@ def matrix(inputs, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     folders = {label(row): root / f"row-{k}" for k, row in enumerate(runnable)}
     launchers = {1: [sys.executable], 2: [sys.executable, "-m", "torch.distributed.run", "--standalone"]}
     launchers[2] += ["--nproc_per_node", "2"]
-    shared: dict[int, list[dict]] = {1: [], 2: []}
+    shared: dict[int, list[dict]] = {1: []}
     printed: dict[str, str] = {}
     for row in runnable:
         entry = {"name": label(row), "values": run_values(row, inputs, folders[label(row)]), "crash_after": CRASH_AFTER}
-        if row["sampler"] != "vllm":
-            shared[row["ranks"]].append(entry)
+        if row["ranks"] == 1 and row["sampler"] != "vllm":
+            shared[1].append(entry)
             continue
-        # a vLLM engine is started once per process, as in a user's run (a second one in the same process of a
-        # two-process launch hangs): each of the row's two runs in a launch of its own
+        # Each of the row's two runs in a launch of its own, as a user's runs are: a second run in the same
+        # process of a two-process launch finds Determined's fixed broadcast ports still held by the first run's
+        # context, and a second vLLM engine in such a process hangs.
         plan = root / f"{folders[label(row)].name}.json"
         for phase in ("straight", "resumed"):
             printed[label(row)] = _drive(launchers[row["ranks"]], [{**entry, "phases": [phase]}], plan)
