@@ -2,12 +2,12 @@
 
 The package is layered; a module imports only from its own layer and those below it:
 
-    foundation   errors, hub, builtin, layout, console, lightning_compat, memory
+    foundation   errors, hub, builtin, layout, console, lightning_compat, memory, losses
                  (top-level modules; they import nothing else of the package)
     config/      the typed configuration and its one parser
     data/        sources -> formats -> tokenize -> collate -> DataModule; the typed batches; the mode decision
     models/      loading causal LMs, tokenizers and the RewardModel network
-    dpo/         losses, log-probs, the reference seam, the pair objective and its metrics
+    dpo/         log-probs, the reference seam, the pair objective and its metrics
     online/      samplers, judges, pairing of samples, generation comparison
     evaluation/  evaluate.py's run, pair metrics, report and plots (beside training: neither imports the other)
     training/    Lightning modules, the run, checkpoints, strategies, report sinks

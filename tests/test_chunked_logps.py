@@ -13,11 +13,11 @@ import pytest
 import torch
 from tiny_models import random_pairs, random_qwen2
 
-from dpo_lightning.config import LOSS_TYPES
 from dpo_lightning.data.batch import PairBatch
 from dpo_lightning.dpo.chunked import ChunkedTokenLogps, body_and_head
 from dpo_lightning.dpo.logprobs import PairLogps, forward_logps
 from dpo_lightning.dpo.objective import LossSettings, pair_loss
+from dpo_lightning.losses import LOSS_TYPES, USES_LABEL_SMOOTHING
 
 
 def _batch(seed: int = 1) -> PairBatch:
@@ -61,7 +61,7 @@ def test_every_loss_gives_the_same_loss_rewards_and_gradients_chunked(loss_type)
     policy = random_qwen2(seed=3)
     twin = copy.deepcopy(policy)
     batch = _batch(seed=5)
-    settings = LossSettings(loss_type, beta=0.3, label_smoothing=0.1 if loss_type in ("sigmoid", "robust") else 0.0)
+    settings = LossSettings(loss_type, beta=0.3, label_smoothing=0.1 if loss_type in USES_LABEL_SMOOTHING else 0.0)
     with torch.no_grad():
         ref = PairLogps.of(batch, forward_logps(reference, batch))
     outs = []

@@ -8,8 +8,8 @@ from dpo_lightning.data.batch import PairBatch
 from dpo_lightning.data.collate import PairCollator
 from dpo_lightning.data.sampler import EvalShard, ResumableSampler
 from dpo_lightning.dpo.logprobs import PairLogps, SequenceLogps
-from dpo_lightning.dpo.losses import compute_loss
 from dpo_lightning.dpo.metrics import PreferenceMetrics
+from dpo_lightning.losses import compute_loss
 
 EOS = 0
 

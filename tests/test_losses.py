@@ -10,8 +10,10 @@ import math
 import pytest
 import torch
 
-from dpo_lightning.dpo.losses import (
+from dpo_lightning.errors import ConfigError, UserError
+from dpo_lightning.losses import (
     LOSS_TYPES,
+    LOSSES,
     USES_LABEL_SMOOTHING,
     LossOutput,
     compute_loss,
@@ -20,7 +22,6 @@ from dpo_lightning.dpo.losses import (
     robust_loss,
     sigmoid_loss,
 )
-from dpo_lightning.errors import ConfigError, UserError
 
 BETA = 0.5
 PC, RC = [-10.0, -20.0, -5.0, -100.0], [-12.0, -18.0, -5.0, 0.0]
@@ -193,8 +194,80 @@ def test_output_dtype_follows_inputs():
 
 
 def test_registry_contents():
-    assert LOSS_TYPES == ("sigmoid", "ipo", "hinge", "robust")
-    assert USES_LABEL_SMOOTHING == frozenset({"sigmoid", "robust"})
+    assert LOSS_TYPES[:4] == ("sigmoid", "ipo", "hinge", "robust")
+    assert set(LOSS_TYPES[4:]) == {
+        "exo_pair",
+        "nca_pair",
+        "bco_pair",
+        "sppo_hard",
+        "apo_zero",
+        "apo_down",
+        "sigmoid_norm",
+    }
+    assert USES_LABEL_SMOOTHING == frozenset({"sigmoid", "robust", "exo_pair"})
+    assert {name for name, spec in LOSSES.items() if spec.uses_lengths} == {"ipo", "sigmoid_norm"}
+    assert all(spec.paper for spec in LOSSES.values())
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+LC, LR = [3.0, 1.0, 2.0, 7.0], [2.0, 4.0, 1.0, 1.0]  # completion token counts, for the per-token losses
+EXO_EPS = 1e-3
+# TRL 1.16's formulas, by hand, per pair, from the log-ratios c (chosen) and r (rejected) and beta b
+BY_HAND = {
+    "nca_pair": lambda c, r, b, lc, lr: nls(b * c) + 0.5 * nls(-b * c) + 0.5 * nls(-b * r),
+    "bco_pair": lambda c, r, b, lc, lr: nls(b * c) + nls(-b * r),
+    "sppo_hard": lambda c, r, b, lc, lr: (c - 0.5 / b) ** 2 + (r + 0.5 / b) ** 2,
+    "apo_zero": lambda c, r, b, lc, lr: 1 - sig(b * c) + sig(b * r),
+    "apo_down": lambda c, r, b, lc, lr: sig(b * c) + 1 - sig(b * (c - r)),
+    "sigmoid_norm": lambda c, r, b, lc, lr: nls(b * (c / lc - r / lr)),
+    "exo_pair": lambda c, r, b, lc, lr: (
+        sig(b * (c - r)) * (-nls(b * (c - r)) - math.log1p(-EXO_EPS))
+        + sig(-b * (c - r)) * (-nls(-b * (c - r)) - math.log(EXO_EPS))
+    ),
+}
+
+
+def _call(name: str, *logps: torch.Tensor, beta: float = BETA) -> LossOutput:
+    lengths = {"chosen_lengths": t(LC), "rejected_lengths": t(LR)}
+    return compute_loss(name, *logps, beta=beta, label_smoothing=EXO_EPS if name == "exo_pair" else 0.0, **lengths)
+
+
+@pytest.mark.parametrize("name", sorted(BY_HAND))
+def test_trl_pairwise_losses_match_their_formulas_by_hand(name):
+    out = _call(name, *batch())
+    expected = [BY_HAND[name](c, r, BETA, lc, lr) for c, r, lc, lr in zip(CHOSEN_LR, REJECTED_LR, LC, LR, strict=True)]
+    check(out.losses, expected, atol=1e-5)
+    check(out.chosen_rewards, [BETA * c for c in CHOSEN_LR])  # rewards are beta x log-ratio for every loss
+    check(out.rejected_rewards, [BETA * r for r in REJECTED_LR])
+
+
+@pytest.mark.parametrize("name", sorted(BY_HAND))
+def test_trl_pairwise_loss_gradients_match_the_formulas_by_hand(name):
+    """d loss / d policy log-probs, against the gradient of the formula by hand (central differences in
+    float64), at moderate log-ratios where fp32 is exact to 1e-5."""
+    pc, pr, rc, rr = t([-3.0, -5.0, -2.5]), t([-4.0, -2.0, -6.0]), t([-3.5, -4.0, -2.0]), t([-3.0, -3.0, -5.5])
+    lc, lr = LC[:3], LR[:3]
+    pc.requires_grad_(True), pr.requires_grad_(True)
+    lengths = {"chosen_lengths": t(lc), "rejected_lengths": t(lr)}
+    smoothing = EXO_EPS if name == "exo_pair" else 0.0
+    compute_loss(name, pc, pr, rc, rr, beta=0.7, label_smoothing=smoothing, **lengths).losses.sum().backward()
+    h = 1e-6
+    for i in range(3):
+        c, r = float(pc[i] - rc[i]), float(pr[i] - rr[i])
+        dc = (BY_HAND[name](c + h, r, 0.7, lc[i], lr[i]) - BY_HAND[name](c - h, r, 0.7, lc[i], lr[i])) / (2 * h)
+        dr = (BY_HAND[name](c, r + h, 0.7, lc[i], lr[i]) - BY_HAND[name](c, r - h, 0.7, lc[i], lr[i])) / (2 * h)
+        assert pc.grad[i].item() == pytest.approx(dc, rel=1e-4, abs=1e-5), (name, i)
+        assert pr.grad[i].item() == pytest.approx(dr, rel=1e-4, abs=1e-5), (name, i)
+
+
+@pytest.mark.parametrize("name", LOSS_TYPES)
+def test_every_loss_at_zero_log_ratio_has_zero_rewards_and_a_finite_loss(name):
+    policy = t([-5.0, -6.0, -7.0, -8.0])
+    out = _call(name, policy, policy - 1, policy.clone(), policy - 1)
+    assert torch.isfinite(out.losses).all() and not out.chosen_rewards.any() and not out.rejected_rewards.any()
 
 
 def test_compute_loss_dispatches_like_direct_calls():
@@ -219,7 +292,8 @@ def test_unknown_loss_type_raises_config_error():
     with pytest.raises(ConfigError) as info:
         compute_loss("x", *batch(), beta=BETA)
     assert isinstance(info.value, UserError)
-    assert str(info.value) == "unknown loss_type 'x'; valid choices: sigmoid, ipo, hinge, robust"
+    assert str(info.value) == f"unknown loss_type 'x'; valid choices: {', '.join(LOSS_TYPES)}"
+    assert "sigmoid, ipo, hinge, robust, exo_pair" in str(info.value)
 
 
 def test_ipo_without_lengths_raises_value_error():
@@ -236,7 +310,7 @@ def test_rpo_term_is_the_chosen_completions_mean_token_nll():
 
     from dpo_lightning.data.batch import PairBatch
     from dpo_lightning.dpo.logprobs import PairLogps, forward_logps
-    from dpo_lightning.dpo.losses import chosen_nll
+    from dpo_lightning.losses import chosen_nll
 
     prompts, chosen, rejected = random_pairs(4, (3, 2, 5), (4, 6, 1), (2, 2, 2))
     model = random_qwen2()

@@ -14,8 +14,8 @@ import torch
 
 from dpo_lightning.config import make_config
 from dpo_lightning.data.collate import PromptCollator
-from dpo_lightning.dpo.losses import weighted_mean
 from dpo_lightning.dpo.reference import FrozenReference
+from dpo_lightning.losses import weighted_mean
 from dpo_lightning.models import ModelSource, load_policy, load_reference, load_tokenizer
 from dpo_lightning.online.judges import FunctionJudge
 from dpo_lightning.online.metrics import SampleMetrics

@@ -21,8 +21,8 @@ from dpo_lightning.builtin import BUILTIN_DATASET, BUILTIN_PROMPTS, preference_r
 from dpo_lightning.config import make_config
 from dpo_lightning.data.reward_text import encode_for_reward
 from dpo_lightning.determined import bridge
-from dpo_lightning.dpo.losses import bradley_terry_loss
 from dpo_lightning.errors import UserError
+from dpo_lightning.losses import bradley_terry_loss
 from dpo_lightning.models import REWARD_MARKER
 from dpo_lightning.online.judges import ClassifierJudge, RewardModelJudge, judge_kind, load_judge
 from dpo_lightning.training.run import train

@@ -11,12 +11,12 @@ import json
 import pytest
 import torch
 
-from dpo_lightning import config
+from dpo_lightning import config, losses
 from dpo_lightning.data.batch import PairBatch, PromptBatch
 from dpo_lightning.data.collate import PromptCollator
-from dpo_lightning.dpo import losses
 from dpo_lightning.dpo.logprobs import PairLogps, SequenceLogps
 from dpo_lightning.dpo.reference import FrozenReference
+from dpo_lightning.errors import ConfigError
 from dpo_lightning.models import ModelSource, load_causal_lm, load_tokenizer
 from dpo_lightning.online.sampling import HFSampler, SamplingRNG, SamplingSettings, sample_completions, sampling_config
 
@@ -114,6 +114,15 @@ def test_hf_sampler_draws_what_generate_draws_from_its_stream(tiny):
 # ----------------------------------------------------------------------------- the loss registry
 
 
-def test_every_configurable_loss_has_a_function():
-    assert set(losses._REGISTRY) == set(config.LOSS_TYPES)
-    assert all(callable(spec.fn) for spec in losses._REGISTRY.values())
+def test_the_configuration_takes_its_loss_choices_and_their_options_from_the_registry():
+    for name, spec in losses.LOSSES.items():
+        smoothing = 0.1 if spec.label_smoothing != "unused" else 0.0
+        assert config.make_config({"loss_type": name, "label_smoothing": smoothing}).loss_type == name
+        if spec.label_smoothing == "unused":
+            with pytest.raises(ConfigError, match=f"loss_type '{name}' would ignore it"):
+                config.make_config({"loss_type": name, "label_smoothing": 0.1})
+        if spec.label_smoothing == "required":
+            with pytest.raises(ConfigError, match=f"loss_type {name} needs label_smoothing > 0"):
+                config.make_config({"loss_type": name})
+    with pytest.raises(ConfigError, match="valid choices: " + ", ".join(losses.LOSS_TYPES)):
+        config.make_config({"loss_type": "kto"})

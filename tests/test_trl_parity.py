@@ -94,9 +94,11 @@ def test_tokenization_matches_trl(model_dir, tmp_path, rows):
 
 # TRL's sigmoid has no label smoothing, so conservative DPO is checked against the reference formula in
 # test_losses.py; here every loss runs at a setting TRL implements.
-@pytest.mark.parametrize(
-    ("loss_type", "label_smoothing"), [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)]
-)
+PAIRWISE = [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2), ("exo_pair", 1e-3), ("nca_pair", 0.0)]
+PAIRWISE += [("bco_pair", 0.0), ("sppo_hard", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0), ("sigmoid_norm", 0.0)]
+
+
+@pytest.mark.parametrize(("loss_type", "label_smoothing"), PAIRWISE)
 def test_loss_and_metrics_match_trl(model_dir, tmp_path, loss_type, label_smoothing):
     trainer = _trl_trainer(model_dir, ROWS, tmp_path, loss_type, label_smoothing)
     trainer.model.train()

@@ -21,25 +21,21 @@ from dpo_lightning.config.parse import (
 )
 from dpo_lightning.config.schema import (
     FIELDS,
-    LOSS_TYPES,
     MODES,
     PAIR_MODES,
     PAIR_ROLES,
     PROMPT_ROLES,
     RESUMABLE_CHANGES,
-    USES_LABEL_SMOOTHING,
     DPOConfig,
 )
 
 __all__ = [
     "FIELDS",
-    "LOSS_TYPES",
     "MODES",
     "PAIR_MODES",
     "PAIR_ROLES",
     "PROMPT_ROLES",
     "RESUMABLE_CHANGES",
-    "USES_LABEL_SMOOTHING",
     "DPOConfig",
     "config_changes",
     "load_config",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dpo_lightning.config.schema import COLUMN_ROLES, LOSS_TYPES, REPORT_TARGETS, USES_LABEL_SMOOTHING
+from dpo_lightning.config.schema import COLUMN_ROLES, REPORT_TARGETS
 
 if TYPE_CHECKING:
     from dpo_lightning.config.schema import DPOConfig
@@ -32,14 +32,12 @@ def _non_negative(*names: str):
 
 
 def _check_loss(cfg: DPOConfig) -> str | None:
+    """The loss and its options, as the loss registry declares them (`dpo_lightning.losses.LOSSES`)."""
+    from dpo_lightning.losses import LOSS_TYPES, label_smoothing_problem
+
     if cfg.loss_type not in LOSS_TYPES:
         return f"unknown loss_type '{cfg.loss_type}'; valid choices: {', '.join(LOSS_TYPES)}"
-    if not 0.0 <= cfg.label_smoothing < 0.5:
-        return f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"
-    if cfg.label_smoothing > 0 and cfg.loss_type not in USES_LABEL_SMOOTHING:
-        users = ", ".join(sorted(USES_LABEL_SMOOTHING))
-        return f"label_smoothing is only used by loss_type {users}; loss_type '{cfg.loss_type}' would ignore it"
-    return None
+    return label_smoothing_problem(cfg.loss_type, cfg.label_smoothing)
 
 
 def _check_lengths(cfg: DPOConfig) -> str | None:

@@ -43,9 +43,6 @@ REPORT_TARGETS = ("tensorboard", "wandb", "mlflow", "csv", "none")
 PRECISIONS = ("32", "bf16-mixed")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-# The loss variants users may choose, in the order shown to them; `dpo.losses` registers one function for each.
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust"})
 
 
 @dataclass(frozen=True)
@@ -107,11 +104,13 @@ class DPOConfig:
     """`auto` picks by the data: preference pairs train offline, prompts or plain text train online; `offline`
     and `online` force one; `reward` trains a RewardModel on preference pairs with the Bradley-Terry loss."""
     loss_type: str = "sigmoid"
-    """DPO loss variant: sigmoid, ipo, hinge, robust."""
+    """Preference loss (`dpo_lightning.losses.LOSSES`): sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair,
+    sppo_hard, apo_zero, apo_down, sigmoid_norm (TRL's names and semantics; README: Losses)."""
     beta: float = 0.1
     """KL penalty strength: rewards are beta * (policy logp - reference logp)."""
     label_smoothing: float = 0.0
-    """Assumed share of flipped labels, in [0, 0.5); used by the sigmoid (conservative DPO) and robust losses."""
+    """Assumed share of flipped labels, in [0, 0.5): conservative DPO with sigmoid, rDPO's with robust, EXO's
+    epsilon with exo_pair (required there)."""
     rpo_alpha: float = 0.0
     """RPO: adds rpo_alpha times the chosen completions' mean token negative log-likelihood to the loss (TRL's
     `sft` loss term), reported as nll_loss; 0 leaves it out."""

@@ -1,7 +1,7 @@
-"""The preference objective on pair batches: losses (pure functions in a registry, `losses.py`), per-sequence
-log-probs (`logprobs.py`), the reference seam (`reference.py`), one DPO evaluation of a pair batch shared by
-every caller (`objective.py`), and the pair-weighted metrics that training, validation and evaluate.py report
-(`metrics.py`). The pair batch itself is made by the data layer (`data.batch.PairBatch`).
+"""The preference objective on pair batches: per-sequence log-probs (`logprobs.py`), the reference seam
+(`reference.py`), one DPO evaluation of a pair batch shared by every caller, with the losses of
+`dpo_lightning.losses` (`objective.py`), and the pair-weighted metrics that training, validation and
+evaluate.py report (`metrics.py`). The pair batch itself is made by the data layer (`data.batch.PairBatch`).
 
 Imports: foundation, config, data, models
 """

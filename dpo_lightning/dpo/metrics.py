@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from dpo_lightning.data.batch import PairBatch
 from dpo_lightning.dpo.logprobs import PairLogps
-from dpo_lightning.dpo.losses import LossOutput
+from dpo_lightning.losses import LossOutput
 
 PAIR_METRICS = (
     "loss",

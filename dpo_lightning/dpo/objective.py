@@ -10,8 +10,8 @@ import torch
 
 from dpo_lightning.data.batch import PairBatch
 from dpo_lightning.dpo.logprobs import PairLogps, forward_logps_and_tokens
-from dpo_lightning.dpo.losses import LossOutput, compute_loss
 from dpo_lightning.dpo.reference import Reference
+from dpo_lightning.losses import LossOutput, compute_loss
 
 
 @dataclass(frozen=True)

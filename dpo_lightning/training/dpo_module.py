@@ -8,11 +8,11 @@ import torch
 
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.data.batch import PairBatch, PromptBatch
-from dpo_lightning.dpo.losses import chosen_nll, weighted_mean
 from dpo_lightning.dpo.metrics import PreferenceMetrics
 from dpo_lightning.dpo.objective import LossSettings, PairResult, pair_forward
 from dpo_lightning.dpo.precomputed import PrecomputedReference
 from dpo_lightning.dpo.reference import FrozenReference, Reference
+from dpo_lightning.losses import chosen_nll, weighted_mean
 from dpo_lightning.memory import release_free_memory
 from dpo_lightning.online.comparison import compare_generations
 from dpo_lightning.online.judges import Judge

@@ -12,8 +12,8 @@ import torch
 
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.data.batch import PairBatch
-from dpo_lightning.dpo.losses import bradley_terry_loss, weighted_mean
 from dpo_lightning.dpo.metrics import RewardMetrics
+from dpo_lightning.losses import bradley_terry_loss, weighted_mean
 from dpo_lightning.models import RewardModel
 from dpo_lightning.training.module import TrainingModule
 from dpo_lightning.training.sinks import ReportSink
