@@ -145,6 +145,17 @@ def apo_down_loss(pc, pr, rc, rr, beta: float) -> LossOutput:
     return LossOutput(torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * (chosen - rejected)), *rewards)
 
 
+def discopop_loss(pc, pr, rc, rr, beta: float, discopop_tau: float) -> LossOutput:
+    """DiscoPOP (Chris Lu et al., 2024, arXiv 2406.08414, eq. 5): the logistic loss -log sigmoid(beta * h) and the
+    exponential exp(-beta * h), blended by sigmoid(beta * h / tau)."""
+    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
+    logits = beta * (chosen - rejected)
+    blend = torch.sigmoid(logits / discopop_tau)
+    # where the blend is 0 its exponential term is too (TRL multiplies, and an overflowed exp gives inf x 0 = nan)
+    exponential = torch.where(blend > 0, torch.exp(-logits) * blend, torch.zeros_like(logits))
+    return LossOutput(-F.logsigmoid(logits) * (1 - blend) + exponential, *rewards)
+
+
 def sigmoid_norm_loss(pc, pr, rc, rr, beta: float, chosen_lengths, rejected_lengths) -> LossOutput:
     """The DPO loss on per-token log-ratios (length-normalised DPO, as in TRL's `sigmoid_norm`): each log-ratio
     divided by its completion's token count, so that long completions do not dominate the margin."""
@@ -161,6 +172,7 @@ class LossSpec(NamedTuple):
     paper: str
     label_smoothing: str = "unused"  # "unused", "optional" or "required" (> 0)
     uses_lengths: bool = False  # the completions' token counts
+    uses_tau: bool = False  # discopop_tau
 
 
 # Every loss users may choose, in the order shown to them.
@@ -175,6 +187,7 @@ LOSSES: dict[str, LossSpec] = {
     "sppo_hard": LossSpec(sppo_hard_loss, "SPPO, Wu et al. 2024"),
     "apo_zero": LossSpec(apo_zero_loss, "APO, D'Oosterlinck et al. 2024"),
     "apo_down": LossSpec(apo_down_loss, "APO, D'Oosterlinck et al. 2024"),
+    "discopop": LossSpec(discopop_loss, "DiscoPOP, Chris Lu et al. 2024", uses_tau=True),
     "sigmoid_norm": LossSpec(sigmoid_norm_loss, "length-normalised DPO (TRL)", uses_lengths=True),
 }
 LOSS_TYPES = tuple(LOSSES)
@@ -210,6 +223,7 @@ def compute_loss(
     *,
     beta: float,
     label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
 ) -> LossOutput:
@@ -222,6 +236,8 @@ def compute_loss(
     kwargs: dict[str, object] = {"beta": beta}
     if spec.label_smoothing != "unused":
         kwargs["label_smoothing"] = label_smoothing
+    if spec.uses_tau:
+        kwargs["discopop_tau"] = discopop_tau
     if spec.uses_lengths:
         # A silent default length would change the loss's scale, so refuse rather than guess.
         if chosen_lengths is None or rejected_lengths is None:

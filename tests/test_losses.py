@@ -202,6 +202,7 @@ def test_registry_contents():
         "sppo_hard",
         "apo_zero",
         "apo_down",
+        "discopop",
         "sigmoid_norm",
     }
     assert USES_LABEL_SMOOTHING == frozenset({"sigmoid", "robust", "exo_pair"})
@@ -210,7 +211,13 @@ def test_registry_contents():
 
 
 def sig(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def discopop(h: float, tau: float = 0.05) -> float:
+    """DiscoPOP by hand: logistic and exponential blended by sigmoid(h / tau), h = beta x (c - r)."""
+    blend = sig(h / tau)
+    return nls(h) * (1 - blend) + (math.exp(-h) * blend if blend > 0 else 0.0)
 
 
 LC, LR = [3.0, 1.0, 2.0, 7.0], [2.0, 4.0, 1.0, 1.0]  # completion token counts, for the per-token losses
@@ -223,6 +230,7 @@ BY_HAND = {
     "apo_zero": lambda c, r, b, lc, lr: 1 - sig(b * c) + sig(b * r),
     "apo_down": lambda c, r, b, lc, lr: sig(b * c) + 1 - sig(b * (c - r)),
     "sigmoid_norm": lambda c, r, b, lc, lr: nls(b * (c / lc - r / lr)),
+    "discopop": lambda c, r, b, lc, lr: discopop(b * (c - r)),
     "exo_pair": lambda c, r, b, lc, lr: (
         sig(b * (c - r)) * (-nls(b * (c - r)) - math.log1p(-EXO_EPS))
         + sig(-b * (c - r)) * (-nls(-b * (c - r)) - math.log(EXO_EPS))
@@ -328,3 +336,9 @@ def test_rpo_term_is_the_chosen_completions_mean_token_nll():
     # a pair of weight 0 (a tie, evaluation padding) is left out
     only_first = chosen_nll(logps.chosen.logps, logps.chosen.num_tokens, torch.tensor([1.0, 0.0, 0.0]))
     torch.testing.assert_close(only_first, -token_logps[0].mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_discopop_temperature_reaches_the_loss():
+    out = compute_loss("discopop", *batch(), beta=0.01, discopop_tau=2.0)  # beta x h = 0.03, -0.03, 1, -1
+    check(out.losses, [discopop(0.01 * (c - r), tau=2.0) for c, r in zip(CHOSEN_LR, REJECTED_LR, strict=True)])
+    assert not torch.allclose(out.losses, compute_loss("discopop", *batch(), beta=0.01).losses)

@@ -96,6 +96,7 @@ def test_tokenization_matches_trl(model_dir, tmp_path, rows):
 # test_losses.py; here every loss runs at a setting TRL implements.
 PAIRWISE = [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2), ("exo_pair", 1e-3), ("nca_pair", 0.0)]
 PAIRWISE += [("bco_pair", 0.0), ("sppo_hard", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0), ("sigmoid_norm", 0.0)]
+PAIRWISE += [("discopop", 0.0)]  # at TRL's default discopop_tau, 0.05, ours too
 
 
 @pytest.mark.parametrize(("loss_type", "label_smoothing"), PAIRWISE)

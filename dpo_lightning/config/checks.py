@@ -196,7 +196,7 @@ _CHECKS = (
     _positive("preempt_check_every_n_steps", "max_new_tokens", "reward_batch_size", "reward_max_length"),
     _positive("temperature", "prompt_lines", "vllm_sync_every", "vllm_kv_cache_gib"),
     _non_negative("vllm_max_model_len", "lora_r", "rpo_alpha"),
-    _positive("lora_alpha"),
+    _positive("lora_alpha", "discopop_tau"),
     _non_negative("missing_eos_penalty", "generation_eval_every"),
     _positive("generation_eval_prompts"),
     _check_sampling,

@@ -105,7 +105,7 @@ class DPOConfig:
     and `online` force one; `reward` trains a RewardModel on preference pairs with the Bradley-Terry loss."""
     loss_type: str = "sigmoid"
     """Preference loss (`dpo_lightning.losses.LOSSES`): sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair,
-    sppo_hard, apo_zero, apo_down, sigmoid_norm (TRL's names and semantics; README: Losses)."""
+    sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm (TRL's names and semantics; README: Losses)."""
     beta: float = 0.1
     """KL penalty strength: rewards are beta * (policy logp - reference logp)."""
     label_smoothing: float = 0.0
@@ -114,6 +114,9 @@ class DPOConfig:
     rpo_alpha: float = 0.0
     """RPO: adds rpo_alpha times the chosen completions' mean token negative log-likelihood to the loss (TRL's
     `sft` loss term), reported as nll_loss; 0 leaves it out."""
+    discopop_tau: float = 0.05
+    """DiscoPOP (`loss_type: discopop`): the temperature of the sigmoid that blends its logistic and exponential
+    terms; the paper's value is 0.05."""
 
     # --- online DPO: sampling and scoring ---
     reward_model: str | None = None

@@ -16,15 +16,16 @@ from dpo_lightning.losses import LossOutput, compute_loss
 
 @dataclass(frozen=True)
 class LossSettings:
-    """What the loss needs beyond log-probs: the variant, beta and the label-flip rate."""
+    """What the loss needs beyond log-probs: the variant, beta, the label-flip rate and DiscoPOP's temperature."""
 
     loss_type: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
 
     @classmethod
     def of(cls, cfg) -> LossSettings:
-        return cls(cfg.loss_type, cfg.beta, cfg.label_smoothing)
+        return cls(cfg.loss_type, cfg.beta, cfg.label_smoothing, cfg.discopop_tau)
 
 
 class PairResult(NamedTuple):
@@ -44,6 +45,7 @@ def pair_loss(settings: LossSettings, policy: PairLogps, reference: PairLogps) -
         reference.rejected.logps.float(),
         beta=settings.beta,
         label_smoothing=settings.label_smoothing,
+        discopop_tau=settings.discopop_tau,
         chosen_lengths=policy.chosen.num_tokens,
         rejected_lengths=policy.rejected.num_tokens,
     )

@@ -33,10 +33,11 @@ def evaluate_pairs(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
     chunk_size: int = 0,
 ) -> PairEvaluation:
     """DPO metrics of collated pair batches, with validation's code."""
-    settings = LossSettings(loss_type, beta, label_smoothing)
+    settings = LossSettings(loss_type, beta, label_smoothing, discopop_tau)
     device = next(policy.parameters()).device
     metrics = PreferenceMetrics().to(device)
     margins: list[float] = []

@@ -111,6 +111,7 @@ def run_settings(options: EvalOptions, record: dict | None) -> dict[str, Any]:
         "beta": pick("beta", "beta", 0.1),
         "loss_type": trained.get("loss_type", "sigmoid"),
         "label_smoothing": trained.get("label_smoothing", 0.0),
+        "discopop_tau": trained.get("discopop_tau", 0.05),
         "max_new_tokens": pick("max_new_tokens", "max_new_tokens", 128),
         "temperature": pick("temperature", "temperature", 0.9),
         "top_p": pick("top_p", "top_p", 1.0),
@@ -247,6 +248,7 @@ def preference_section(models: Models, rows: list[dict], cfg, settings: dict, ba
         beta=settings["beta"],
         loss_type=settings["loss_type"],
         label_smoothing=settings["label_smoothing"],
+        discopop_tau=settings["discopop_tau"],
         chunk_size=models.logps_chunk_size,
     )
     metrics = dict(result.metrics)
