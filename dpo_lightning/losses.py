@@ -28,27 +28,12 @@ class LossOutput(NamedTuple):
     rejected_rewards: torch.Tensor  # (B,) beta * (policy_rejected_logps - ref_rejected_logps), detached
 
 
-def _log_ratios(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
-
-
-def _rewards(
-    chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # Rewards are metrics only; detaching keeps a caller from back-propagating through them by accident.
-    # They use the summed (not length-averaged) log-ratios for every loss so that logs are comparable.
-    return beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
-
-
 def _pair_scores(pc, pr, rc, rr, beta):
     """(log-ratios of chosen, of rejected, and their rewards): what every pairwise loss below starts from."""
-    chosen, rejected = _log_ratios(pc, pr, rc, rr)
-    return chosen, rejected, _rewards(chosen, rejected, beta)
+    chosen, rejected = pc - rc, pr - rr
+    # Rewards are metrics only; detaching keeps a caller from back-propagating through them by accident.
+    # They use the summed (not length-averaged) log-ratios for every loss so that logs are comparable.
+    return chosen, rejected, (beta * chosen.detach(), beta * rejected.detach())
 
 
 def sigmoid_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0) -> LossOutput:

@@ -64,6 +64,7 @@ REFUSED = (
 )
 # values that need a package a machine may lack: the other rows cover every other pair without them, and
 # where the package is missing the rows holding them must be refused in one line that names it
+RULES = [rule for rule, _ in REFUSED]
 OPTIONAL = {("sampler", "vllm"): ("vllm", "sampler: vllm needs the vllm package")}
 COMMON = dict(
     max_length=40,
@@ -97,10 +98,9 @@ def _missing(name: str, value) -> str | None:
 def _plan() -> tuple[list[dict], list[dict]]:
     """(rows that run, rows refused by REFUSED): first covering every pair without the optional values, then
     the pairs holding them."""
-    rules = [rule for rule, _ in REFUSED]
     without = {name: tuple(v for v in values if (name, v) not in OPTIONAL) for name, values in FACTORS.items()}
-    runs, refused = covering_rows(without, rules)
-    more_runs, more_refused = covering_rows(FACTORS, rules, already=runs + refused)
+    runs, refused = covering_rows(without, RULES)
+    more_runs, more_refused = covering_rows(FACTORS, RULES, already=runs + refused)
     return runs + more_runs, refused + more_refused
 
 
@@ -193,9 +193,8 @@ def _outcome(folder: Path, printed: str) -> dict:
 
 def test_the_matrix_covers_every_pair_of_values_in_few_runs():
     names = list(FACTORS)
-    rules = [rule for rule, _ in REFUSED]
-    assert all(not refusing_rules(row, rules) for row in RUNS)
-    assert all(refusing_rules(row, rules) for row in REFUSED_ROWS)
+    assert all(not refusing_rules(row, RULES) for row in RUNS)
+    assert all(refusing_rules(row, RULES) for row in REFUSED_ROWS)
     held = set().union(*(pairs_of(row, names) for row in RUNS + REFUSED_ROWS))
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -208,7 +207,7 @@ def test_the_matrix_covers_every_pair_of_values_in_few_runs():
 
 def _refusals(row: dict) -> list[str]:
     """The words any refusal of `row` may say: the rules it breaks, and the packages it lacks here."""
-    words = [REFUSED[k][1] for k in refusing_rules(row, [rule for rule, _ in REFUSED])]
+    words = [REFUSED[k][1] for k in refusing_rules(row, RULES)]
     return words + [w for w in (_missing(n, v) for n, v in row.items()) if w]
 
 
