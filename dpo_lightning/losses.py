@@ -1,195 +1,179 @@
-"""Preference losses for DPO and its close relatives, as pure functions of sequence log-probs, and their
-registry: each loss's name, paper and the options it takes are declared once here, next to its function, and
-the configuration's checks read them from here (a foundation module, so that they can).
+"""The preference-loss registry and the objective built from it: each loss's name, paper and the options it takes
+are declared once here, next to its function (`pair_losses`), and the configuration's checks read them from here (a
+foundation module, so that they can).
 
-Every loss takes the summed log-probabilities of the chosen and rejected completions under the policy (pc, pr)
-and the frozen reference model (rc, rr), each of shape (B,), and beta (the implicit reward's temperature:
-smaller ties the policy to the reference more loosely), and returns a per-pair loss of shape (B,) with the
-implicit rewards. Reduction over the batch is left to the caller so that it can weight or mask pairs.
-
-The formulas agree with eric-mitchell/direct-preference-optimization and TRL 1.16's ``DPOTrainer``.
+A run's objective is one loss or a weighted sum of several (`loss_type` a comma-separated list, `loss_weights`
+their weights, as TRL's lists), on the log-ratios of the policy to the reference or, under f-DPO, on their
+f-divergence scores, each pair optionally weighted by WPO. Inputs are summed completion log-probs of the chosen and
+rejected completions under the policy (pc, pr) and the frozen reference (rc, rr), each (B,).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from dpo_lightning import pair_losses as pl
 from dpo_lightning.errors import ConfigError
+from dpo_lightning.pair_losses import PairTerms
 
 
 class LossOutput(NamedTuple):
     losses: torch.Tensor  # (B,) per-pair loss, not reduced
     chosen_rewards: torch.Tensor  # (B,) beta * (policy_chosen_logps - ref_chosen_logps), detached
     rejected_rewards: torch.Tensor  # (B,) beta * (policy_rejected_logps - ref_rejected_logps), detached
-
-
-def _pair_scores(pc, pr, rc, rr, beta):
-    """(log-ratios of chosen, of rejected, and their rewards): what every pairwise loss below starts from."""
-    chosen, rejected = pc - rc, pr - rr
-    # Rewards are metrics only; detaching keeps a caller from back-propagating through them by accident.
-    # They use the summed (not length-averaged) log-ratios for every loss so that logs are comparable.
-    return chosen, rejected, (beta * chosen.detach(), beta * rejected.detach())
-
-
-def sigmoid_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0) -> LossOutput:
-    """DPO (Rafailov et al., 2023, eq. 7), -log sigmoid(beta * h) with h the chosen minus the rejected log-ratio;
-    with eps > 0 conservative DPO: the cross-entropy against the soft labels (1 - eps, eps), whose optimum is a
-    finite margin."""
-    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
-    h = chosen - rejected
-    # logsigmoid rather than log(sigmoid(.)): a large |beta * h| would otherwise give log(0) = -inf
-    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return LossOutput(losses, *rewards)
-
-
-def ipo_loss(pc, pr, rc, rr, beta: float, chosen_lengths, rejected_lengths) -> LossOutput:
-    """IPO (Azar et al., 2023, eq. 17 with tau = beta) on per-token averaged log-ratios: the squared distance of
-    their difference from the target margin 1 / (2 beta)."""
-    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
-    # The squared loss would otherwise grow with completion length, tying a good beta to the data's lengths;
-    # TRL averages per token too, on the IPO authors' word that the paper's results used this form.
-    # clamp(min=1) keeps an empty completion from dividing by zero; the cast keeps the inputs' dtype.
-    chosen_avg = chosen / chosen_lengths.to(chosen.dtype).clamp(min=1)
-    rejected_avg = rejected / rejected_lengths.to(rejected.dtype).clamp(min=1)
-    return LossOutput((chosen_avg - rejected_avg - 1 / (2 * beta)) ** 2, *rewards)
-
-
-def hinge_loss(pc, pr, rc, rr, beta: float) -> LossOutput:
-    """SLiC's hinge (Zhao et al., 2023) on the DPO logits, max(0, 1 - beta * h): the margin is reached at a
-    log-ratio gap of 1 / beta."""
-    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
-    # Pairs already past the margin contribute no gradient, unlike the sigmoid loss which never saturates.
-    return LossOutput(torch.relu(1 - beta * (chosen - rejected)), *rewards)
-
-
-def robust_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0) -> LossOutput:
-    """rDPO (Chowdhury et al., 2024, arXiv 2403.00409) for labels flipped with probability eps in [0, 0.5):
-    subtracting the flipped-label term and dividing by (1 - 2 eps) makes it an unbiased estimate of the
-    clean-label DPO loss (cDPO's soft labels bias it)."""
-    # At eps = 0.5 the labels carry no information and the normaliser divides by zero; past it the loss would
-    # reward preferring the rejected completion.
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing for the robust loss must lie in [0, 0.5), got {label_smoothing}")
-    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
-    h = chosen - rejected
-    clean_term = -(1 - label_smoothing) * F.logsigmoid(beta * h)
-    flipped_term = -label_smoothing * F.logsigmoid(-beta * h)
-    return LossOutput((clean_term - flipped_term) / (1 - 2 * label_smoothing), *rewards)
-
-
-def exo_pair_loss(pc, pr, rc, rr, beta: float, label_smoothing: float) -> LossOutput:
-    """EXO (Ji et al., 2024, arXiv 2402.00856, eq. 16): the reverse KL from the policy's pair distribution,
-    softmax(beta * log-ratios), to the labels (1 - eps, eps); eps must be > 0."""
-    if not 0.0 < label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing for exo_pair must lie in (0, 1), got {label_smoothing}")
-    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
-    h = beta * (chosen - rejected)
-    win = torch.sigmoid(h) * (F.logsigmoid(h) - math.log1p(-label_smoothing))
-    lose = torch.sigmoid(-h) * (F.logsigmoid(-h) - math.log(label_smoothing))
-    return LossOutput(win + lose, *rewards)
-
-
-def nca_pair_loss(pc, pr, rc, rr, beta: float) -> LossOutput:
-    """NCA (Chen et al., 2024, arXiv 2402.05369): each completion's own reward against zero, the chosen pushed
-    up, both pushed down by half, so the chosen likelihood does not fall with the rejected one."""
-    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
-    losses = -F.logsigmoid(beta * chosen) - 0.5 * F.logsigmoid(-beta * chosen) - 0.5 * F.logsigmoid(-beta * rejected)
-    return LossOutput(losses, *rewards)
-
-
-def bco_pair_loss(pc, pr, rc, rr, beta: float) -> LossOutput:
-    """BCO on pairs (Jung et al., 2024, arXiv 2404.04656, without its running reward shift): the chosen
-    completion classified good and the rejected bad, each by its own reward."""
-    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
-    return LossOutput(-F.logsigmoid(beta * chosen) - F.logsigmoid(-beta * rejected), *rewards)
-
-
-def sppo_hard_loss(pc, pr, rc, rr, beta: float) -> LossOutput:
-    """SPPO with hard win probabilities (Wu et al., 2024, arXiv 2405.00675, eq. 4.7 with P = 1 and 0): each
-    log-ratio regressed to +-1 / (2 beta)."""
-    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
-    return LossOutput((chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2, *rewards)
-
-
-def apo_zero_loss(pc, pr, rc, rr, beta: float) -> LossOutput:
-    """APO-zero (D'Oosterlinck et al., 2024, arXiv 2408.06266, eq. 7): the chosen likelihood up and the rejected
-    down, each against the reference; for chosen completions better than the policy's own."""
-    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
-    return LossOutput(1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected), *rewards)
-
-
-def apo_down_loss(pc, pr, rc, rr, beta: float) -> LossOutput:
-    """APO-down (D'Oosterlinck et al., 2024, arXiv 2408.06266, eq. 8): both likelihoods down, the rejected's
-    more; for chosen completions worse than the policy's own."""
-    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
-    return LossOutput(torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * (chosen - rejected)), *rewards)
-
-
-def discopop_loss(pc, pr, rc, rr, beta: float, discopop_tau: float) -> LossOutput:
-    """DiscoPOP (Chris Lu et al., 2024, arXiv 2406.08414, eq. 5): the logistic loss -log sigmoid(beta * h) and the
-    exponential exp(-beta * h), blended by sigmoid(beta * h / tau)."""
-    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
-    logits = beta * (chosen - rejected)
-    blend = torch.sigmoid(logits / discopop_tau)
-    # where the blend is 0 its exponential term is too (TRL multiplies, and an overflowed exp gives inf x 0 = nan)
-    exponential = torch.where(blend > 0, torch.exp(-logits) * blend, torch.zeros_like(logits))
-    return LossOutput(-F.logsigmoid(logits) * (1 - blend) + exponential, *rewards)
-
-
-def sigmoid_norm_loss(pc, pr, rc, rr, beta: float, chosen_lengths, rejected_lengths) -> LossOutput:
-    """The DPO loss on per-token log-ratios (length-normalised DPO, as in TRL's `sigmoid_norm`): each log-ratio
-    divided by its completion's token count, so that long completions do not dominate the margin."""
-    chosen, rejected, rewards = _pair_scores(pc, pr, rc, rr, beta)
-    per_token = chosen / chosen_lengths.to(chosen.dtype).clamp(min=1)
-    per_token = per_token - rejected / rejected_lengths.to(rejected.dtype).clamp(min=1)
-    return LossOutput(-F.logsigmoid(beta * per_token), *rewards)
+    nll: torch.Tensor | None = None  # () the sft term's chosen-token NLL, when the objective has one
 
 
 class LossSpec(NamedTuple):
     """A loss of the registry: its function, its paper, and the options it reads besides beta."""
 
-    fn: Callable[..., LossOutput]
+    fn: Callable[..., torch.Tensor]
     paper: str
     label_smoothing: str = "unused"  # "unused", "optional" or "required" (> 0)
-    uses_lengths: bool = False  # the completions' token counts
-    uses_tau: bool = False  # discopop_tau
+    options: tuple[str, ...] = ()  # further configuration keys its function takes by name
+    f_divergence: bool = False  # defined on any f-divergence's scores of the log-ratios, not only reverse KL's
+    scope: str = "pair"  # "pair", or "micro-batch" when a pair's loss depends on the others' (sorts, token means)
+    sorts: bool = False  # pairs change places (so WPO's per-pair weights cannot follow them)
 
 
-# Every loss users may choose, in the order shown to them.
+# Every loss users may choose, in the order shown to them (TRL 1.16's fifteen).
 LOSSES: dict[str, LossSpec] = {
-    "sigmoid": LossSpec(sigmoid_loss, "DPO, Rafailov et al. 2023 (cDPO with label_smoothing)", "optional"),
-    "ipo": LossSpec(ipo_loss, "IPO, Azar et al. 2023", uses_lengths=True),
-    "hinge": LossSpec(hinge_loss, "SLiC, Zhao et al. 2023"),
-    "robust": LossSpec(robust_loss, "rDPO, Chowdhury et al. 2024", "optional"),
-    "exo_pair": LossSpec(exo_pair_loss, "EXO, Ji et al. 2024", "required"),
-    "nca_pair": LossSpec(nca_pair_loss, "NCA, Chen et al. 2024"),
-    "bco_pair": LossSpec(bco_pair_loss, "BCO, Jung et al. 2024"),
-    "sppo_hard": LossSpec(sppo_hard_loss, "SPPO, Wu et al. 2024"),
-    "apo_zero": LossSpec(apo_zero_loss, "APO, D'Oosterlinck et al. 2024"),
-    "apo_down": LossSpec(apo_down_loss, "APO, D'Oosterlinck et al. 2024"),
-    "discopop": LossSpec(discopop_loss, "DiscoPOP, Chris Lu et al. 2024", uses_tau=True),
-    "sigmoid_norm": LossSpec(sigmoid_norm_loss, "length-normalised DPO (TRL)", uses_lengths=True),
+    "sigmoid": LossSpec(pl.sigmoid_loss, "DPO, Rafailov et al. 2023 (cDPO with label_smoothing)", "optional", (), True),
+    "ipo": LossSpec(pl.ipo_loss, "IPO, Azar et al. 2023", f_divergence=True),
+    "hinge": LossSpec(pl.hinge_loss, "SLiC, Zhao et al. 2023", f_divergence=True),
+    "robust": LossSpec(pl.robust_loss, "rDPO, Chowdhury et al. 2024", "optional", f_divergence=True),
+    "exo_pair": LossSpec(pl.exo_pair_loss, "EXO, Ji et al. 2024", "required", f_divergence=True),
+    "nca_pair": LossSpec(pl.nca_pair_loss, "NCA, Chen et al. 2024"),
+    "bco_pair": LossSpec(pl.bco_pair_loss, "BCO, Jung et al. 2024"),
+    "sppo_hard": LossSpec(pl.sppo_hard_loss, "SPPO, Wu et al. 2024"),
+    "aot": LossSpec(pl.aot_loss, "AOT, Melnyk et al. 2024", "optional", scope="micro-batch", sorts=True),
+    "aot_unpaired": LossSpec(
+        pl.aot_unpaired_loss, "AOT, Melnyk et al. 2024", "optional", scope="micro-batch", sorts=True
+    ),
+    "apo_zero": LossSpec(pl.apo_zero_loss, "APO, D'Oosterlinck et al. 2024"),
+    "apo_down": LossSpec(pl.apo_down_loss, "APO, D'Oosterlinck et al. 2024"),
+    "discopop": LossSpec(
+        pl.discopop_loss, "DiscoPOP, Chris Lu et al. 2024", options=("discopop_tau",), f_divergence=True
+    ),
+    "sft": LossSpec(
+        pl.sft_loss, "SFT on the chosen completions (RPO, Pang et al. 2024)", f_divergence=True, scope="micro-batch"
+    ),
+    "sigmoid_norm": LossSpec(pl.sigmoid_norm_loss, "length-normalised DPO (TRL)", f_divergence=True),
 }
 LOSS_TYPES = tuple(LOSSES)
 USES_LABEL_SMOOTHING = frozenset(name for name, spec in LOSSES.items() if spec.label_smoothing != "unused")
+F_DIVERGENCE_LOSSES = frozenset(name for name, spec in LOSSES.items() if spec.f_divergence)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+Terms = tuple[tuple[str, float], ...]  # (loss name, weight) of each term of the objective
 
 
-def label_smoothing_problem(loss_type: str, label_smoothing: float) -> str | None:
-    """What is wrong with `label_smoothing` for `loss_type` (a name of LOSSES), or None."""
+# ----------------------------------------------------------------------------- f-divergences
+
+
+def f_divergence_scores(log_ratio: torch.Tensor, kind: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
+    """f-DPO (Wang et al., 2023, arXiv 2309.16240): the score f'(t) of the ratio t = exp(log_ratio) that takes the
+    log-ratio's place when the policy is regularised by the f-divergence `kind` instead of the reverse KL."""
+    if kind == "reverse_kl":  # f'(t) = log t + 1; the constant cancels in every loss that allows f-divergences
+        return log_ratio
+    if kind == "forward_kl":  # f'(t) = 1 - 1 / t
+        return 1 - torch.exp(-log_ratio)
+    if kind == "js_divergence":  # f'(t) = log(2t / (1 + t)) = log 2 + log sigmoid(log t)
+        return math.log(2) + F.logsigmoid(log_ratio)
+    if kind == "alpha_divergence":  # f'(t) = (t^(alpha - 1) - 1) / (alpha - 1), log t at alpha = 1
+        if abs(alpha - 1.0) < 1e-6:
+            return log_ratio
+        # as TRL: the exponent clamped so that exp stays finite (80 in fp32 and bf16, 11 in fp16)
+        limit = 11.0 if log_ratio.dtype == torch.float16 else 80.0
+        exponent = torch.clamp(((alpha - 1.0) * log_ratio).float(), max=limit)
+        return ((torch.exp(exponent) - 1.0) / (alpha - 1.0)).to(log_ratio.dtype)
+    raise ValueError(f"unknown f_divergence_type {kind!r}; valid choices: {', '.join(F_DIVERGENCES)}")
+
+
+# ----------------------------------------------------------------------------- the configuration's terms
+
+
+def _names(loss_type: str) -> list[str]:
+    return [name.strip() for name in str(loss_type).split(",") if name.strip()]
+
+
+def objective_terms(loss_type: str, loss_weights: str = "", rpo_alpha: float = 0.0) -> Terms:
+    """(name, weight) of each term: `loss_type`'s names with `loss_weights` (all 1 when empty), and `sft` weighted
+    `rpo_alpha` when that is > 0 (RPO's shorthand). Assumes `objective_problem` found nothing."""
+    names = _names(loss_type)
+    weights = [float(w) for w in str(loss_weights).split(",") if w.strip()] or [1.0] * len(names)
+    terms = tuple(zip(names, weights, strict=True))
+    return terms + ((("sft", rpo_alpha),) if rpo_alpha > 0 else ())
+
+
+def _terms_problem(loss_type: str, loss_weights: str, rpo_alpha: float) -> str | None:
+    names = _names(loss_type)
+    unknown = [name for name in names if name not in LOSSES]
+    if unknown or not names:
+        bad = unknown[0] if unknown else loss_type
+        return f"unknown loss_type '{bad}'; valid choices: {', '.join(LOSS_TYPES)} (one, or several comma-separated)"
+    if len(set(names)) < len(names):
+        return f"loss_type '{loss_type}' names a loss twice; give each loss once, with its weight in loss_weights"
+    weights = [w.strip() for w in str(loss_weights).split(",") if w.strip()]
+    if weights and len(weights) != len(names):
+        return f"loss_weights has {len(weights)} weights for the {len(names)} losses of loss_type '{loss_type}'"
+    for weight in weights:
+        try:
+            value = float(weight)
+        except ValueError:
+            return f"loss_weights: '{weight}' is not a number (comma-separated weights, one per loss_type)"
+        if not math.isfinite(value) or value < 0:
+            return f"loss_weights must be finite and >= 0, got {weight}"
+    if rpo_alpha > 0 and "sft" in names:
+        return "rpo_alpha is the weight of an sft term; with sft in loss_type, set its weight in loss_weights instead"
+    return None
+
+
+def label_smoothing_problem(names: Sequence[str], label_smoothing: float) -> str | None:
+    """What is wrong with `label_smoothing` for the losses `names` (of LOSSES), or None."""
     if not 0.0 <= label_smoothing < 0.5:
         return f"label_smoothing must be in [0, 0.5), got {label_smoothing}"
-    wanted = LOSSES[loss_type].label_smoothing
-    if wanted == "required" and label_smoothing == 0:
-        return f"loss_type {loss_type} needs label_smoothing > 0 (its epsilon; its paper suggests 1e-3)"
-    if wanted == "unused" and label_smoothing > 0:
+    for name in names:
+        if LOSSES[name].label_smoothing == "required" and label_smoothing == 0:
+            return f"loss_type {name} needs label_smoothing > 0 (its epsilon; its paper suggests 1e-3)"
+    if label_smoothing > 0 and not any(LOSSES[name].label_smoothing != "unused" for name in names):
         users = ", ".join(sorted(USES_LABEL_SMOOTHING))
-        return f"label_smoothing is only used by loss_type {users}; loss_type '{loss_type}' would ignore it"
+        return f"label_smoothing is only used by loss_type {users}; loss_type '{','.join(names)}' would ignore it"
     return None
+
+
+def objective_problem(cfg) -> str | None:
+    """What is wrong with the objective a configuration asks for (its loss_type, loss_weights, rpo_alpha,
+    label_smoothing, f-divergence and WPO options), or None; one line naming the key and the valid choices."""
+    problem = _terms_problem(cfg.loss_type, cfg.loss_weights, cfg.rpo_alpha)
+    if problem:
+        return problem
+    names = [name for name, _ in objective_terms(cfg.loss_type, cfg.loss_weights, cfg.rpo_alpha)]
+    problem = label_smoothing_problem(names, cfg.label_smoothing)
+    if problem:
+        return problem
+    if cfg.f_divergence_type not in F_DIVERGENCES:
+        return f"unknown f_divergence_type '{cfg.f_divergence_type}'; valid choices: {', '.join(F_DIVERGENCES)}"
+    others = [name for name in names if name not in F_DIVERGENCE_LOSSES]
+    if cfg.f_divergence_type != "reverse_kl" and others:
+        allowed = ", ".join(name for name in LOSS_TYPES if name in F_DIVERGENCE_LOSSES)
+        return (
+            f"f_divergence_type {cfg.f_divergence_type} is defined only for loss_type {allowed} (the f-DPO "
+            f"reparameterisation cancels only in a chosen-minus-rejected difference); not for {', '.join(others)}"
+        )
+    if cfg.f_divergence_type != "alpha_divergence" and cfg.f_alpha_divergence_coef != 0.5:
+        return "f_alpha_divergence_coef is only used by f_divergence_type alpha_divergence; it would be ignored"
+    sorting = [name for name in names if LOSSES[name].sorts]
+    if cfg.use_weighting and sorting:
+        return f"use_weighting (WPO) weights each pair, but loss_type {', '.join(sorting)} sorts pairs over the batch"
+    return None
+
+
+# ----------------------------------------------------------------------------- the objective
 
 
 def _spec(name: str) -> LossSpec:
@@ -200,7 +184,7 @@ def _spec(name: str) -> LossSpec:
 
 
 def compute_loss(
-    loss_type: str,
+    loss_type: str | Terms,
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
@@ -209,27 +193,50 @@ def compute_loss(
     beta: float,
     label_smoothing: float = 0.0,
     discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    pair_weight: torch.Tensor | None = None,
+    chosen_nll: torch.Tensor | None = None,
+    wpo_weight: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Compute the loss named ``loss_type`` on (B,) log-prob tensors.
+    """The per-pair loss (B,) of one loss, or the weighted sum of several ((name, weight), ...), on (B,) log-probs.
 
-    ``label_smoothing`` reaches only the losses that declare it; ``chosen_lengths`` and ``rejected_lengths``
-    ((B,) token counts) are required by the losses that declare `uses_lengths` and ignored otherwise.
+    ``label_smoothing`` and the declared options reach only the losses that declare them; ``chosen_lengths`` and
+    ``rejected_lengths`` ((B,) token counts) are needed by the per-token losses, ``chosen_nll`` (the chosen
+    completions' mean token NLL) by ``sft``, ``pair_weight`` ((B,), 0 for pairs that count nowhere) by the sorting
+    losses, which order the counted pairs only. ``wpo_weight`` (B,) multiplies every pair's loss (WPO).
     """
-    spec = _spec(loss_type)
-    kwargs: dict[str, object] = {"beta": beta}
-    if spec.label_smoothing != "unused":
-        kwargs["label_smoothing"] = label_smoothing
-    if spec.uses_tau:
-        kwargs["discopop_tau"] = discopop_tau
-    if spec.uses_lengths:
-        # A silent default length would change the loss's scale, so refuse rather than guess.
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError(f"loss_type {loss_type!r} needs chosen_lengths and rejected_lengths")
-        kwargs["chosen_lengths"] = chosen_lengths
-        kwargs["rejected_lengths"] = rejected_lengths
-    return spec.fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **kwargs)
+    terms = ((loss_type, 1.0),) if isinstance(loss_type, str) else tuple(loss_type)
+    chosen, rejected = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+    pairs = PairTerms(
+        f_divergence_scores(chosen, f_divergence_type, f_alpha_divergence_coef),
+        f_divergence_scores(rejected, f_divergence_type, f_alpha_divergence_coef),
+        policy_chosen_logps - policy_rejected_logps,
+        ref_chosen_logps - ref_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        pair_weight,
+        chosen_nll,
+    )
+    options = {"label_smoothing": label_smoothing, "discopop_tau": discopop_tau}
+    losses = torch.zeros_like(chosen)
+    for name, weight in terms:
+        spec = _spec(name)
+        wanted = spec.options + (("label_smoothing",) if spec.label_smoothing != "unused" else ())
+        losses = losses + weight * spec.fn(pairs, beta, **{key: options[key] for key in wanted})
+    if wpo_weight is not None:
+        losses = losses * wpo_weight
+    # Rewards are metrics only, the summed (not length-averaged) log-ratios for every loss so that logs compare;
+    # detaching keeps a caller from back-propagating through them by accident.
+    return LossOutput(losses, beta * chosen.detach(), beta * rejected.detach(), chosen_nll)
+
+
+def wpo_weights(aligned_sums: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """WPO (Zhou et al., 2024, arXiv 2406.11827, eq. 2): each completion's weight, exp of its mean aligned token
+    log-prob (log p(y_t) - log sum_v p(v)^2, detached), from their sums (N,) and token counts (N,)."""
+    return torch.exp(aligned_sums.detach() / num_tokens.to(aligned_sums.dtype).clamp(min=1))
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
 from dpo_lightning.data.collate import PairCollator
 from dpo_lightning.data.tokenize import tokenize_pair
+from dpo_lightning.dpo.objective import LossSettings
 from dpo_lightning.dpo.reference import FrozenReference
 from dpo_lightning.errors import UserError
 from dpo_lightning.evaluation.pairs import evaluate_pairs
@@ -159,7 +160,7 @@ def test_preference_metrics_equal_an_independent_computation(tiny_model):
 
     collate = PairCollator(tokenizer.pad_token_id)
     batches = [collate(items[:4]), collate(items[4:])]  # two batches of different widths, padded
-    result = evaluate_pairs(policy, FrozenReference(reference), batches, beta=beta)
+    result = evaluate_pairs(policy, FrozenReference(reference), batches, settings=LossSettings(beta=beta))
     assert set(result.metrics) == {"loss", *PREFERENCE_METRICS}
     # the code sums log-probs in fp32: a reward or margin, a difference of sums near -100, is good to about
     # beta * 1e-6 * |logp| absolute (a masking or shift mistake is off by whole units)

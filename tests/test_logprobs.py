@@ -58,7 +58,7 @@ def test_token_logps_matches_log_softmax():
     logits = torch.randn(3, 5, V) * 4
     labels = torch.randint(0, V, (3, 5))
     expected = torch.log_softmax(logits.double(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    actual = token_logps(logits, labels)
+    actual = token_logps(logits, labels)[0]
     assert actual.shape == (3, 5) and actual.dtype == torch.float32
     torch.testing.assert_close(actual, expected.float(), rtol=1e-5, atol=1e-5)
 
@@ -66,7 +66,7 @@ def test_token_logps_matches_log_softmax():
 def test_token_logps_bf16_logits_give_fp32():
     logits = torch.randn(2, 3, V).bfloat16()
     labels = torch.randint(0, V, (2, 3))
-    actual = token_logps(logits, labels)
+    actual = token_logps(logits, labels)[0]
     assert actual.dtype == torch.float32
     expected = torch.log_softmax(logits.double(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(actual, expected.float(), rtol=1e-5, atol=1e-5)

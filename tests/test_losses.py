@@ -10,18 +10,17 @@ import math
 import pytest
 import torch
 
+from dpo_lightning import pair_losses
 from dpo_lightning.errors import ConfigError, UserError
-from dpo_lightning.losses import (
-    LOSS_TYPES,
-    LOSSES,
-    USES_LABEL_SMOOTHING,
-    LossOutput,
-    compute_loss,
-    hinge_loss,
-    ipo_loss,
-    robust_loss,
-    sigmoid_loss,
-)
+from dpo_lightning.losses import LOSS_TYPES, LOSSES, USES_LABEL_SMOOTHING, LossOutput, compute_loss
+
+
+def _named(name: str):
+    """The registry's loss `name` as a function of the four log-prob tensors, through `compute_loss`."""
+    return lambda *logps, **options: compute_loss(name, *logps, **options)
+
+
+sigmoid_loss, robust_loss, hinge_loss, ipo_loss = (_named(n) for n in ("sigmoid", "robust", "hinge", "ipo"))
 
 BETA = 0.5
 PC, RC = [-10.0, -20.0, -5.0, -100.0], [-12.0, -18.0, -5.0, 0.0]
@@ -194,19 +193,15 @@ def test_output_dtype_follows_inputs():
 
 
 def test_registry_contents():
+    """TRL 1.16's fifteen loss types, each with its paper; label smoothing and f-divergences where TRL takes them."""
+    from dpo_lightning.losses import F_DIVERGENCE_LOSSES
+
     assert LOSS_TYPES[:4] == ("sigmoid", "ipo", "hinge", "robust")
-    assert set(LOSS_TYPES[4:]) == {
-        "exo_pair",
-        "nca_pair",
-        "bco_pair",
-        "sppo_hard",
-        "apo_zero",
-        "apo_down",
-        "discopop",
-        "sigmoid_norm",
-    }
-    assert USES_LABEL_SMOOTHING == frozenset({"sigmoid", "robust", "exo_pair"})
-    assert {name for name, spec in LOSSES.items() if spec.uses_lengths} == {"ipo", "sigmoid_norm"}
+    trl_names = "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero apo_down"
+    assert set(LOSS_TYPES) == set(f"{trl_names} discopop sft sigmoid_norm".split())
+    assert USES_LABEL_SMOOTHING == frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"})
+    # TRL 1.16's DPOTrainer: f_divergence_loss_types
+    assert F_DIVERGENCE_LOSSES == {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
     assert all(spec.paper for spec in LOSSES.values())
 
 
@@ -240,7 +235,8 @@ BY_HAND = {
 
 def _call(name: str, *logps: torch.Tensor, beta: float = BETA) -> LossOutput:
     lengths = {"chosen_lengths": t(LC), "rejected_lengths": t(LR)}
-    return compute_loss(name, *logps, beta=beta, label_smoothing=EXO_EPS if name == "exo_pair" else 0.0, **lengths)
+    smoothing = EXO_EPS if name == "exo_pair" else 0.0
+    return compute_loss(name, *logps, beta=beta, label_smoothing=smoothing, chosen_nll=t(1.25), **lengths)
 
 
 @pytest.mark.parametrize("name", sorted(BY_HAND))
@@ -281,19 +277,19 @@ def test_every_loss_at_zero_log_ratio_has_zero_rewards_and_a_finite_loss(name):
 def test_compute_loss_dispatches_like_direct_calls():
     lc, lr = t([3.0, 1.0, 2.0, 7.0]), t([2.0, 4.0, 0.0, 1.0])
     kw = dict(beta=BETA, label_smoothing=0.2, chosen_lengths=lc, rejected_lengths=lr)
+    pc, pr, rc, rr = batch()
+    terms = pair_losses.PairTerms(pc - rc, pr - rr, pc - pr, rc - rr, lc, lr)
     expected = {
-        "sigmoid": sigmoid_loss(*batch(), beta=BETA, label_smoothing=0.2),
-        "robust": robust_loss(*batch(), beta=BETA, label_smoothing=0.2),
+        "sigmoid": pair_losses.sigmoid_loss(terms, BETA, label_smoothing=0.2),
+        "robust": pair_losses.robust_loss(terms, BETA, label_smoothing=0.2),
         # label_smoothing must not reach the losses that do not use it
-        "hinge": hinge_loss(*batch(), beta=BETA),
-        "ipo": ipo_loss(*batch(), beta=BETA, chosen_lengths=lc, rejected_lengths=lr),
+        "hinge": pair_losses.hinge_loss(terms, BETA),
+        "ipo": pair_losses.ipo_loss(terms, BETA),
     }
     for name, want in expected.items():
-        got = compute_loss(name, *batch(), **kw)
-        for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        torch.testing.assert_close(compute_loss(name, *batch(), **kw).losses, want, rtol=0, atol=0)
     # Smoothing does reach sigmoid: a different eps gives a different loss.
-    assert not torch.equal(compute_loss("sigmoid", *batch(), beta=BETA).losses, expected["sigmoid"].losses)
+    assert not torch.equal(compute_loss("sigmoid", *batch(), beta=BETA).losses, expected["sigmoid"])
 
 
 def test_unknown_loss_type_raises_config_error():

@@ -61,7 +61,7 @@ def test_per_token_log_probs_in_scored_order_on_every_path():
     expected = []  # each sequence alone, unpadded, through the full logits
     for prompt, completion in zip([*prompts, *prompts], [*chosen, *rejected], strict=True):
         ids = torch.tensor([prompt + completion])
-        per_token = token_logps(model(input_ids=ids).logits[:, :-1], ids[:, 1:])[0]
+        per_token = token_logps(model(input_ids=ids).logits[:, :-1], ids[:, 1:])[0][0]
         expected.append(per_token[len(prompt) - 1 :])
     expected = torch.cat(expected)
     for packed in (False, True):

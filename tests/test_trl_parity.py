@@ -59,18 +59,19 @@ def _perturbed_policy(model_dir) -> torch.nn.Module:
     return policy
 
 
-def _trl_trainer(model_dir, rows, tmp_path, loss_type: str, label_smoothing: float):
+def _trl_trainer(model_dir, rows, tmp_path, loss_type: str, label_smoothing: float, **options):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     args = trl.DPOConfig(
         output_dir=str(tmp_path / "trl"),
         per_device_train_batch_size=len(rows),
         report_to=[],
         beta=0.2,
-        loss_type=[loss_type],
+        loss_type=loss_type.split(","),
         label_smoothing=label_smoothing,
         max_length=None,
         use_cpu=True,
         bf16=False,  # TRL defaults to bf16 autocast; the comparison is in fp32
+        **options,
     )
     return trl.DPOTrainer(
         model=_perturbed_policy(model_dir),
@@ -99,15 +100,33 @@ PAIRWISE += [("bco_pair", 0.0), ("sppo_hard", 0.0), ("apo_zero", 0.0), ("apo_dow
 PAIRWISE += [("discopop", 0.0)]  # at TRL's default discopop_tau, 0.05, ours too
 
 
-@pytest.mark.parametrize(("loss_type", "label_smoothing"), PAIRWISE)
-def test_loss_and_metrics_match_trl(model_dir, tmp_path, loss_type, label_smoothing):
-    trainer = _trl_trainer(model_dir, ROWS, tmp_path, loss_type, label_smoothing)
+PAIRWISE += [("aot", 0.1), ("aot_unpaired", 0.0), ("sft", 0.0)]
+# the options TRL's DPOConfig and ours share, by the same names: f-DPO, lists of losses, WPO, LD-DPO
+OPTIONS = {
+    "forward_kl": ("sigmoid", 0.0, {"f_divergence_type": "forward_kl"}),
+    "js_divergence": ("hinge", 0.0, {"f_divergence_type": "js_divergence"}),
+    "alpha_divergence": ("ipo", 0.0, {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}),
+    "robust_forward_kl": ("robust", 0.2, {"f_divergence_type": "forward_kl"}),
+    "mpo_list": ("sigmoid,bco_pair,sft", 0.0, {"loss_weights": [0.8, 0.2, 1.0]}),
+    "wpo": ("sigmoid", 0.0, {"use_weighting": True}),
+    # (TRL 1.16 cannot weight an sft term: it multiplies its expanded batch loss in place, which torch refuses)
+    "wpo_list": ("ipo,sigmoid", 0.0, {"use_weighting": True, "loss_weights": [1.0, 0.5]}),
+    "ld_dpo": ("sigmoid", 0.0, {"ld_alpha": 0.5}),
+    "ld_dpo_f": ("sigmoid_norm", 0.0, {"ld_alpha": 0.0, "f_divergence_type": "js_divergence"}),
+}
+CASES = [pytest.param(name, smoothing, {}, id=name) for name, smoothing in PAIRWISE]
+CASES += [pytest.param(*case, id=case_id) for case_id, case in OPTIONS.items()]
+
+
+@pytest.mark.parametrize(("loss_type", "label_smoothing", "options"), CASES)
+def test_loss_and_metrics_match_trl(model_dir, tmp_path, loss_type, label_smoothing, options):
+    trainer = _trl_trainer(model_dir, ROWS, tmp_path, loss_type, label_smoothing, **options)
     trainer.model.train()
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
     trl_loss = trainer.compute_loss(trainer.model, trl_batch)
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
-    cfg = make_config({"loss_type": loss_type, "beta": 0.2, "label_smoothing": label_smoothing})
+    cfg = make_config({"loss_type": loss_type, "beta": 0.2, "label_smoothing": label_smoothing, **options})
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
     module = DPOModule(cfg, _perturbed_policy(model_dir), FrozenReference(reference))
     items = [{k: trainer.train_dataset[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(4)]
@@ -117,5 +136,7 @@ def test_loss_and_metrics_match_trl(model_dir, tmp_path, loss_type, label_smooth
 
     assert abs(trl_loss.item() - 0.6931) > 1e-3 or loss_type != "sigmoid"  # the policy really differs
     torch.testing.assert_close(loss.detach(), trl_loss.detach(), rtol=1e-4, atol=1e-6)
-    for name in PREFERENCE_METRICS:
+    # TRL's logps/* are LD-DPO's weighted sums; ours stay the completions' log-probs (rewards are weighted in both)
+    names = [n for n in PREFERENCE_METRICS if not ("ld_alpha" in options and n.startswith("logps/"))]
+    for name in names:
         assert ours[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-6), name

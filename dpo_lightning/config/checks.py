@@ -32,12 +32,12 @@ def _non_negative(*names: str):
 
 
 def _check_loss(cfg: DPOConfig) -> str | None:
-    """The loss and its options, as the loss registry declares them (`dpo_lightning.losses.LOSSES`)."""
-    from dpo_lightning.losses import LOSS_TYPES, label_smoothing_problem
+    """The objective and its options, as the loss registry declares them (`dpo_lightning.losses.LOSSES`)."""
+    from dpo_lightning.losses import objective_problem
 
-    if cfg.loss_type not in LOSS_TYPES:
-        return f"unknown loss_type '{cfg.loss_type}'; valid choices: {', '.join(LOSS_TYPES)}"
-    return label_smoothing_problem(cfg.loss_type, cfg.label_smoothing)
+    if cfg.ld_alpha is not None and not 0.0 <= cfg.ld_alpha <= 1.0:
+        return f"ld_alpha must be in [0, 1] or null, got {cfg.ld_alpha}"
+    return objective_problem(cfg)
 
 
 def _check_lengths(cfg: DPOConfig) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dpo_lightning.config.schema import FIELD_TYPES, FIELDS, RESUMABLE_CHANGES, DPOConfig
+from dpo_lightning.config.schema import FIELD_TYPES, FIELDS, LIST_KEYS, RESUMABLE_CHANGES, DPOConfig
 from dpo_lightning.errors import ConfigError
 
 # ----------------------------------------------------------------------------- coercion
@@ -67,6 +67,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return number
     if annotation is str:
+        if key in LIST_KEYS and isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+            return ",".join(str(v) for v in value)  # a YAML list of a comma-separated key, as TRL's lists
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)

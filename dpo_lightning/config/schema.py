@@ -38,6 +38,8 @@ RESUMABLE_CHANGES = (
     "report_to",
     "push_to_hub",
 )
+# Keys whose value is a comma-separated list, which an experiment file may also write as a YAML list.
+LIST_KEYS = ("loss_type", "loss_weights", "lora_target_modules", "report_to")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TARGETS = ("tensorboard", "wandb", "mlflow", "csv", "none")
 PRECISIONS = ("32", "bf16-mixed")
@@ -104,19 +106,33 @@ class DPOConfig:
     """`auto` picks by the data: preference pairs train offline, prompts or plain text train online; `offline`
     and `online` force one; `reward` trains a RewardModel on preference pairs with the Bradley-Terry loss."""
     loss_type: str = "sigmoid"
-    """Preference loss (`dpo_lightning.losses.LOSSES`): sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair,
-    sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm (TRL's names and semantics; README: Losses)."""
+    """Preference loss, or several comma-separated (summed with loss_weights), of `dpo_lightning.losses.LOSSES`:
+    sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down,
+    discopop, sft, sigmoid_norm (TRL's names and semantics; README: Losses)."""
+    loss_weights: str = ""
+    """Comma-separated weights of loss_type's losses, one each (e.g. 0.8,0.2); empty weighs each 1."""
     beta: float = 0.1
     """KL penalty strength: rewards are beta * (policy logp - reference logp)."""
     label_smoothing: float = 0.0
     """Assumed share of flipped labels, in [0, 0.5): conservative DPO with sigmoid, rDPO's with robust, EXO's
-    epsilon with exo_pair (required there)."""
+    epsilon with exo_pair (required there), the soft labels of aot and aot_unpaired."""
     rpo_alpha: float = 0.0
-    """RPO: adds rpo_alpha times the chosen completions' mean token negative log-likelihood to the loss (TRL's
-    `sft` loss term), reported as nll_loss; 0 leaves it out."""
+    """RPO: adds rpo_alpha times the chosen completions' mean token negative log-likelihood to the loss (an sft
+    term of that weight), reported as nll_loss; 0 leaves it out."""
     discopop_tau: float = 0.05
     """DiscoPOP (`loss_type: discopop`): the temperature of the sigmoid that blends its logistic and exponential
     terms; the paper's value is 0.05."""
+    f_divergence_type: str = "reverse_kl"
+    """f-DPO: the divergence from the reference the policy is held to: reverse_kl (DPO's), forward_kl,
+    js_divergence or alpha_divergence; other than reverse_kl only for the losses README's table marks."""
+    f_alpha_divergence_coef: float = 0.5
+    """The alpha of f_divergence_type alpha_divergence."""
+    use_weighting: bool = False
+    """WPO: weight each pair by the policy's length-normalised, probability-aligned likelihood of both of its
+    completions (detached), so that off-policy pairs count less."""
+    ld_alpha: float | None = None
+    """LD-DPO, in [0, 1]: the completion tokens past the pair's shorter completion count ld_alpha times in every
+    log-prob sum the loss sees (policy and reference); null (or 1) counts them fully."""
 
     # --- online DPO: sampling and scoring ---
     reward_model: str | None = None

@@ -87,31 +87,36 @@ def _softmax_(logits: torch.Tensor) -> torch.Tensor:
 class ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(h W^T + b)[y] and the vocabulary-mean logit of M hidden states, `chunk_size` rows at a time.
 
-    hidden: (M, H); weight: (V, H); bias: (V,) or None; labels: (M,) -> token log-probs (M,) fp32 and mean
-    logits (M,) fp32 (not differentiable; for the logits/* metrics).
+    hidden: (M, H); weight: (V, H); bias: (V,) or None; labels: (M,) -> token log-probs (M,) fp32, mean logits
+    (M,) fp32 (not differentiable; for the logits/* metrics) and, with `with_weighting`, log sum_v p(v)^2 (M,)
+    (not differentiable; WPO's weights), else an empty tensor.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, with_weighting: bool = False):
         dtype = _compute_dtype(hidden)
         low_weight, low_bias = _cast(weight, bias, dtype)
         count = hidden.shape[0]
         buffer = _logits_buffer(count, chunk_size, weight, dtype)
         logps = torch.empty(count, dtype=_accumulation_dtype(dtype), device=hidden.device)
         mean_logit = torch.empty_like(logps)
+        square = torch.empty_like(logps) if with_weighting else logps.new_empty(0)
         for start in range(0, count, chunk_size):
             end = min(start + chunk_size, count)
             logits = _chunk_logits(hidden[start:end], low_weight, low_bias, dtype, buffer)
             picked = logits.gather(-1, labels[start:end, None]).squeeze(-1)
             mean_logit[start:end] = logits.mean(dim=-1)
             logps[start:end] = picked - _logsumexp_(logits)
+            if with_weighting:
+                # the buffer now holds e = exp(logits - max): log sum p^2 = log sum e^2 - 2 log sum e
+                square[start:end] = 2 * (torch.linalg.vector_norm(logits, dim=-1).log() - logits.sum(dim=-1).log())
         ctx.save_for_backward(hidden, weight, labels, *([] if bias is None else [bias]))
         ctx.chunk_size, ctx.dtype, ctx.has_bias = chunk_size, dtype, bias is not None
-        ctx.mark_non_differentiable(mean_logit)
-        return logps, mean_logit
+        ctx.mark_non_differentiable(mean_logit, square)
+        return logps, mean_logit, square
 
     @staticmethod
-    def backward(ctx, grad_logps, grad_mean_logit):
+    def backward(ctx, grad_logps, grad_mean_logit, grad_square):
         hidden, weight, labels, *rest = ctx.saved_tensors
         bias = rest[0] if ctx.has_bias else None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -142,9 +147,13 @@ class ChunkedTokenLogps(torch.autograd.Function):
                 grad_bias += grad_logits.sum(dim=0)
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def chunked_token_logps(hidden, head: torch.nn.Linear, labels, chunk_size: int):
-    """(token log-probs (M,), mean logits (M,)) of hidden states (M, H) under `head`, chunk by chunk."""
-    return ChunkedTokenLogps.apply(hidden, head.weight, head.bias, labels, chunk_size)
+def chunked_token_logps(hidden, head: torch.nn.Linear, labels, chunk_size: int, with_weighting: bool = False):
+    """(token log-probs (M,), mean logits (M,), log sum of squared probabilities (M,) with `with_weighting`, else
+    None) of hidden states (M, H) under `head`, chunk by chunk."""
+    logps, mean_logit, square = ChunkedTokenLogps.apply(
+        hidden, head.weight, head.bias, labels, chunk_size, with_weighting
+    )
+    return logps, mean_logit, square if with_weighting else None

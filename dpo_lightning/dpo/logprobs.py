@@ -21,34 +21,39 @@ class SequenceLogps(NamedTuple):
     logps: torch.Tensor  # (N,) sum of completion-token log-probs
     num_tokens: torch.Tensor  # (N,) completion tokens scored
     logits_sum: torch.Tensor  # (N,) sum over completion tokens of the vocabulary-mean logit, detached
+    # (N,) the part of `logps` past the pair's shorter completion (LD-DPO's verbose tail); None outside pairs
+    tail: torch.Tensor | None = None
+    # (N,) sum over completion tokens of log p(token) - log sum_v p(v)^2, detached (WPO's weights); when asked
+    aligned: torch.Tensor | None = None
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] for each position, computed row by row in fp32.
+def ld_weighted(half: SequenceLogps, ld_alpha: float | None) -> torch.Tensor:
+    """LD-DPO (Liu et al., 2024, arXiv 2409.06411): summed log-probs with the tokens past the pair's shorter
+    completion weighted by `ld_alpha` (their `tail`); plain sums when `ld_alpha` is None or no tail is known
+    (precomputed reference log-probs, which are stored weighted)."""
+    if ld_alpha is None or half.tail is None:
+        return half.logps
+    return half.logps - (1.0 - ld_alpha) * half.tail.to(half.logps.dtype)
 
-    logits: (N, T, V); labels: (N, T) -> (N, T) fp32.
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, with_weighting: bool = False):
+    """log softmax(logits)[label] for each position, computed row by row in fp32, and with `with_weighting`
+    also log sum_v softmax(logits)_v^2 (detached; else None).
+
+    logits: (N, T, V); labels: (N, T) -> (N, T) fp32 each.
     One row at a time bounds the fp32 temporary at T x V instead of N x T x V, which for a 150k vocabulary
     is the difference between hundreds of MB and many GB.
     """
-    rows = []
+    rows, squares = [], []
     for row_logits, row_labels in zip(logits, labels, strict=True):
         row_logits = row_logits.float()
         picked = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(rows)
-
-
-def _padded_sums(logits: torch.Tensor, per_token: torch.Tensor, completion_mask: torch.Tensor) -> SequenceLogps:
-    """Per-sequence sums of per-token log-probs (N, T - 1) over the scored (shifted) completion positions."""
-    scored = completion_mask[:, 1:].to(torch.float32)
-    with torch.no_grad():
-        mean_logit = logits[:, :-1].detach().mean(dim=-1, dtype=torch.float32)
-        logits_sum = (mean_logit * scored).sum(dim=-1)
-    return SequenceLogps(
-        logps=(per_token * scored).sum(dim=-1),
-        num_tokens=scored.sum(dim=-1),
-        logits_sum=logits_sum,
-    )
+        normaliser = torch.logsumexp(row_logits, dim=-1)
+        rows.append(picked - normaliser)
+        if with_weighting:
+            with torch.no_grad():
+                squares.append(torch.logsumexp(2 * row_logits, dim=-1) - 2 * normaliser)
+    return torch.stack(rows), torch.stack(squares) if with_weighting else None
 
 
 def forward_logps(model: torch.nn.Module, batch: SequenceBatch, chunk_size: int = 0) -> SequenceLogps:
@@ -63,27 +68,26 @@ def forward_logps(model: torch.nn.Module, batch: SequenceBatch, chunk_size: int 
 
 
 def forward_logps_and_tokens(
-    model: torch.nn.Module, batch: SequenceBatch, chunk_size: int = 0
+    model: torch.nn.Module, batch: SequenceBatch, chunk_size: int = 0, *, with_weighting: bool = False
 ) -> tuple[SequenceLogps, torch.Tensor]:
     """`forward_logps`, and the log-prob of every scored token (K,), detached, in `batch.scored_positions()`
-    order (sequence by sequence, each in token order): what a sampler's own per-token log-probs compare with."""
+    order (sequence by sequence, each in token order): what a sampler's own per-token log-probs compare with.
+    `with_weighting`: also each sequence's WPO `aligned` sum."""
     parts = body_and_head(model) if chunk_size > 0 else None
+    rows, positions, sequences = batch.scored_positions()
+    labels = batch.input_ids[rows, positions + 1]
     if parts is None:
         logits = model(**batch.model_inputs()).logits
-        if not batch.packed:
-            per_token = token_logps(logits[:, :-1], batch.input_ids[:, 1:])
-            rows, positions, _ = batch.scored_positions()
-            sums = _padded_sums(logits, per_token, batch.completion_mask)
-            return sums, per_token.detach()[rows, positions]
-        sequences, per_token, mean_logit = _packed_token_values(logits, batch)
-        return _per_sequence(batch, sequences, per_token, mean_logit), per_token.detach()
-    body, head = parts
-    hidden = final_hidden_states(model, body, batch.model_inputs())
-    rows, positions, sequences = batch.scored_positions()
-    per_token, mean_logit = chunked_token_logps(
-        hidden[rows, positions], head, batch.input_ids[rows, positions + 1], chunk_size
-    )
-    return _per_sequence(batch, sequences, per_token, mean_logit), per_token.detach().float()
+        per_token, square = token_logps(logits[:, :-1], batch.input_ids[:, 1:], with_weighting)
+        mean_logit = logits[:, :-1].detach().mean(dim=-1, dtype=torch.float32)
+        values = per_token[rows, positions], mean_logit[rows, positions]
+        values += (None if square is None else square[rows, positions],)
+    else:
+        body, head = parts
+        hidden = final_hidden_states(model, body, batch.model_inputs())
+        values = chunked_token_logps(hidden[rows, positions], head, labels, chunk_size, with_weighting)
+    sums = _per_sequence(batch, sequences, *values)
+    return sums, values[0].detach().float()
 
 
 def final_hidden_states(model: torch.nn.Module, body: torch.nn.Module, inputs: dict) -> torch.Tensor:
@@ -103,21 +107,32 @@ def final_hidden_states(model: torch.nn.Module, body: torch.nn.Module, inputs: d
     return captured[0]
 
 
-def _packed_token_values(logits: torch.Tensor, batch: SequenceBatch):
-    """The plain path on a packed row: (sequence, log-prob, mean logit) of each scored position."""
-    rows, positions, sequences = batch.scored_positions()
-    per_token = token_logps(logits[:, :-1], batch.input_ids[:, 1:])  # (1, L - 1)
-    mean_logit = logits[:, :-1].detach().mean(dim=-1, dtype=torch.float32)
-    return sequences, per_token[rows, positions], mean_logit[rows, positions]
+def _tail_mask(batch: SequenceBatch, sequences: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+    """(K,) which scored tokens lie past their pair's shorter completion (LD-DPO's tail); None outside a PairBatch.
+    `sequences` (K,) is each token's sequence, in sequence order; `counts` (N,) their scored tokens."""
+    if not isinstance(batch, PairBatch):
+        return None
+    chosen, rejected = batch.split(counts)
+    shared = torch.minimum(chosen, rejected)
+    shared = batch.row_weight(shared)  # the pair's value on both its rows
+    starts = torch.cumsum(counts, 0) - counts
+    index = torch.arange(len(sequences), device=sequences.device) - starts[sequences].long()
+    return index >= shared[sequences]
 
 
-def _per_sequence(batch: SequenceBatch, sequences, token_logps, mean_logit) -> SequenceLogps:
-    """Per-token values summed into their sequences."""
+def _per_sequence(batch: SequenceBatch, sequences, token_logps, mean_logit, square=None) -> SequenceLogps:
+    """Per-token values (K,), each of the sequence `sequences` names, summed into their sequences (N,)."""
     zeros = torch.zeros(batch.num_rows, dtype=torch.float32, device=token_logps.device)
+    token_logps = token_logps.float()
+    counts = zeros.index_add(0, sequences, torch.ones_like(token_logps))
+    tail = _tail_mask(batch, sequences, counts)
+    aligned = None if square is None else zeros.index_add(0, sequences, token_logps.detach() - square.float())
     return SequenceLogps(
-        logps=zeros.index_add(0, sequences, token_logps.float()),
-        num_tokens=zeros.index_add(0, sequences, torch.ones_like(token_logps, dtype=torch.float32)),
+        logps=zeros.index_add(0, sequences, token_logps),
+        num_tokens=counts,
         logits_sum=zeros.index_add(0, sequences, mean_logit.detach().float()),
+        tail=None if tail is None else zeros.index_add(0, sequences, token_logps * tail),
+        aligned=aligned,
     )
 
 
@@ -129,5 +144,5 @@ class PairLogps(NamedTuple):
 
     @classmethod
     def of(cls, batch: PairBatch, rows: SequenceLogps) -> PairLogps:
-        halves = [batch.split(values) for values in rows]
+        halves = [(None, None) if values is None else batch.split(values) for values in rows]
         return cls(SequenceLogps(*(h[0] for h in halves)), SequenceLogps(*(h[1] for h in halves)))

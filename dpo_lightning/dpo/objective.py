@@ -3,29 +3,46 @@ policy's log-probs (with gradients), the reference's (from the `Reference` seam)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
 
 from dpo_lightning.data.batch import PairBatch
-from dpo_lightning.dpo.logprobs import PairLogps, forward_logps_and_tokens
+from dpo_lightning.dpo.logprobs import PairLogps, forward_logps_and_tokens, ld_weighted
 from dpo_lightning.dpo.reference import Reference
-from dpo_lightning.losses import LossOutput, compute_loss
+from dpo_lightning.losses import LossOutput, Terms, chosen_nll, compute_loss, objective_terms, wpo_weights
 
 
 @dataclass(frozen=True)
 class LossSettings:
-    """What the loss needs beyond log-probs: the variant, beta, the label-flip rate and DiscoPOP's temperature."""
+    """What the objective needs beyond log-probs: the configuration's keys of the same names (`DPOConfig`)."""
 
     loss_type: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     discopop_tau: float = 0.05
+    loss_weights: str = ""
+    rpo_alpha: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    use_weighting: bool = False
+    ld_alpha: float | None = None
 
     @classmethod
     def of(cls, cfg) -> LossSettings:
-        return cls(cfg.loss_type, cfg.beta, cfg.label_smoothing, cfg.discopop_tau)
+        """From a DPOConfig, or from a mapping of a run's saved configuration (absent keys take the defaults)."""
+        values = cfg if isinstance(cfg, Mapping) else {f.name: getattr(cfg, f.name) for f in fields(cls)}
+        return cls(**{f.name: values.get(f.name, f.default) for f in fields(cls)})
+
+    @property
+    def terms(self) -> Terms:
+        return objective_terms(self.loss_type, self.loss_weights, self.rpo_alpha)
+
+    @property
+    def uses_nll(self) -> bool:
+        return any(name == "sft" for name, _ in self.terms)
 
 
 class PairResult(NamedTuple):
@@ -35,19 +52,33 @@ class PairResult(NamedTuple):
     policy_tokens: torch.Tensor  # (K,) the policy's log-prob of each scored token, detached, in scored order
 
 
-def pair_loss(settings: LossSettings, policy: PairLogps, reference: PairLogps) -> LossOutput:
-    """The configured loss of B pairs from their policy and reference log-probs."""
+def pair_loss(
+    settings: LossSettings, policy: PairLogps, reference: PairLogps, pair_weight: torch.Tensor | None = None
+) -> LossOutput:
+    """The configured objective of B pairs from their policy and reference log-probs; `pair_weight` (B,), 0 for
+    pairs that count nowhere, is what the micro-batch terms (sft's token mean, aot's sorts) are taken over."""
+    weight = torch.ones_like(policy.chosen.num_tokens) if pair_weight is None else pair_weight
+    nll = chosen_nll(policy.chosen.logps, policy.chosen.num_tokens, weight) if settings.uses_nll else None
+    wpo = None
+    if settings.use_weighting:
+        wpo = wpo_weights(policy.chosen.aligned, policy.chosen.num_tokens)
+        wpo = wpo * wpo_weights(policy.rejected.aligned, policy.rejected.num_tokens)
     return compute_loss(
-        settings.loss_type,
-        policy.chosen.logps,
-        policy.rejected.logps,
-        reference.chosen.logps.float(),
-        reference.rejected.logps.float(),
+        settings.terms,
+        ld_weighted(policy.chosen, settings.ld_alpha),
+        ld_weighted(policy.rejected, settings.ld_alpha),
+        ld_weighted(reference.chosen, settings.ld_alpha).float(),
+        ld_weighted(reference.rejected, settings.ld_alpha).float(),
         beta=settings.beta,
         label_smoothing=settings.label_smoothing,
         discopop_tau=settings.discopop_tau,
+        f_divergence_type=settings.f_divergence_type,
+        f_alpha_divergence_coef=settings.f_alpha_divergence_coef,
         chosen_lengths=policy.chosen.num_tokens,
         rejected_lengths=policy.rejected.num_tokens,
+        pair_weight=weight,
+        chosen_nll=nll,
+        wpo_weight=wpo,
     )
 
 
@@ -56,7 +87,8 @@ def pair_forward(
 ) -> PairResult:
     """Policy and reference log-probs of a pair batch's 2B rows, and the per-pair loss. `chunk_size`: how the
     policy's log-probs are computed (`logprobs.forward_logps`); the reference computes its own its way."""
-    rows, tokens = forward_logps_and_tokens(policy, batch, chunk_size)
+    rows, tokens = forward_logps_and_tokens(policy, batch, chunk_size, with_weighting=settings.use_weighting)
     policy_logps = PairLogps.of(batch, rows)
     reference_logps = PairLogps.of(batch, reference.logps(batch))
-    return PairResult(pair_loss(settings, policy_logps, reference_logps), policy_logps, reference_logps, tokens)
+    loss = pair_loss(settings, policy_logps, reference_logps, batch.weights())
+    return PairResult(loss, policy_logps, reference_logps, tokens)

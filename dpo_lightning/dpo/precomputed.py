@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dpo_lightning.data.batch import PairBatch, SequenceBatch
-from dpo_lightning.dpo.logprobs import SequenceLogps
+from dpo_lightning.dpo.logprobs import SequenceLogps, ld_weighted
 from dpo_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -129,16 +129,17 @@ def reference_pass(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     description: str = "reference log-probs",
+    ld_alpha: float | None = None,
 ) -> torch.Tensor:
     """(pairs, 2) float32 (chosen, rejected) log-probs of every pair in `batches`, in order, from a `Reference`
-    (`.logps(batch)`) on `device`, with a progress bar."""
+    (`.logps(batch)`) on `device`, with a progress bar; with `ld_alpha`, LD-DPO's weighted sums (stored so)."""
     from tqdm.auto import tqdm
 
     out = []
     for batch in tqdm(batches, desc=description, unit="batch", leave=False):
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            rows = reference.logps(batch).logps.float()
+            rows = ld_weighted(reference.logps(batch), ld_alpha).float()
         chosen, rejected = batch.split(rows)
         out.append(torch.stack([chosen, rejected], dim=1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 2)

@@ -30,14 +30,10 @@ def evaluate_pairs(
     reference: Reference,
     batches: Iterable[PairBatch],
     *,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    discopop_tau: float = 0.05,
+    settings: LossSettings,
     chunk_size: int = 0,
 ) -> PairEvaluation:
-    """DPO metrics of collated pair batches, with validation's code."""
-    settings = LossSettings(loss_type, beta, label_smoothing, discopop_tau)
+    """DPO metrics of collated pair batches under the objective `settings`, with validation's code."""
     device = next(policy.parameters()).device
     metrics = PreferenceMetrics().to(device)
     margins: list[float] = []

@@ -21,6 +21,7 @@ from dpo_lightning.data.formats import dataset_roles, has_pairs, normalize, norm
 from dpo_lightning.data.sources import load_splits
 from dpo_lightning.data.split import split_by_prompt
 from dpo_lightning.data.tokenize import tokenize_pair, tokenize_prompts
+from dpo_lightning.dpo.objective import LossSettings
 from dpo_lightning.dpo.reference import FrozenReference, Reference
 from dpo_lightning.errors import UserError
 from dpo_lightning.evaluation.pairs import evaluate_pairs, reward_agreement
@@ -109,9 +110,8 @@ def run_settings(options: EvalOptions, record: dict | None) -> dict[str, Any]:
         "dataset_name": pick("dataset_name", "dataset_name", None),
         "reference": reference,  # None: the policy is its own reference
         "beta": pick("beta", "beta", 0.1),
-        "loss_type": trained.get("loss_type", "sigmoid"),
-        "label_smoothing": trained.get("label_smoothing", 0.0),
-        "discopop_tau": trained.get("discopop_tau", 0.05),
+        # the trained run's objective (loss_type, its weights and options), with beta as given
+        **{k: v for k, v in asdict(LossSettings.of(trained)).items() if k != "beta"},
         "max_new_tokens": pick("max_new_tokens", "max_new_tokens", 128),
         "temperature": pick("temperature", "temperature", 0.9),
         "top_p": pick("top_p", "top_p", 1.0),
@@ -245,10 +245,7 @@ def preference_section(models: Models, rows: list[dict], cfg, settings: dict, ba
         models.policy,
         models.reference,
         _progress(batches, "pairs"),
-        beta=settings["beta"],
-        loss_type=settings["loss_type"],
-        label_smoothing=settings["label_smoothing"],
-        discopop_tau=settings["discopop_tau"],
+        settings=LossSettings.of(settings),
         chunk_size=models.logps_chunk_size,
     )
     metrics = dict(result.metrics)

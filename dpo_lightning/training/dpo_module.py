@@ -12,7 +12,7 @@ from dpo_lightning.dpo.metrics import PreferenceMetrics
 from dpo_lightning.dpo.objective import LossSettings, PairResult, pair_forward
 from dpo_lightning.dpo.precomputed import PrecomputedReference
 from dpo_lightning.dpo.reference import FrozenReference, Reference
-from dpo_lightning.losses import chosen_nll, weighted_mean
+from dpo_lightning.losses import weighted_mean
 from dpo_lightning.memory import release_free_memory
 from dpo_lightning.online.comparison import compare_generations
 from dpo_lightning.online.judges import Judge
@@ -118,17 +118,13 @@ class DPOModule(TrainingModule):
         return self.objective(result, batch, metrics)
 
     def objective(self, result: PairResult, batch: PairBatch, metrics: PreferenceMetrics) -> torch.Tensor:
-        """The micro-batch's loss: the pairs' weighted mean DPO loss, plus `rpo_alpha` times the chosen
-        completions' mean token NLL (RPO; TRL's `sft` loss term) when asked; the metrics' update."""
-        out = result.loss
-        if self.cfg.rpo_alpha > 0:
-            weight = batch.weights()
+        """The micro-batch's loss, the pairs' weighted mean of the configured objective (its sft term, or
+        rpo_alpha's, reported as nll_loss); the metrics' update."""
+        if result.loss.nll is not None:
             chosen = result.policy.chosen
-            nll = chosen_nll(chosen.logps, chosen.num_tokens, weight)
-            out = out._replace(losses=out.losses + self.cfg.rpo_alpha * nll)
-            metrics.update_nll(nll, (chosen.num_tokens * weight).sum())
-        metrics.update(out, result.policy, batch)
-        return weighted_mean(out.losses, batch.pair_weight)
+            metrics.update_nll(result.loss.nll, (chosen.num_tokens * batch.weights()).sum())
+        metrics.update(result.loss, result.policy, batch)
+        return weighted_mean(result.loss.losses, batch.pair_weight)
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         return self.shared_step(batch, self.train_metrics)

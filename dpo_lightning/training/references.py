@@ -64,6 +64,7 @@ def make_reference(
         "precision": cfg.precision,
         "attn_implementation": cfg.attn_implementation,
         "logps_chunk_size": cfg.logps_chunk_size,
+        "ld_alpha": cfg.ld_alpha,  # the stored sums are LD-DPO's weighted ones
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
     key = cache_key(weights, {n: pairs_fingerprint(d) for n, d in splits.items()}, settings)
@@ -97,6 +98,7 @@ def compute_pending(pending: PendingPrecompute, reference: Reference, trainer, c
             device=trainer.strategy.root_device,
             autocast_dtype=autocast,
             description=f"reference log-probs ({name})",
+            ld_alpha=cfg.ld_alpha,
         )
         gathered = trainer.strategy.all_gather(share.to(trainer.strategy.root_device))
         values[name] = interleave_shares(gathered if world > 1 else gathered[None], len(split))
