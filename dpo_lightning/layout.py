@@ -29,6 +29,7 @@ METRICS = "metrics.jsonl"
 LIGHTNING_STATE = "trainer/lightning.pt"
 FSDP_STATE = "trainer/fsdp"
 RANK_STATE = "trainer/rank-{rank:05d}.pt"
+REFERENCE = "trainer/reference"  # a TR-DPO run's reference as it has moved, in Hugging Face format
 FORMAT = 1
 _LIBRARIES = ("torch", "lightning", "transformers", "datasets", "tokenizers", "torchmetrics", "determined")
 

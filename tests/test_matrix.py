@@ -54,6 +54,7 @@ FACTORS: dict[str, tuple] = {
     "gradient_accumulation_steps": (1, 2),
     "ref_model_name": (None, SEPARATE),
     "strategy": ("ddp", "fsdp"),
+    "sync_ref_model": (False, True),
     "sampler": ("hf", "vllm"),
 }
 # values that cannot go together, and the words of the one line that refuses them
@@ -61,6 +62,8 @@ REFUSED = (
     ({"mode": "online", "precompute_ref_logps": True}, "mode online has no fixed pairs"),
     ({"precompute_ref_logps": True, "generation_eval_every": 1}, "generation_eval_every samples the reference"),
     ({"mode": "offline", "sampler": "vllm"}, "sampler: vllm samples online DPO's completions"),
+    ({"sync_ref_model": True, "lora_r": 4}, "with LoRA the policy is adapters on a frozen base"),
+    ({"sync_ref_model": True, "precompute_ref_logps": True}, "its log-probs cannot be precomputed"),
 )
 # values that need a package a machine may lack: the other rows cover every other pair without them, and
 # where the package is missing the rows holding them must be refused in one line that names it
@@ -83,6 +86,7 @@ COMMON = dict(
     reward_model="reward_scripts:text_hash",  # no ties: every metric is defined
     generation_eval_prompts=8,
     report_to="none",
+    ref_model_sync_steps=1,  # with sync_ref_model: the reference moves at every step, a resume must restore it
 )
 CRASH_AFTER = 2
 TIMING = ("samples_per_second", "tokens_per_second", "peak_memory_gb", "time/")

@@ -40,6 +40,27 @@ def _check_loss(cfg: DPOConfig) -> str | None:
     return objective_problem(cfg)
 
 
+def _check_reference_sync(cfg: DPOConfig) -> str | None:
+    """TR-DPO's options, and what it cannot work with."""
+    if not 0.0 < cfg.ref_model_mixup_alpha <= 1.0:
+        return f"ref_model_mixup_alpha must be in (0, 1], got {cfg.ref_model_mixup_alpha}"
+    if cfg.ref_model_sync_steps <= 0:
+        return f"ref_model_sync_steps must be > 0, got {cfg.ref_model_sync_steps}"
+    if not cfg.sync_ref_model:
+        return None
+    if cfg.precompute_ref_logps:
+        return (
+            "sync_ref_model changes the reference every ref_model_sync_steps steps, so its log-probs cannot be "
+            "precomputed (set precompute_ref_logps: false)"
+        )
+    if cfg.lora_r > 0:
+        return (
+            "sync_ref_model mixes the policy's weights into the reference's; with LoRA the policy is adapters on a "
+            "frozen base (set lora_r: 0, or sync_ref_model: false)"
+        )
+    return None
+
+
 def _check_lengths(cfg: DPOConfig) -> str | None:
     for name in ("max_completion_length", "eval_batch_size"):
         value = getattr(cfg, name)
@@ -128,6 +149,8 @@ def mode_problem(cfg: DPOConfig, mode: str) -> str | None:
         return "lora_r applies to DPO's policy; mode reward trains a reward model in full (set lora_r: 0)"
     if cfg.padding_free and mode == "reward":
         return "padding_free packs DPO's sequences; mode reward scores padded rows (set padding_free: false)"
+    if cfg.sync_ref_model and mode == "reward":
+        return "sync_ref_model moves DPO's reference; mode reward has none (set sync_ref_model: false)"
     if mode == "online":
         return _online_problem(cfg)
     return None
@@ -204,6 +227,7 @@ _CHECKS = (
     _non_negative("weight_decay", "max_grad_norm", "warmup_steps", "checkpoint_every_n_steps", "num_workers"),
     _non_negative("logps_chunk_size"),
     _check_loss,
+    _check_reference_sync,
     _check_lengths,
     _check_fractions,
     _check_steps,

@@ -133,6 +133,14 @@ class DPOConfig:
     ld_alpha: float | None = None
     """LD-DPO, in [0, 1]: the completion tokens past the pair's shorter completion count ld_alpha times in every
     log-prob sum the loss sees (policy and reference); null (or 1) counts them fully."""
+    sync_ref_model: bool = False
+    """TR-DPO: every ref_model_sync_steps optimizer steps the reference becomes ref_model_mixup_alpha * policy +
+    (1 - ref_model_mixup_alpha) * reference, weight by weight (saved in each checkpoint). Not with LoRA or
+    precompute_ref_logps."""
+    ref_model_mixup_alpha: float = 0.6
+    """TR-DPO: the policy's share of the reference after each sync, in (0, 1]."""
+    ref_model_sync_steps: int = 512
+    """TR-DPO: optimizer steps between reference syncs."""
 
     # --- online DPO: sampling and scoring ---
     reward_model: str | None = None

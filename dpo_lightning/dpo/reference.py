@@ -3,7 +3,8 @@
 A training step asks its `Reference` for the log-probs of the rows it scores and never touches a reference
 network itself, so another source plugs in as one new class without changing the step. `FrozenReference` is
 a frozen copy of the initial policy, or the model named by `ref_model_name`, in eval mode under no_grad;
-`AdapterDisabledReference` is a LoRA policy with its adapters switched off; `precomputed.PrecomputedReference`
+`SyncedReference` is one that TR-DPO moves toward the policy as it trains; `AdapterDisabledReference` is a LoRA
+policy with its adapters switched off; `precomputed.PrecomputedReference`
 reads log-probs computed before training. Generation metrics also sample the reference's own completions, through
 `sampling_model`.
 """
@@ -18,6 +19,7 @@ import torch
 
 from dpo_lightning.data.batch import SequenceBatch
 from dpo_lightning.dpo.logprobs import SequenceLogps, forward_logps
+from dpo_lightning.errors import UserError
 from dpo_lightning.models.sharding import is_sharded, reshard
 
 
@@ -61,6 +63,44 @@ class FrozenReference(torch.nn.Module):
     @contextmanager
     def sampling_model(self) -> Iterator[torch.nn.Module]:
         yield self.model
+
+
+class SyncedReference(FrozenReference):
+    """TR-DPO (Gorbatovski et al., 2024, arXiv 2404.09656): a frozen reference that moves toward the policy every
+    `every` optimizer steps, reference <- alpha * policy + (1 - alpha) * reference, weight by weight. Between
+    syncs it is as frozen as any; its weights are part of a run's state, so checkpoints keep them."""
+
+    def __init__(self, model: torch.nn.Module, policy: torch.nn.Module, *, alpha: float, every: int, chunk_size=0):
+        super().__init__(model, chunk_size)
+        self.alpha, self.every = alpha, every
+        problem = architecture_mismatch(policy, model)
+        if problem:
+            raise UserError(f"sync_ref_model mixes the policy's weights into the reference's, but {problem}")
+
+    def after_step(self, policy: torch.nn.Module, step: int) -> bool:
+        """Sync from `policy` when optimizer step `step` (1-based) is a multiple of `every`; whether it did."""
+        if step % self.every:
+            return False
+        mix_into(self.model, policy, self.alpha)
+        return True
+
+
+def architecture_mismatch(policy: torch.nn.Module, reference: torch.nn.Module) -> str | None:
+    """Why `reference`'s weights cannot be mixed with `policy`'s (another name or shape), or None."""
+    ours = {name: tuple(p.shape) for name, p in reference.named_parameters()}
+    theirs = {name: tuple(p.shape) for name, p in policy.named_parameters()}
+    if ours == theirs:
+        return None
+    differing = sorted(set(ours) ^ set(theirs)) or sorted(n for n in ours if ours[n] != theirs[n])
+    return f"the reference's parameters differ from the policy's (first: {differing[0]})"
+
+
+@torch.no_grad()
+def mix_into(target: torch.nn.Module, source: torch.nn.Module, alpha: float) -> None:
+    """target <- alpha * source + (1 - alpha) * target, parameter by parameter, in the target's dtype; sharded
+    (FSDP2) parameters mix shard by shard, both networks being sharded alike."""
+    for mine, theirs in zip(target.parameters(), source.parameters(), strict=True):
+        mine.mul_(1.0 - alpha).add_(theirs.detach().to(mine.dtype), alpha=alpha)
 
 
 class AdapterDisabledReference:

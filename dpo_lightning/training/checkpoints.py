@@ -24,13 +24,14 @@ from dpo_lightning.layout import (
     MERGED,
     METADATA,
     RANK_STATE,
+    REFERENCE,
     RUN_CONFIG,
     complete_checkpoints,
     read_metadata,
     write_json,
 )
 from dpo_lightning.models.lora import save_merged
-from dpo_lightning.training.strategies import full_trained_state, is_fsdp
+from dpo_lightning.training.strategies import full_trained_state, full_weights, is_fsdp
 
 # a model's weights in Hugging Face format: one file, a sharded index, or a LoRA run's adapters
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
@@ -65,27 +66,34 @@ def checkpoint_metadata(step: int, trial_id: int | None) -> dict[str, Any]:
     return {"steps_completed": int(step), "trial_id": trial_id, "format": FORMAT}
 
 
-def write_checkpoint(folder: Path, *, trainer, module, tokenizer, record: dict[str, Any], full_weights: bool) -> None:
+def write_checkpoint(
+    folder: Path, *, trainer, module, tokenizer, record: dict[str, Any], with_full_weights: bool
+) -> None:
     """This rank's part of a checkpoint into `folder`; every rank calls it, in step.
 
     Rank 0 writes the tokenizer and run_config.json at the root and every rank its own RNG state and the
     module's per-rank state (its sampling stream). Without FSDP, rank 0 also writes the trained model (the
     policy, or a RewardModel) in Hugging Face format at the root and the Lightning state (optimizer, scheduler,
     loops, data position) without weights. Under FSDP every rank writes its shard of the trained weights and
-    optimizer state instead, and the whole model is gathered into Hugging Face format only with `full_weights`
-    (the last checkpoint of a run).
+    optimizer state instead, and the whole model is gathered into Hugging Face format only with
+    `with_full_weights` (the last checkpoint of a run). A TR-DPO reference, which moves as the policy trains, is
+    written whole at trainer/reference/ in Hugging Face format.
     """
     folder = Path(folder)
     sharded = is_fsdp(trainer)
     if sharded:
         module.reshard()  # a root left whole by validation would be saved whole, not as this rank's shard
-    trained_state = full_trained_state(trainer, module) if full_weights or not sharded else None
+    trained_state = full_trained_state(trainer, module) if with_full_weights or not sharded else None
+    synced = module.synced_reference()
+    reference_state = None if synced is None else full_weights(trainer, synced, trainable_only=False)
     (folder / "trainer").mkdir(parents=True, exist_ok=True)
     # Without FSDP the module leaves the weights out of this state (`on_save_checkpoint`): they are at the root.
     trainer.save_checkpoint(folder / (FSDP_STATE if sharded else LIGHTNING_STATE), weights_only=False)
     if trainer.is_global_zero:
         if trained_state is not None:
             module.save_pretrained(folder, trained_state)
+        if reference_state is not None:
+            synced.save_pretrained(folder / REFERENCE, state_dict=reference_state, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         write_json(folder / RUN_CONFIG, record)
     rank_state = {"rng": rng_state(), "module": module.rank_state_dict()}

@@ -11,7 +11,7 @@ from dpo_lightning.data.batch import PairBatch, PromptBatch
 from dpo_lightning.dpo.metrics import PreferenceMetrics
 from dpo_lightning.dpo.objective import LossSettings, PairResult, pair_forward
 from dpo_lightning.dpo.precomputed import PrecomputedReference
-from dpo_lightning.dpo.reference import FrozenReference, Reference
+from dpo_lightning.dpo.reference import FrozenReference, Reference, SyncedReference
 from dpo_lightning.losses import weighted_mean
 from dpo_lightning.memory import release_free_memory
 from dpo_lightning.online.comparison import compare_generations
@@ -63,6 +63,15 @@ class DPOModule(TrainingModule):
 
     def frozen_networks(self) -> list[torch.nn.Module]:
         return [self.reference.model] if isinstance(self.reference, FrozenReference) else []
+
+    def synced_reference(self) -> torch.nn.Module | None:
+        return self.reference.model if isinstance(self.reference, SyncedReference) else None
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if isinstance(self.reference, SyncedReference):
+            # inside this hook Lightning has not yet counted the step just taken
+            self.reference.after_step(self.policy, self.global_step + 1)
 
     def on_fit_start(self) -> None:
         if self.pending is not None:

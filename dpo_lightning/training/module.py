@@ -79,6 +79,10 @@ class TrainingModule(L.LightningModule):
         """Networks beside the trained one that run forward passes (a reference): FSDP shards them too."""
         return []
 
+    def synced_reference(self) -> torch.nn.Module | None:
+        """A reference network that moves as the policy trains (TR-DPO), which checkpoints therefore keep."""
+        return None
+
     def configure_model(self) -> None:
         # Under FSDP2 each network is sharded here, once the device mesh exists and before the optimizer sees
         # the parameters; elsewhere the models stay as loaded. A warm start's sharded weights load either way.

@@ -1,6 +1,6 @@
-"""Which reference a run trains against: a frozen network (`dpo.reference.FrozenReference`), the LoRA policy
-with its adapters disabled, or either's log-probs precomputed once and read from disk (`dpo.precomputed`,
-`precompute_ref_logps: true`).
+"""Which reference a run trains against: a frozen network (`dpo.reference.FrozenReference`, or TR-DPO's
+`SyncedReference`, which moves toward the policy), the LoRA policy with its adapters disabled, or either's
+log-probs precomputed once and read from disk (`dpo.precomputed`, `precompute_ref_logps: true`).
 
 Precomputing runs once the training processes have met and the networks are placed (and, under FSDP,
 sharded): each rank computes an equal share of the pairs, the shares are gathered, rank 0 writes the one
@@ -29,7 +29,7 @@ from dpo_lightning.dpo.precomputed import (
     weights_fingerprint,
     write_cached,
 )
-from dpo_lightning.dpo.reference import AdapterDisabledReference, FrozenReference, Reference
+from dpo_lightning.dpo.reference import AdapterDisabledReference, FrozenReference, Reference, SyncedReference
 from dpo_lightning.hub import cache_root
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,13 @@ def make_reference(
     the policy with its adapters disabled. With precomputed log-probs: read from the cache when an earlier run
     computed the same ones (no network kept), else the live reference and the pending computation, which
     `compute_pending` finishes once training has set up."""
-    live = (
-        AdapterDisabledReference(policy, chunk_size=cfg.logps_chunk_size)
-        if model is None
-        else FrozenReference(model, chunk_size=cfg.logps_chunk_size)
-    )
+    if model is None:
+        live = AdapterDisabledReference(policy, chunk_size=cfg.logps_chunk_size)
+    elif cfg.sync_ref_model:
+        every, alpha = cfg.ref_model_sync_steps, cfg.ref_model_mixup_alpha
+        live = SyncedReference(model, policy, alpha=alpha, every=every, chunk_size=cfg.logps_chunk_size)
+    else:
+        live = FrozenReference(model, chunk_size=cfg.logps_chunk_size)
     if not cfg.precompute_ref_logps:
         return live, None
     weights = weights_fingerprint(policy, skip="lora_") if model is None else weights_fingerprint(model)
@@ -101,7 +103,8 @@ def compute_pending(pending: PendingPrecompute, reference: Reference, trainer, c
             ld_alpha=cfg.ld_alpha,
         )
         gathered = trainer.strategy.all_gather(share.to(trainer.strategy.root_device))
-        values[name] = interleave_shares(gathered if world > 1 else gathered[None], len(split))
+        # (world, count, 2): strategies differ in whether one process's gather has the world dimension
+        values[name] = interleave_shares(gathered.reshape(world, *share.shape), len(split))
     if trainer.is_global_zero:
         write_cached(pending.path, pending.key, values)
         log.info(

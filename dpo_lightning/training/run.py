@@ -23,7 +23,7 @@ from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.data.mode import needs_judge
 from dpo_lightning.errors import UserError
-from dpo_lightning.layout import FSDP_STATE, METRICS, RUN_CONFIG, run_record, write_json
+from dpo_lightning.layout import FSDP_STATE, METRICS, REFERENCE, RUN_CONFIG, run_record, write_json
 from dpo_lightning.lightning_compat import progress_bar
 from dpo_lightning.memory import release_free_memory
 from dpo_lightning.models import (
@@ -197,9 +197,10 @@ def warn_off_sync_checkpoints(cfg: DPOConfig) -> None:
 def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSource | None, start: StartPoint | None):
     """The policy (from the checkpoint when starting from one) and its reference network, frozen.
 
-    The reference is always the configured one: `ref_model_name`, else the initial policy `model_name`,
-    never the checkpoint's trained weights. A sharded (FSDP) checkpoint's weights are read after sharding
-    (`TrainingModule.configure_model`, or Lightning's restore): the policy is built from `model_name` here.
+    The reference is the configured one: `ref_model_name`, else the initial policy `model_name`, never the
+    checkpoint's trained weights; only a TR-DPO run resumes its reference as it had moved (trainer/reference/).
+    A sharded (FSDP) checkpoint's weights are read after sharding (`TrainingModule.configure_model`, or
+    Lightning's restore): the policy is built from `model_name` here.
     """
     if start is None or is_sharded_checkpoint(start.path):
         policy = load_policy(cfg, policy_source)
@@ -212,7 +213,17 @@ def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSou
         initial = None
     if cfg.lora_r > 0 and ref_source is None:
         return policy, None  # the reference is the policy with its adapters disabled: no second model
+    if cfg.sync_ref_model and start is not None and not start.weights_only:
+        ref_source, initial = synced_reference_source(start.path), None
     return policy, load_reference(cfg, ref_source or policy_source, initial_policy=initial)
+
+
+def synced_reference_source(checkpoint: Path) -> ModelSource:
+    """Where a TR-DPO run's checkpoint keeps its reference as it had moved."""
+    folder = checkpoint / REFERENCE
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{checkpoint} has no {REFERENCE}/ (the TR-DPO reference sync_ref_model resumes from)")
+    return ModelSource(str(folder), True)
 
 
 def build_module(

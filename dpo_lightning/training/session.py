@@ -132,7 +132,7 @@ class TrainingSession:
                 module=module,
                 tokenizer=trainer.datamodule.tokenizer,
                 record=self.record,
-                full_weights=last,
+                with_full_weights=last,
             )
         self.last_saved = (step, Path(path))
         if trainer.is_global_zero:

@@ -102,9 +102,15 @@ def is_fsdp(trainer) -> bool:
 def full_trained_state(trainer, module) -> dict[str, torch.Tensor] | None:
     """The trained model's complete weights on global rank 0 (None elsewhere); under FSDP every rank must
     call it, and the full tensors are gathered one parameter at a time into rank 0's CPU memory."""
+    return full_weights(trainer, module.trained)
+
+
+def full_weights(trainer, model: torch.nn.Module, *, trainable_only: bool = True) -> dict[str, torch.Tensor] | None:
+    """`model`'s complete weights on global rank 0 (None elsewhere), sharded or not; under FSDP every rank must
+    call it. `trainable_only`: leave frozen parameters out (a LoRA base) where the model is sharded."""
     if not is_fsdp(trainer):
-        return module.trained.state_dict() if trainer.is_global_zero else None
-    state = full_state_dict(module.trained)
+        return model.state_dict() if trainer.is_global_zero else None
+    state = full_state_dict(model, trainable_only=trainable_only)
     return state if trainer.is_global_zero else None
 
 
