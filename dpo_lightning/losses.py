@@ -26,7 +26,8 @@ class LossOutput(NamedTuple):
     losses: torch.Tensor  # (B,) per-pair loss, not reduced
     chosen_rewards: torch.Tensor  # (B,) beta * (policy_chosen_logps - ref_chosen_logps), detached
     rejected_rewards: torch.Tensor  # (B,) beta * (policy_rejected_logps - ref_rejected_logps), detached
-    nll: torch.Tensor | None = None  # () the sft term's chosen-token NLL, when the objective has one
+    nll: torch.Tensor | None = None  # () the chosen-token NLL, when a term of the objective reads it
+    extras: dict[str, torch.Tensor] | None = None  # (B,) per-pair metrics of the losses that define their own
 
 
 class LossSpec(NamedTuple):
@@ -39,9 +40,16 @@ class LossSpec(NamedTuple):
     f_divergence: bool = False  # defined on any f-divergence's scores of the log-ratios, not only reverse KL's
     scope: str = "pair"  # "pair", or "micro-batch" when a pair's loss depends on the others' (sorts, token means)
     sorts: bool = False  # pairs change places (so WPO's per-pair weights cannot follow them)
+    reference: str = "needed"  # "needed", "none" (reference-free: no reference is loaded) or "either" (sft)
+    rewards: str = "log-ratio"  # its implicit reward: beta x the "log-ratio", the "policy" log-prob, or "per-token"
+    nll: bool = False  # reads the chosen completions' mean token NLL
+    metrics: Callable[[PairTerms], dict[str, torch.Tensor]] | None = None  # its own per-pair metrics, by name:
+    metric_names: tuple[str, ...] = ()  # (fixed before the first step, so that every rank and resume has them)
 
 
-# Every loss users may choose, in the order shown to them (TRL 1.16's fifteen).
+_FREE = {"reference": "none", "nll": True}
+# Every loss users may choose, in the order shown to them: TRL 1.16 DPOTrainer's fifteen, then three without a
+# reference.
 LOSSES: dict[str, LossSpec] = {
     "sigmoid": LossSpec(pl.sigmoid_loss, "DPO, Rafailov et al. 2023 (cDPO with label_smoothing)", "optional", (), True),
     "ipo": LossSpec(pl.ipo_loss, "IPO, Azar et al. 2023", f_divergence=True),
@@ -61,14 +69,35 @@ LOSSES: dict[str, LossSpec] = {
         pl.discopop_loss, "DiscoPOP, Chris Lu et al. 2024", options=("discopop_tau",), f_divergence=True
     ),
     "sft": LossSpec(
-        pl.sft_loss, "SFT on the chosen completions (RPO, Pang et al. 2024)", f_divergence=True, scope="micro-batch"
+        pl.sft_loss,
+        "SFT on the chosen completions (RPO, Pang et al. 2024)",
+        f_divergence=True,
+        scope="micro-batch",
+        reference="either",
+        nll=True,
     ),
     "sigmoid_norm": LossSpec(pl.sigmoid_norm_loss, "length-normalised DPO (TRL)", f_divergence=True),
+    # reference-free (TRL's experimental CPOTrainer and ORPOTrainer): no reference model is loaded
+    "simpo": LossSpec(
+        pl.simpo_loss, "SimPO, Meng et al. 2024", "optional", ("simpo_gamma", "cpo_alpha"), **_FREE, rewards="per-token"
+    ),
+    "cpo": LossSpec(pl.cpo_loss, "CPO, Xu et al. 2024", "optional", ("cpo_alpha",), **_FREE, rewards="policy"),
+    "orpo": LossSpec(
+        pl.orpo_loss,
+        "ORPO, Hong et al. 2024",
+        **_FREE,
+        rewards="per-token",
+        metrics=pl.orpo_metrics,
+        metric_names=("log_odds_ratio", "log_odds_chosen"),
+    ),
 }
 LOSS_TYPES = tuple(LOSSES)
+REFERENCE_FREE = frozenset(name for name, spec in LOSSES.items() if spec.reference == "none")
 USES_LABEL_SMOOTHING = frozenset(name for name, spec in LOSSES.items() if spec.label_smoothing != "unused")
 F_DIVERGENCE_LOSSES = frozenset(name for name, spec in LOSSES.items() if spec.f_divergence)
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# the losses' own options (`LossSpec.options`, label_smoothing) and their defaults, which are the configuration's
+OPTION_DEFAULTS = {"label_smoothing": 0.0, "discopop_tau": 0.05, "cpo_alpha": 1.0, "simpo_gamma": 0.5}
 Terms = tuple[tuple[str, float], ...]  # (loss name, weight) of each term of the objective
 
 
@@ -170,6 +199,36 @@ def objective_problem(cfg) -> str | None:
     sorting = [name for name in names if LOSSES[name].sorts]
     if cfg.use_weighting and sorting:
         return f"use_weighting (WPO) weights each pair, but loss_type {', '.join(sorting)} sorts pairs over the batch"
+    for option in ("cpo_alpha", "simpo_gamma"):
+        if getattr(cfg, option) < 0:
+            return f"{option} must be >= 0, got {getattr(cfg, option)}"
+        if getattr(cfg, option) != OPTION_DEFAULTS[option] and not any(option in LOSSES[n].options for n in names):
+            users = ", ".join(n for n in LOSS_TYPES if option in LOSSES[n].options)
+            return f"{option} is only used by loss_type {users}; loss_type '{cfg.loss_type}' would ignore it"
+    return _reference_free_problem(cfg, names)
+
+
+def _reference_free_problem(cfg, names: Sequence[str]) -> str | None:
+    """A reference-free objective loads no reference: what needs one cannot go with it."""
+    free = [name for name in names if LOSSES[name].reference == "none"]
+    if not free:
+        return None
+    needing = [name for name in names if LOSSES[name].reference == "needed"]
+    if needing or len(free) > 1:
+        return (
+            f"loss_type {free[0]} trains without a reference and cannot be summed with {(needing or free[1:])[0]} "
+            "(only sft combines with every loss)"
+        )
+    for key, words in (
+        ("ref_model_name", "names a reference"),
+        ("precompute_ref_logps", "precomputes a reference's log-probs"),
+        ("sync_ref_model", "moves a reference"),
+        ("generation_eval_every", "compares samples with the reference's"),
+    ):
+        if getattr(cfg, key):
+            return f"loss_type {free[0]} loads no reference, but {key} {words} (unset {key})"
+    if cfg.mode == "online":
+        return f"loss_type {free[0]} is offline only here: online DPO's metrics measure the policy against a reference"
     return None
 
 
@@ -191,8 +250,6 @@ def compute_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float,
-    label_smoothing: float = 0.0,
-    discopop_tau: float = 0.05,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     chosen_lengths: torch.Tensor | None = None,
@@ -200,37 +257,64 @@ def compute_loss(
     pair_weight: torch.Tensor | None = None,
     chosen_nll: torch.Tensor | None = None,
     wpo_weight: torch.Tensor | None = None,
+    **options: float,
 ) -> LossOutput:
     """The per-pair loss (B,) of one loss, or the weighted sum of several ((name, weight), ...), on (B,) log-probs.
 
-    ``label_smoothing`` and the declared options reach only the losses that declare them; ``chosen_lengths`` and
-    ``rejected_lengths`` ((B,) token counts) are needed by the per-token losses, ``chosen_nll`` (the chosen
-    completions' mean token NLL) by ``sft``, ``pair_weight`` ((B,), 0 for pairs that count nowhere) by the sorting
-    losses, which order the counted pairs only. ``wpo_weight`` (B,) multiplies every pair's loss (WPO).
+    ``options`` (label_smoothing, discopop_tau, cpo_alpha, simpo_gamma; `OPTION_DEFAULTS` where not given) reach
+    only the losses that declare them; ``chosen_lengths`` and ``rejected_lengths`` ((B,) token counts) are needed
+    by the per-token losses, ``chosen_nll`` (the chosen completions' mean token NLL) by those that declare `nll`,
+    ``pair_weight`` ((B,), 0 for pairs that count nowhere) by the sorting losses, which order the counted pairs
+    only. ``wpo_weight`` (B,) multiplies every pair's loss (WPO). Reference-free losses ignore the reference's.
     """
     terms = ((loss_type, 1.0),) if isinstance(loss_type, str) else tuple(loss_type)
+    unknown = set(options) - set(OPTION_DEFAULTS)
+    if unknown:
+        raise TypeError(f"compute_loss() got unexpected loss options {sorted(unknown)}")
+    options = {**OPTION_DEFAULTS, **options}
     chosen, rejected = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
     pairs = PairTerms(
         f_divergence_scores(chosen, f_divergence_type, f_alpha_divergence_coef),
         f_divergence_scores(rejected, f_divergence_type, f_alpha_divergence_coef),
-        policy_chosen_logps - policy_rejected_logps,
-        ref_chosen_logps - ref_rejected_logps,
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
         chosen_lengths,
         rejected_lengths,
         pair_weight,
         chosen_nll,
     )
-    options = {"label_smoothing": label_smoothing, "discopop_tau": discopop_tau}
-    losses = torch.zeros_like(chosen)
+    losses, extras = torch.zeros_like(chosen), {}
     for name, weight in terms:
         spec = _spec(name)
         wanted = spec.options + (("label_smoothing",) if spec.label_smoothing != "unused" else ())
         losses = losses + weight * spec.fn(pairs, beta, **{key: options[key] for key in wanted})
+        extras.update(spec.metrics(pairs) if spec.metrics is not None else {})
     if wpo_weight is not None:
         losses = losses * wpo_weight
-    # Rewards are metrics only, the summed (not length-averaged) log-ratios for every loss so that logs compare;
-    # detaching keeps a caller from back-propagating through them by accident.
-    return LossOutput(losses, beta * chosen.detach(), beta * rejected.detach(), chosen_nll)
+    chosen_rewards, rejected_rewards = _rewards(terms, pairs, beta)
+    return LossOutput(losses, chosen_rewards, rejected_rewards, chosen_nll, extras or None)
+
+
+def _rewards(terms: Terms, pairs: PairTerms, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The implicit rewards of the objective's first term that has its own (sft has none): beta x the summed log-
+    ratios for DPO's family, so that logs compare across losses; beta x the policy's own (summed, or per-token)
+    log-probs for the reference-free ones, as TRL's CPO and ORPO trainers log them. Metrics only, so detached."""
+    kind = next((LOSSES[name].rewards for name, _ in terms if LOSSES[name].reference != "either"), "log-ratio")
+    if kind == "log-ratio":
+        chosen, rejected = pairs.policy_chosen - pairs.ref_chosen, pairs.policy_rejected - pairs.ref_rejected
+    elif kind == "policy":
+        chosen, rejected = pairs.policy_chosen, pairs.policy_rejected
+    else:
+        chosen = pairs.per_token(pairs.policy_chosen, pairs.chosen_lengths)
+        rejected = pairs.per_token(pairs.policy_rejected, pairs.rejected_lengths)
+    return beta * chosen.detach(), beta * rejected.detach()
+
+
+def is_reference_free(terms: Terms) -> bool:
+    """Whether an objective's terms need no reference at all (so that none is loaded)."""
+    return any(LOSSES[name].reference == "none" for name, _ in terms)
 
 
 def wpo_weights(aligned_sums: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,10 @@ class PairTerms(NamedTuple):
 
     chosen: torch.Tensor  # the chosen log-ratio, policy minus reference (its f-divergence score under f-DPO)
     rejected: torch.Tensor  # the rejected log-ratio (or its score)
-    policy_margin: torch.Tensor  # policy chosen minus rejected log-prob (aot; the reference-free losses)
-    reference_margin: torch.Tensor  # reference chosen minus rejected log-prob (aot)
+    policy_chosen: torch.Tensor  # the policy's summed log-probs of the chosen completions
+    policy_rejected: torch.Tensor
+    ref_chosen: torch.Tensor  # the reference's (aot; unused by the reference-free losses)
+    ref_rejected: torch.Tensor
     chosen_lengths: torch.Tensor | None = None  # completion token counts
     rejected_lengths: torch.Tensor | None = None
     pair_weight: torch.Tensor | None = None  # 0 for pairs that count nowhere (ties, padding); None: all count
@@ -32,6 +34,11 @@ class PairTerms(NamedTuple):
         if lengths is None:
             raise ValueError("this loss needs the completions' token counts (chosen_lengths, rejected_lengths)")
         return values / lengths.to(values.dtype).clamp(min=1)
+
+    def nll(self) -> torch.Tensor:
+        if self.chosen_nll is None:
+            raise ValueError("this loss needs the chosen completions' mean token NLL (chosen_nll)")
+        return self.chosen_nll
 
 
 def _soft_labels(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -122,8 +129,8 @@ def aot_loss(p: PairTerms, beta: float, label_smoothing: float = 0.0) -> torch.T
     """AOT (Melnyk et al., 2024, arXiv 2406.05882), paired: the policy's chosen-minus-rejected margins, sorted
     over the micro-batch, against the reference's, sorted alike (first-order stochastic dominance), in the
     (label-smoothed) logistic loss. The order is the counted pairs' of one micro-batch on one rank, as in TRL."""
-    delta = _sorted_among_counted(p.policy_margin, p.pair_weight)
-    delta = delta - _sorted_among_counted(p.reference_margin, p.pair_weight)
+    delta = _sorted_among_counted(p.policy_chosen - p.policy_rejected, p.pair_weight)
+    delta = delta - _sorted_among_counted(p.ref_chosen - p.ref_rejected, p.pair_weight)
     return _soft_labels(beta * delta, label_smoothing)
 
 
@@ -159,9 +166,7 @@ def discopop_loss(p: PairTerms, beta: float, discopop_tau: float) -> torch.Tenso
 def sft_loss(p: PairTerms, beta: float) -> torch.Tensor:
     """Supervised fine-tuning on the chosen completions (as in RPO, Pang et al., 2024, arXiv 2404.19733): their
     mean token NLL over the micro-batch's counted pairs, the same value for every pair (TRL's `sft`)."""
-    if p.chosen_nll is None:
-        raise ValueError("the sft loss needs the chosen completions' mean token NLL (chosen_nll)")
-    return p.chosen_nll.expand(p.chosen.shape[0])
+    return p.nll().expand(p.chosen.shape[0])
 
 
 def sigmoid_norm_loss(p: PairTerms, beta: float) -> torch.Tensor:
@@ -169,3 +174,47 @@ def sigmoid_norm_loss(p: PairTerms, beta: float) -> torch.Tensor:
     divided by its completion's token count, so that long completions do not dominate the margin."""
     margin = p.per_token(p.chosen, p.chosen_lengths) - p.per_token(p.rejected, p.rejected_lengths)
     return -F.logsigmoid(beta * margin)
+
+
+# ----------------------------------------------------------------------------- reference-free
+
+
+def cpo_loss(p: PairTerms, beta: float, label_smoothing: float = 0.0, cpo_alpha: float = 1.0) -> torch.Tensor:
+    """CPO (Xu et al., 2024, arXiv 2401.08417, eq. 3): the (label-smoothed) DPO loss on the policy's own summed
+    log-prob margin, no reference, plus cpo_alpha times the chosen completions' NLL (behaviour cloning)."""
+    return _soft_labels(beta * (p.policy_chosen - p.policy_rejected), label_smoothing) + cpo_alpha * p.nll()
+
+
+def simpo_loss(
+    p: PairTerms, beta: float, label_smoothing: float = 0.0, simpo_gamma: float = 0.5, cpo_alpha: float = 1.0
+) -> torch.Tensor:
+    """SimPO (Meng et al., 2024, arXiv 2405.14734, eq. 6): the logistic loss on the policy's per-token log-prob
+    margin minus the target margin gamma / beta, no reference; plus cpo_alpha times the chosen NLL as TRL's
+    CPOTrainer adds it (the paper's SimPO is cpo_alpha 0)."""
+    margin = p.per_token(p.policy_chosen, p.chosen_lengths) - p.per_token(p.policy_rejected, p.rejected_lengths)
+    return _soft_labels(beta * (margin - simpo_gamma / beta), label_smoothing) + cpo_alpha * p.nll()
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler's split at -ln 2)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_log_odds(p: PairTerms) -> torch.Tensor:
+    """ORPO's log odds ratio of the chosen over the rejected completion, from per-token mean log-probs:
+    log(odds(chosen) / odds(rejected)) with odds(y) = P(y) / (1 - P(y))."""
+    chosen = p.per_token(p.policy_chosen, p.chosen_lengths)
+    rejected = p.per_token(p.policy_rejected, p.rejected_lengths)
+    return (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+
+
+def orpo_loss(p: PairTerms, beta: float) -> torch.Tensor:
+    """ORPO (Hong et al., 2024, arXiv 2403.07691, eq. 6): the chosen completions' NLL plus beta times the odds
+    ratio loss -log sigmoid(log odds ratio), no reference."""
+    return p.nll() - beta * F.logsigmoid(orpo_log_odds(p))
+
+
+def orpo_metrics(p: PairTerms) -> dict[str, torch.Tensor]:
+    """ORPO's own per-pair metrics, TRL's names: log sigmoid of the log odds ratio, and the log odds ratio."""
+    log_odds = orpo_log_odds(p).detach()
+    return {"log_odds_ratio": F.logsigmoid(log_odds), "log_odds_chosen": log_odds}

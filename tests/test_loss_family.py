@@ -7,6 +7,7 @@ path: plain and chunked, padded and packed, live and precomputed reference.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -279,3 +280,95 @@ def test_precomputed_reference_logps_are_stored_ld_weighted_and_give_the_live_lo
     cached = pair_loss(settings, policy_logps, PairLogps.of(precomputed, PrecomputedReference().logps(precomputed)))
     torch.testing.assert_close(cached.losses, live.losses, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(cached.chosen_rewards, live.chosen_rewards, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- reference-free
+
+
+def log1mexp(x: float) -> float:
+    return math.log(1 - math.exp(x))
+
+
+FREE_BY_HAND = {
+    # from the policy's summed log-probs c, r, token counts lc, lr, the chosen NLL n and beta b
+    "cpo": lambda c, r, lc, lr, n, b: 0.9 * nls(b * (c - r)) + 0.1 * nls(-b * (c - r)) + 0.7 * n,
+    "simpo": lambda c, r, lc, lr, n, b: (
+        0.9 * nls(b * (c / lc - r / lr - 0.3 / b)) + 0.1 * nls(-b * (c / lc - r / lr - 0.3 / b)) + 0.7 * n
+    ),
+    "orpo": lambda c, r, lc, lr, n, b: n + b * nls((c / lc - r / lr) - (log1mexp(c / lc) - log1mexp(r / lr))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FREE_BY_HAND))
+def test_reference_free_losses_match_their_formulas_and_ignore_the_reference(name):
+    options = {} if name == "orpo" else {"label_smoothing": 0.1, "cpo_alpha": 0.7}
+    options.update({"simpo_gamma": 0.3} if name == "simpo" else {})
+    lengths = dict(chosen_lengths=t(LC), rejected_lengths=t(LR))
+    pc, pr = t(PC).requires_grad_(True), t(PR).requires_grad_(True)
+    out = compute_loss(name, pc, pr, t(RC), t(RR), beta=BETA, chosen_nll=t(1.5), **lengths, **options)
+    expected = [FREE_BY_HAND[name](PC[i], PR[i], LC[i], LR[i], 1.5, BETA) for i in range(5)]
+    torch.testing.assert_close(out.losses, t(expected), rtol=1e-5, atol=1e-6)
+    other_reference = compute_loss(
+        name, pc, pr, t(RC) - 3, t(RR) + 1, beta=BETA, chosen_nll=t(1.5), **lengths, **options
+    )
+    torch.testing.assert_close(other_reference.losses, out.losses, rtol=0, atol=0)
+    # rewards: beta x the policy's log-probs, summed for CPO, per token for SimPO and ORPO (TRL's CPO, ORPO)
+    per_token = name != "cpo"
+    expected_rewards = [BETA * (PC[i] / LC[i] if per_token else PC[i]) for i in range(5)]
+    torch.testing.assert_close(out.chosen_rewards, t(expected_rewards), rtol=1e-6, atol=1e-7)
+    out.losses.sum().backward()
+    h = 1e-4
+    for i in range(5):
+        up = FREE_BY_HAND[name](PC[i] + h, PR[i], LC[i], LR[i], 1.5, BETA)
+        down = FREE_BY_HAND[name](PC[i] - h, PR[i], LC[i], LR[i], 1.5, BETA)
+        assert pc.grad[i].item() == pytest.approx((up - down) / (2 * h), rel=1e-3, abs=1e-6)
+
+
+def test_orpo_reports_its_log_odds_by_hand():
+    out = compute_loss("orpo", *logps(), beta=BETA, chosen_nll=t(1.0), chosen_lengths=t(LC), rejected_lengths=t(LR))
+    log_odds = [(PC[i] / LC[i] - PR[i] / LR[i]) - (log1mexp(PC[i] / LC[i]) - log1mexp(PR[i] / LR[i])) for i in range(5)]
+    torch.testing.assert_close(out.extras["log_odds_chosen"], t(log_odds), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.extras["log_odds_ratio"], t([-nls(x) for x in log_odds]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        (
+            {"loss_type": "simpo,sigmoid"},
+            "loss_type simpo trains without a reference and cannot be summed with sigmoid",
+        ),
+        ({"loss_type": "orpo", "ref_model_name": "x"}, "loads no reference, but ref_model_name names a reference"),
+        ({"loss_type": "cpo", "precompute_ref_logps": True}, "precompute_ref_logps precomputes"),
+        ({"loss_type": "cpo", "sync_ref_model": True}, "sync_ref_model moves a reference"),
+        ({"loss_type": "orpo", "mode": "online", "reward_model": "m"}, "offline only here"),
+        ({"loss_type": "sigmoid", "cpo_alpha": 0.5}, "cpo_alpha is only used by loss_type simpo, cpo"),
+        ({"loss_type": "cpo", "simpo_gamma": 1.0}, "simpo_gamma is only used by loss_type simpo"),
+    ],
+)
+def test_reference_free_mistakes_are_refused_in_one_line(values, words):
+    with pytest.raises(ConfigError) as info:
+        make_config(values)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_reference_free_run_loads_no_reference_and_trains(tiny_model, tmp_path):
+    """A SimPO run end to end: no reference network is loaded (the loader is made to fail if asked), the policy
+    trains, and its reports hold nll_loss; an ORPO run reports its log odds."""
+    from unittest import mock
+
+    from contract import stepwise_run_values, write_jsonl
+
+    from dpo_lightning.builtin import preference_rows
+    from dpo_lightning.determined.bridge import run_local
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(seed=5)["train"][:16])
+    for name in ("simpo", "orpo"):
+        out = tmp_path / name
+        values = stepwise_run_values(tiny_model, pairs, out, max_steps=2, loss_type=name, val_fraction=0.0)
+        with mock.patch("dpo_lightning.training.run.load_reference", side_effect=AssertionError("a reference loaded")):
+            run_local(make_config(values))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        training = [r["metrics"] for r in rows if r["group"] == "training"]
+        assert len(training) == 2 and all(math.isfinite(m["loss"]) and "nll_loss" in m for m in training)
+        assert ("log_odds_ratio" in training[0]) == (name == "orpo")

@@ -193,13 +193,15 @@ def test_output_dtype_follows_inputs():
 
 
 def test_registry_contents():
-    """TRL 1.16's fifteen loss types, each with its paper; label smoothing and f-divergences where TRL takes them."""
-    from dpo_lightning.losses import F_DIVERGENCE_LOSSES
+    """TRL 1.16's fifteen loss types and three reference-free ones, each with its paper; label smoothing and
+    f-divergences where TRL takes them."""
+    from dpo_lightning.losses import F_DIVERGENCE_LOSSES, REFERENCE_FREE
 
     assert LOSS_TYPES[:4] == ("sigmoid", "ipo", "hinge", "robust")
     trl_names = "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero apo_down"
-    assert set(LOSS_TYPES) == set(f"{trl_names} discopop sft sigmoid_norm".split())
-    assert USES_LABEL_SMOOTHING == frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"})
+    assert set(LOSS_TYPES) == set(f"{trl_names} discopop sft sigmoid_norm simpo cpo orpo".split())
+    assert USES_LABEL_SMOOTHING == frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo", "cpo"})
+    assert REFERENCE_FREE == {"simpo", "cpo", "orpo"}
     # TRL 1.16's DPOTrainer: f_divergence_loss_types
     assert F_DIVERGENCE_LOSSES == {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
     assert all(spec.paper for spec in LOSSES.values())
@@ -267,7 +269,7 @@ def test_trl_pairwise_loss_gradients_match_the_formulas_by_hand(name):
         assert pr.grad[i].item() == pytest.approx(dr, rel=1e-4, abs=1e-5), (name, i)
 
 
-@pytest.mark.parametrize("name", LOSS_TYPES)
+@pytest.mark.parametrize("name", [name for name in LOSS_TYPES if LOSSES[name].reference != "none"])
 def test_every_loss_at_zero_log_ratio_has_zero_rewards_and_a_finite_loss(name):
     policy = t([-5.0, -6.0, -7.0, -8.0])
     out = _call(name, policy, policy - 1, policy.clone(), policy - 1)
@@ -278,7 +280,7 @@ def test_compute_loss_dispatches_like_direct_calls():
     lc, lr = t([3.0, 1.0, 2.0, 7.0]), t([2.0, 4.0, 0.0, 1.0])
     kw = dict(beta=BETA, label_smoothing=0.2, chosen_lengths=lc, rejected_lengths=lr)
     pc, pr, rc, rr = batch()
-    terms = pair_losses.PairTerms(pc - rc, pr - rr, pc - pr, rc - rr, lc, lr)
+    terms = pair_losses.PairTerms(pc - rc, pr - rr, pc, pr, rc, rr, lc, lr)
     expected = {
         "sigmoid": pair_losses.sigmoid_loss(terms, BETA, label_smoothing=0.2),
         "robust": pair_losses.robust_loss(terms, BETA, label_smoothing=0.2),

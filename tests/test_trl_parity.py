@@ -140,3 +140,77 @@ def test_loss_and_metrics_match_trl(model_dir, tmp_path, loss_type, label_smooth
     names = [n for n in PREFERENCE_METRICS if not ("ld_alpha" in options and n.startswith("logps/"))]
     for name in names:
         assert ours[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-6), name
+
+
+# The reference-free losses against TRL 1.16's experimental CPOTrainer (cpo: its loss_type sigmoid; simpo) and
+# ORPOTrainer, on their own tokenization of the same rows. TRL's logits/* there average every position of the
+# padded rows (prompt and padding too), and its logps/* are per-token means for simpo and orpo; the metrics that
+# mean the same in both are compared.
+FREE = {
+    "cpo": ("cpo", {"loss_type": "sigmoid", "cpo_alpha": 0.7}, {"cpo_alpha": 0.7}, ("logps/chosen", "logps/rejected")),
+    "simpo": (
+        "cpo",
+        {"loss_type": "simpo", "simpo_gamma": 0.3, "cpo_alpha": 0.0},
+        {"simpo_gamma": 0.3, "cpo_alpha": 0.0},
+        (),
+    ),
+    "cpo_simpo": ("cpo", {"loss_type": "simpo", "label_smoothing": 0.1}, {"label_smoothing": 0.1}, ()),
+    "orpo": ("orpo", {}, {}, ("log_odds_ratio", "log_odds_chosen")),
+}
+
+
+def _free_trainer(model_dir, tmp_path, kind: str, options: dict):
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    config, trainer = (CPOConfig, CPOTrainer) if kind == "cpo" else (ORPOConfig, ORPOTrainer)
+    args = config(
+        output_dir=str(tmp_path / kind), per_device_train_batch_size=len(ROWS), report_to=[], beta=0.2,
+        use_cpu=True, bf16=False, max_length=256, **options,
+    )  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train = datasets.Dataset.from_list(ROWS)
+    return trainer(model=_perturbed_policy(model_dir), args=args, train_dataset=train, processing_class=tokenizer)
+
+
+def _pairs_of(batch) -> tuple[list, list, list]:
+    """(prompts, chosen, rejected) token lists of a CPO/ORPO batch: a row's prompt is its tokens labelled -100,
+    its completion the labelled ones (padding has attention 0)."""
+    out = {}
+    for role in ("chosen", "rejected"):
+        ids, labels, mask = (batch[f"{role}_{k}"] for k in ("input_ids", "labels", "attention_mask"))
+        rows = [(i[m.bool()], label[m.bool()]) for i, label, m in zip(ids, labels, mask, strict=True)]
+        out[role] = [(i[lab == -100].tolist(), i[lab != -100].tolist()) for i, lab in rows]
+    assert [p for p, _ in out["chosen"]] == [p for p, _ in out["rejected"]]
+    return [p for p, _ in out["chosen"]], [c for _, c in out["chosen"]], [r for _, r in out["rejected"]]
+
+
+@pytest.mark.parametrize("case", sorted(FREE))
+def test_reference_free_losses_match_trl_cpo_and_orpo_trainers(model_dir, tmp_path, case):
+    from dpo_lightning.data.batch import PairBatch
+    from dpo_lightning.dpo.reference import NoReference
+
+    kind, theirs, ours, extra = FREE[case]
+    trainer = _free_trainer(model_dir, tmp_path, kind, theirs)
+    trainer.model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
+    trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+
+    loss_type = theirs.get("loss_type", "orpo") if kind == "cpo" else "orpo"
+    cfg = make_config({"loss_type": "cpo" if loss_type == "sigmoid" else loss_type, "beta": 0.2, **ours})
+    module = DPOModule(cfg, _perturbed_policy(model_dir), NoReference())
+    prompts, chosen, rejected = _pairs_of(batch)
+    loss = module.shared_step(PairBatch.from_pairs(prompts, chosen, rejected, pad_token_id=0), module.train_metrics)
+    metrics = module.train_metrics.report()
+
+    names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "nll_loss", *extra)
+    if kind == "orpo":
+        # TRL's ORPOTrainer takes its NLL over the prompt tokens too; ours, as the paper's L_SFT, over the response
+        # (test_loss_family checks it by hand): the odds-ratio terms are compared
+        loss, trl_loss = loss - metrics["nll_loss"], trl_loss - float(trl_metrics["nll_loss"])
+        names = tuple(name for name in names if name != "nll_loss")
+    if ours.get("cpo_alpha") == 0.0:  # TRL logs nll_loss 0 when it leaves the NLL out; ours still reports it
+        names = tuple(name for name in names if name != "nll_loss")
+    torch.testing.assert_close(loss.detach(), trl_loss.detach(), rtol=1e-4, atol=1e-6)
+    for name in names:
+        assert metrics[name] == pytest.approx(float(trl_metrics[name]), rel=1e-4, abs=1e-6), name

@@ -108,7 +108,8 @@ class DPOConfig:
     loss_type: str = "sigmoid"
     """Preference loss, or several comma-separated (summed with loss_weights), of `dpo_lightning.losses.LOSSES`:
     sigmoid, ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down,
-    discopop, sft, sigmoid_norm (TRL's names and semantics; README: Losses)."""
+    discopop, sft, sigmoid_norm (TRL's names and semantics), and without a reference simpo, cpo, orpo (README:
+    Losses)."""
     loss_weights: str = ""
     """Comma-separated weights of loss_type's losses, one each (e.g. 0.8,0.2); empty weighs each 1."""
     beta: float = 0.1
@@ -122,6 +123,11 @@ class DPOConfig:
     discopop_tau: float = 0.05
     """DiscoPOP (`loss_type: discopop`): the temperature of the sigmoid that blends its logistic and exponential
     terms; the paper's value is 0.05."""
+    cpo_alpha: float = 1.0
+    """CPO and SimPO (`loss_type: cpo, simpo`): the weight of the chosen completions' NLL added to the loss
+    (TRL's CPOTrainer's default, 1; the SimPO paper's objective is cpo_alpha 0)."""
+    simpo_gamma: float = 0.5
+    """SimPO (`loss_type: simpo`): the target reward margin gamma (the margin is taken per token, gamma / beta)."""
     f_divergence_type: str = "reverse_kl"
     """f-DPO: the divergence from the reference the policy is held to: reverse_kl (DPO's), forward_kl,
     js_divergence or alpha_divergence; other than reverse_kl only for the losses README's table marks."""

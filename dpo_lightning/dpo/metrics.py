@@ -101,16 +101,17 @@ class PairMeans(torch.nn.Module):
 class PreferenceMetrics(PairMeans):
     """Accumulates one group's (training or validation) DPO metrics until `report` is called."""
 
-    def __init__(self) -> None:
-        super().__init__(PAIR_METRICS)
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
+        """`extra`: the per-pair metrics the objective's losses add (`LossOutput.extras`), e.g. ORPO's."""
+        super().__init__(PAIR_METRICS + tuple(extra))
         self.token_means = torch.nn.ModuleDict({_key(n): MeanMetric() for n in TOKEN_METRICS})
-        self.nll = MeanMetric()  # with rpo_alpha: the chosen completions' mean token NLL
+        self.nll = MeanMetric()  # with an NLL term (sft, rpo_alpha, cpo, simpo, orpo): the chosen tokens' mean NLL
         self._nll_updates = 0
 
     def update(self, out: LossOutput, policy: PairLogps, batch: PairBatch) -> None:
         """One micro-batch: its loss, the policy's log-probs and the batch, whose pair weight is 0 for pairs
         that only even out the ranks' shares, or ties."""
-        weight = self.update_pairs(pair_values(out, policy), batch)
+        weight = self.update_pairs({**pair_values(out, policy), **(out.extras or {})}, batch)
         for name, half in zip(TOKEN_METRICS, policy, strict=True):
             logits_sum, num_tokens = half.logits_sum, half.num_tokens
             total = (num_tokens * weight).sum()

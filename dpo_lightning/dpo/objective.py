@@ -12,7 +12,16 @@ import torch
 from dpo_lightning.data.batch import PairBatch
 from dpo_lightning.dpo.logprobs import PairLogps, forward_logps_and_tokens, ld_weighted
 from dpo_lightning.dpo.reference import Reference
-from dpo_lightning.losses import LossOutput, Terms, chosen_nll, compute_loss, objective_terms, wpo_weights
+from dpo_lightning.losses import (
+    LOSSES,
+    LossOutput,
+    Terms,
+    chosen_nll,
+    compute_loss,
+    is_reference_free,
+    objective_terms,
+    wpo_weights,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,8 @@ class LossSettings:
     f_alpha_divergence_coef: float = 0.5
     use_weighting: bool = False
     ld_alpha: float | None = None
+    cpo_alpha: float = 1.0
+    simpo_gamma: float = 0.5
 
     @classmethod
     def of(cls, cfg) -> LossSettings:
@@ -42,7 +53,16 @@ class LossSettings:
 
     @property
     def uses_nll(self) -> bool:
-        return any(name == "sft" for name, _ in self.terms)
+        return any(LOSSES[name].nll for name, _ in self.terms)
+
+    @property
+    def reference_free(self) -> bool:
+        return is_reference_free(self.terms)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The per-pair metrics the objective's losses add to the preference metrics (ORPO's log odds)."""
+        return tuple(metric for name, _ in self.terms for metric in LOSSES[name].metric_names)
 
 
 class PairResult(NamedTuple):
@@ -72,6 +92,8 @@ def pair_loss(
         beta=settings.beta,
         label_smoothing=settings.label_smoothing,
         discopop_tau=settings.discopop_tau,
+        cpo_alpha=settings.cpo_alpha,
+        simpo_gamma=settings.simpo_gamma,
         f_divergence_type=settings.f_divergence_type,
         f_alpha_divergence_coef=settings.f_alpha_divergence_coef,
         chosen_lengths=policy.chosen.num_tokens,

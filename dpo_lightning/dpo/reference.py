@@ -4,10 +4,9 @@ A training step asks its `Reference` for the log-probs of the rows it scores and
 network itself, so another source plugs in as one new class without changing the step. `FrozenReference` is
 a frozen copy of the initial policy, or the model named by `ref_model_name`, in eval mode under no_grad;
 `SyncedReference` is one that TR-DPO moves toward the policy as it trains; `AdapterDisabledReference` is a LoRA
-policy with its adapters switched off; `precomputed.PrecomputedReference`
-reads log-probs computed before training. Generation metrics also sample the reference's own completions, through
-`sampling_model`.
-"""
+policy with its adapters switched off; `precomputed.PrecomputedReference` reads log-probs computed before
+training; `NoReference` stands in where a reference-free loss needs none. Generation metrics also sample the
+reference's own completions, through `sampling_model`."""
 
 from __future__ import annotations
 
@@ -121,3 +120,17 @@ class AdapterDisabledReference:
     def sampling_model(self) -> Iterator[torch.nn.Module]:
         with self.policy.disable_adapter():
             yield self.policy
+
+
+class NoReference:
+    """The reference of a reference-free objective (SimPO, CPO, ORPO): no network is loaded, and the log-probs it
+    answers are zeros, which those losses never read."""
+
+    def logps(self, batch: SequenceBatch) -> SequenceLogps:
+        zeros = torch.zeros(batch.num_rows, dtype=torch.float32, device=batch.input_ids.device)
+        return SequenceLogps(zeros, zeros, zeros)
+
+    @contextmanager
+    def sampling_model(self) -> Iterator[torch.nn.Module]:
+        raise UserError("a reference-free loss_type loads no reference to sample; set generation_eval_every: 0")
+        yield  # pragma: no cover  (a generator, for contextmanager)

@@ -35,7 +35,7 @@ def evaluate_pairs(
 ) -> PairEvaluation:
     """DPO metrics of collated pair batches under the objective `settings`, with validation's code."""
     device = next(policy.parameters()).device
-    metrics = PreferenceMetrics().to(device)
+    metrics = PreferenceMetrics(settings.metric_names).to(device)
     margins: list[float] = []
     for batch in batches:
         batch = batch.to(device)

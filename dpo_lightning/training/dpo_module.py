@@ -50,8 +50,8 @@ class DPOModule(TrainingModule):
         self.pending = pending  # reference log-probs to precompute once the ranks have met
         self.loss_settings = LossSettings.of(cfg)
         self.chunk_size = cfg.logps_chunk_size
-        self.train_metrics = PreferenceMetrics()
-        self.val_metrics = PreferenceMetrics()
+        self.train_metrics = PreferenceMetrics(self.loss_settings.metric_names)
+        self.val_metrics = PreferenceMetrics(self.loss_settings.metric_names)
         # generation metrics every `generation_eval_every` validations: a Judge, not a submodule, so no strategy
         # wraps, shards or saves it
         self.judge = judge

@@ -18,6 +18,7 @@ import torch
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.data.collate import PairCollator, collate_in_batches
 from dpo_lightning.data.datamodule import DPODataModule
+from dpo_lightning.dpo.objective import LossSettings
 from dpo_lightning.dpo.precomputed import (
     PrecomputedReference,
     cache_key,
@@ -29,7 +30,13 @@ from dpo_lightning.dpo.precomputed import (
     weights_fingerprint,
     write_cached,
 )
-from dpo_lightning.dpo.reference import AdapterDisabledReference, FrozenReference, Reference, SyncedReference
+from dpo_lightning.dpo.reference import (
+    AdapterDisabledReference,
+    FrozenReference,
+    NoReference,
+    Reference,
+    SyncedReference,
+)
 from dpo_lightning.hub import cache_root
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,8 @@ def make_reference(
     the policy with its adapters disabled. With precomputed log-probs: read from the cache when an earlier run
     computed the same ones (no network kept), else the live reference and the pending computation, which
     `compute_pending` finishes once training has set up."""
+    if LossSettings.of(cfg).reference_free:
+        return NoReference(), None
     if model is None:
         live = AdapterDisabledReference(policy, chunk_size=cfg.logps_chunk_size)
     elif cfg.sync_ref_model:

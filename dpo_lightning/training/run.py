@@ -22,6 +22,7 @@ from dpo_lightning.config import DPOConfig
 from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.data.mode import needs_judge
+from dpo_lightning.dpo.objective import LossSettings
 from dpo_lightning.errors import UserError
 from dpo_lightning.layout import FSDP_STATE, METRICS, REFERENCE, RUN_CONFIG, run_record, write_json
 from dpo_lightning.lightning_compat import progress_bar
@@ -211,6 +212,8 @@ def load_models(cfg: DPOConfig, policy_source: ModelSource, ref_source: ModelSou
     else:
         policy = load_policy(cfg, ModelSource(str(start.path), True))
         initial = None
+    if LossSettings.of(cfg).reference_free:
+        return policy, None  # SimPO, CPO, ORPO: no reference at all
     if cfg.lora_r > 0 and ref_source is None:
         return policy, None  # the reference is the policy with its adapters disabled: no second model
     if cfg.sync_ref_model and start is not None and not start.weights_only:
