@@ -211,14 +211,15 @@ def objective_problem(cfg) -> str | None:
 def _reference_free_problem(cfg, names: Sequence[str]) -> str | None:
     """A reference-free objective loads no reference: what needs one cannot go with it."""
     free = [name for name in names if LOSSES[name].reference == "none"]
-    if not free:
-        return None
     needing = [name for name in names if LOSSES[name].reference == "needed"]
-    if needing or len(free) > 1:
+    if free and (needing or len(free) > 1):
         return (
             f"loss_type {free[0]} trains without a reference and cannot be summed with {(needing or free[1:])[0]} "
             "(only sft combines with every loss)"
         )
+    if needing:
+        return None
+    free = free or list(names)  # sft alone needs no reference either
     for key, words in (
         ("ref_model_name", "names a reference"),
         ("precompute_ref_logps", "precomputes a reference's log-probs"),
@@ -314,7 +315,7 @@ def _rewards(terms: Terms, pairs: PairTerms, beta: float) -> tuple[torch.Tensor,
 
 def is_reference_free(terms: Terms) -> bool:
     """Whether an objective's terms need no reference at all (so that none is loaded)."""
-    return any(LOSSES[name].reference == "none" for name, _ in terms)
+    return all(LOSSES[name].reference != "needed" for name, _ in terms)
 
 
 def wpo_weights(aligned_sums: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from dpo_lightning.config import FIELDS, make_config
+from dpo_lightning.losses import LOSSES
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKER = REPO.parent / "shared" / "tools" / "check_expconf.py"
@@ -111,7 +112,9 @@ def test_adaptive_asha_search_runs_on_optimizer_steps():
     assert searches, "no experiment file uses the adaptive_asha searcher"
     for document in searches:
         searcher, hparams = document["searcher"], document["hyperparameters"]
-        assert searcher["metric"] == "loss" and searcher["smaller_is_better"] is True
+        # searching over losses, the searcher compares a metric every loss defines alike, not their losses
+        comparable = "rewards/accuracies" if _is_space(hparams["loss_type"]) else "loss"
+        assert searcher["metric"] == comparable and searcher["smaller_is_better"] is (comparable == "loss")
         # the bridge adds `steps_completed` (the optimizer step) to every validation report
         assert searcher["time_metric"] == "steps_completed"
         max_steps = hparams["max_steps"]
@@ -121,6 +124,10 @@ def test_adaptive_asha_search_runs_on_optimizer_steps():
         first_rung = int(max_steps / searcher.get("divisor", 4) ** (searcher.get("max_rungs", 5) - 1))
         assert 0 < hparams["val_check_interval"] <= first_rung
         assert _is_space(hparams["beta"]) and _is_space(hparams["learning_rate"])
+        if _is_space(hparams["loss_type"]):  # each value a loss that needs no other option and has a reference
+            for name in hparams["loss_type"]["vals"]:
+                make_config({"loss_type": name})
+                assert LOSSES[name].reference == "needed" and LOSSES[name].rewards == "log-ratio", name
 
 
 def test_single_searcher_files_watch_validation_loss():

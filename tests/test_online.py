@@ -15,7 +15,7 @@ import torch
 from dpo_lightning.config import make_config
 from dpo_lightning.data.collate import PromptCollator
 from dpo_lightning.dpo.reference import FrozenReference
-from dpo_lightning.losses import weighted_mean
+from dpo_lightning.losses import LOSSES, compute_loss, weighted_mean
 from dpo_lightning.models import ModelSource, load_policy, load_reference, load_tokenizer
 from dpo_lightning.online.judges import FunctionJudge
 from dpo_lightning.online.metrics import SampleMetrics
@@ -542,3 +542,35 @@ def test_kl_per_sample_follows_the_samples(tiny_model, source, tokenizer):
     assert kwargs["kl"].tolist() == pytest.approx(expected, abs=1e-4)
     assert max(abs(x) for x in expected) > 1e-2  # the perturbation is large enough for the order to matter
     assert len({round(x, 3) for x in expected}) == len(expected)
+
+
+ONLINE_LOSSES = [name for name, spec in LOSSES.items() if spec.reference == "needed"]
+
+
+@pytest.mark.parametrize("loss_type", ONLINE_LOSSES)
+def test_online_dpo_trains_every_pairwise_loss_on_the_sampled_pairs(tiny_model, source, tokenizer, loss_type):
+    """At the reference each loss has its value at zero log-ratio on the three counted pairs (the tie counts
+    nowhere, not even in aot's sort); once the policy has moved, the loss is finite, differs, and has a gradient."""
+    smoothing = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1}.get(loss_type, 0.0)
+    module = online_module(
+        tiny_model, source, tokenizer, scripted_reward, loss_type=loss_type, label_smoothing=smoothing
+    )
+    module.train()
+    batch = PromptCollator(tokenizer.pad_token_id)(prompt_items(tokenizer, PROMPT_TEXTS))
+    zeros, lengths = torch.zeros(3), torch.ones(3)
+    at_zero = compute_loss(
+        loss_type, zeros, zeros, zeros, zeros, beta=0.1, label_smoothing=smoothing, discopop_tau=0.05,
+        chosen_lengths=lengths, rejected_lengths=lengths,
+    ).losses[0].item()  # fmt: skip
+    loss = module.online_step(batch, module.train_metrics, module.train_samples, module.sampling_rng)
+    assert module.train_samples.report(with_time=False)["objective/ties"] == 1.0
+    assert loss.item() == pytest.approx(at_zero, abs=1e-5)
+    assert module.train_metrics.report()["loss"] == pytest.approx(at_zero, abs=1e-5)
+
+    with torch.no_grad():
+        for param in module.policy.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    loss = module.online_step(batch, module.train_metrics, module.train_samples, module.sampling_rng)
+    assert torch.isfinite(loss) and loss.item() != pytest.approx(at_zero, abs=1e-6)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.policy.parameters())
