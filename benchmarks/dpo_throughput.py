@@ -16,6 +16,7 @@ padding-free batches, chunked log-probs, at the preset's precision) and `ours-fa
 bf16-mixed, the reference in bf16). `ours-plain` is `ours-equal` with the full-logits log-prob path
 (`logps_chunk_size: 0`). `ours-lora` is `ours-equal` training rank-16 LoRA adapters on every linear layer
 against the adapter-disabled reference (no second model); `ours-qlora` the same on a 4-bit base (CUDA).
+`ours-simpo` is `ours-equal` with the reference-free SimPO loss (no reference loaded; its first loss is not ln 2).
 `DPO_LIGHTNING_MALLOC=off` in the environment leaves glibc's allocator defaults in this project's runs (the
 entrypoint tunes them otherwise, see dpo_lightning/memory.py). `setup_seconds` is the time before the first
 step: model loading and, for the fast runs, the reference pass.
@@ -74,7 +75,7 @@ PRESETS = {
     "smoke": Preset(64, 2, 4, 2, 128, 4096, 64, (5, 10), (3, 8), 2, 64, "32", 3, 1),  # does the script run?
     "gpu-qwen0.5b": Preset(896, 24, 14, 2, 4864, 151_936, 4000, (20, 200), (20, 200), 8, 1024, "bf16-mixed", 30, 5),
 }
-RUNS = ("ours-equal", "trl", "ours-fast", "ours-fast-bf16", "ours-plain", "ours-lora", "ours-qlora")
+RUNS = ("ours-equal", "trl", "ours-fast", "ours-fast-bf16", "ours-plain", "ours-lora", "ours-qlora", "ours-simpo")
 GPU_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for MFU
 
 
@@ -216,6 +217,8 @@ def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, varian
         values["logps_chunk_size"] = 0
     if variant in ("ours-lora", "ours-qlora"):  # rank-16 adapters on every linear layer, the adapter-disabled reference
         values.update(lora_r=16, lora_alpha=32.0, load_in_4bit=variant == "ours-qlora")
+    if variant == "ours-simpo":  # reference-free: no reference network loaded, no reference forward
+        values.update(loss_type="simpo", cpo_alpha=0.0)
     if fast:
         values.update(precompute_ref_logps=True, padding_free=True)
     values.update(overrides)

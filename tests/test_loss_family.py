@@ -130,6 +130,22 @@ def test_f_divergences_replace_the_log_ratios_with_their_scores(name, divergence
     torch.testing.assert_close(out.losses, t(expected), rtol=1e-5, atol=1e-6)
     # rewards stay beta x the log-ratios whatever the divergence (TRL's metrics)
     torch.testing.assert_close(out.chosen_rewards, BETA * (t(PC) - t(RC)))
+    # the gradient in the policy's log-probs, against central differences of the formula by hand
+    pc, pr = t(PC).requires_grad_(True), t(PR).requires_grad_(True)
+    compute_loss(
+        name, pc, pr, t(RC), t(RR), beta=BETA, label_smoothing=smoothing, f_divergence_type=divergence,
+        chosen_lengths=t(LC), rejected_lengths=t(LR),
+    ).losses.sum().backward()  # fmt: skip
+    h = 1e-4
+    for i in range(5):
+        score = F_SCORES[divergence]
+        for grad, shift in ((pc.grad, (h, 0.0)), (pr.grad, (0.0, h))):
+
+            def at(sign: float, i=i, shift=shift, score=score) -> float:
+                c, r = PC[i] - RC[i] + sign * shift[0], PR[i] - RR[i] + sign * shift[1]
+                return F_LOSSES[name](score(c), score(r), LC[i], LR[i], BETA)
+
+            assert grad[i].item() == pytest.approx((at(1) - at(-1)) / (2 * h), rel=1e-3, abs=1e-5), (name, i)
 
 
 def test_alpha_divergence_at_alpha_one_is_the_reverse_kl():
@@ -152,6 +168,17 @@ def test_a_weighted_list_of_losses_is_the_weighted_sum_of_each_and_wpo_scales_ev
     wpo = t([0.5, 1.0, 0.25, 0.1, 0.9])
     weighted = compute_loss(terms, *logps(), beta=BETA, chosen_nll=nll, wpo_weight=wpo, **lengths)
     torch.testing.assert_close(weighted.losses, t(expected) * wpo, rtol=1e-5, atol=1e-6)
+    # the gradient: each term's, weighted (d/d pc of 0.8 sigmoid + 0.5 ipo; the NLL is a given constant here)
+    pc = t(PC).requires_grad_(True)
+    compute_loss(
+        terms, pc, t(PR), t(RC), t(RR), beta=BETA, chosen_nll=nll, wpo_weight=wpo, **lengths
+    ).losses.sum().backward()
+    for i in range(5):
+        c, r = PC[i] - RC[i], PR[i] - RR[i]
+        by_hand = (
+            0.8 * -BETA / (1 + math.exp(BETA * (c - r))) + 0.5 * 2 * (c / LC[i] - r / LR[i] - 1 / (2 * BETA)) / LC[i]
+        )
+        assert pc.grad[i].item() == pytest.approx(wpo[i].item() * by_hand, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize(
