@@ -171,3 +171,15 @@ def test_lora_settings_fail_in_one_line(tiny_model, pairs, tmp_path):
     values = _offline(tiny_model, pairs, tmp_path / "out2", lora_target_modules="no_such_proj")
     with pytest.raises(UserError, match="lora_target_modules"):
         bridge.run_local(make_config(values))
+
+
+def test_a_target_module_typo_beside_a_good_name_fails_in_one_line(tiny_model, pairs, tmp_path):
+    """peft adapts the names that match and drops a typo silently when another name matches; every name must
+    match a module."""
+    values = _offline(tiny_model, pairs, tmp_path / "out", lora_target_modules="q_prj,v_proj")
+    with pytest.raises(UserError) as info:
+        bridge.run_local(make_config(values))
+    message = str(info.value)
+    assert "no module is named q_prj (did you mean q_proj?)" in message and "\n" not in message
+    assert "o_proj" in message and "v_proj" in message  # the names it could use
+    assert not (tmp_path / "out" / "checkpoints").exists()

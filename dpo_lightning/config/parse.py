@@ -84,10 +84,48 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {annotation}")  # a programming error, kept loud
 
 
+# TRL's DPOConfig and transformers' TrainingArguments names of settings this project has under another name:
+# the key to use, and how to set it where the value does not carry over as it is.
+FOREIGN_KEYS: dict[str, tuple[str, str]] = {
+    "per_device_train_batch_size": ("batch_size", ""),
+    "per_device_eval_batch_size": ("eval_batch_size", ""),
+    "num_train_epochs": ("num_epochs", ""),
+    "logging_steps": ("report_every_n_steps", ""),
+    "eval_steps": ("val_check_interval", ""),
+    "save_steps": ("checkpoint_every_n_steps", ""),
+    "save_total_limit": ("keep_last_n_checkpoints", ""),
+    "lr_scheduler_type": ("lr_scheduler", "constant, linear or cosine"),
+    "bf16": ("precision", "precision: bf16-mixed for bf16: true"),
+    "fp16": ("precision", "32 or bf16-mixed; fp16 training is not offered"),
+    "precompute_ref_log_probs": ("precompute_ref_logps", ""),
+    "dataloader_num_workers": ("num_workers", ""),
+    "torch_dtype": ("dtype", "the frozen models' dtype; the trained policy keeps fp32 master weights"),
+    "generate_during_eval": ("generation_eval_every", "a number of validations, 1 for every one"),
+    "hub_model_id": ("push_to_hub", "OWNER/NAME"),
+    "eval_strategy": ("val_check_interval", "validation is counted in optimizer steps"),
+    "save_strategy": ("checkpoint_every_n_steps", "checkpoints are counted in optimizer steps"),
+    "logging_strategy": ("report_every_n_steps", "reports are counted in optimizer steps"),
+    "model_name_or_path": ("model_name", ""),
+    "dataset_name_or_path": ("dataset_name", ""),
+    "ref_model": ("ref_model_name", ""),
+    "lora_target": ("lora_target_modules", ""),
+    "lora_rank": ("lora_r", ""),
+}
+
+
 def unknown_key_message(key: str) -> str:
-    close = difflib.get_close_matches(key, FIELDS, n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return f"unknown hyperparameter '{key}'{hint}; valid keys: {', '.join(FIELDS)}"
+    """One line for a key the configuration does not have: TRL's or transformers' name mapped to this project's,
+    else up to three near names, and where to see them all."""
+    if key in FOREIGN_KEYS:
+        ours, how = FOREIGN_KEYS[key]
+        return f"unknown hyperparameter '{key}' (TRL's and transformers' name): use {ours}" + (
+            f" ({how})" if how else ""
+        )
+    close = difflib.get_close_matches(key, FIELDS, n=3, cutoff=0.6)
+    words = set(key.split("_")) - {"", "max", "min", "num", "use"}
+    close += [f for f in FIELDS if f not in close and words & set(f.split("_")) and len(close) < 3][: 3 - len(close)]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown hyperparameter '{key}'{hint} (python entrypoint.py --help lists every key)"
 
 
 def make_config(values: dict[str, Any]) -> DPOConfig:
@@ -140,6 +178,9 @@ def resolve_hparams(raw: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DPOConfig:
     """The experiment file's hyperparameters with command-line overrides on top."""
     raw = read_experiment_hparams(path)
+    for key in raw:
+        if key not in FIELDS:  # a command-line key is checked as it is read (`parse_overrides`)
+            raise ConfigError(f"{path}: {unknown_key_message(key)}")
     raw.update(overrides or {})  # an override may stand in for a search space
     try:
         return make_config(resolve_hparams(raw))

@@ -8,6 +8,7 @@ merged in, for an export that loads without peft and for a sampling engine's wei
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,10 +81,35 @@ def prepare_base(base: torch.nn.Module, cfg) -> None:
         base.enable_input_require_grads()
 
 
+def unmatched_targets(base: torch.nn.Module, spec: str) -> str | None:
+    """One line naming the `lora_target_modules` names that match no module of `base` (peft matches a name
+    against the end of each module's dotted path), with the names it could use; None when all match. peft
+    itself fails only when no name matches, so a typo beside a good name would be dropped silently."""
+    targets = target_modules(spec)
+    if targets == "all-linear":
+        return None
+    paths = [path for path, _ in base.named_modules()]
+    missing = [t for t in targets if not any(p == t or p.endswith(f".{t}") for p in paths)]
+    if not missing:
+        return None
+    leaves = sorted(
+        {path.rsplit(".", 1)[-1] for path, module in base.named_modules() if isinstance(module, torch.nn.Linear)}
+    )
+    close = difflib.get_close_matches(missing[0], leaves, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return (
+        f"lora_target_modules: no module is named {', '.join(missing)}{hint}; "
+        f"the model's linear layers are named {', '.join(leaves)} (or use all-linear)"
+    )
+
+
 def add_adapters(base: torch.nn.Module, cfg):
     """`base` with fresh LoRA adapters (B = 0: the adapted model starts equal to its base)."""
     from peft import get_peft_model
 
+    problem = unmatched_targets(base, cfg.lora_target_modules)
+    if problem:
+        raise UserError(problem)
     prepare_base(base, cfg)
     try:
         return get_peft_model(base, lora_config(cfg))
