@@ -3,6 +3,7 @@ and the configuration a run uses is named at its start."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -76,6 +77,38 @@ def test_a_finished_run_run_again_says_so_and_touches_nothing(tiny_model, pairs,
     assert run(ROOT / "experiments/local-tiny.yaml", more) == 0
     assert "already complete" not in capsys.readouterr().out
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() != metrics
+
+
+@pytest.mark.parametrize("first_steps", [10, 4], ids=["several-epochs", "mid-epoch"])
+def test_an_extended_run_given_its_first_command_again_is_complete_and_untouched(
+    tiny_model, pairs, tmp_path, capsys, first_steps
+):
+    """Trained to step 10 (or 4) with num_epochs 1 and max_steps, the same command without max_steps (num_epochs
+    1: one epoch of 3 steps) says the run is complete, touches nothing and exits 0, where it used to fail with
+    Lightning's traceback or validate and export again; a num_epochs past the checkpoint continues it."""
+    base = tiny_run_values(
+        tiny_model, pairs, tmp_path / "run", max_prompt_length=16, num_epochs=1, batch_size=4, val_fraction=0.5
+    )
+    assert run(ROOT / "experiments/local-tiny.yaml", parse_overrides(_cli({**base, "max_steps": first_steps}))) == 0
+    out = tmp_path / "run"
+    metrics = (out / "metrics.jsonl").read_bytes()
+    files = {p: p.stat().st_mtime_ns for p in [*(out / "final").iterdir(), *(out / "checkpoints").rglob("*")]}
+    record = json.loads(next((out / "checkpoints").glob("*/run_config.json")).read_text())
+    per_epoch = record["optimizer_steps_per_epoch"]
+    assert per_epoch < first_steps
+    capsys.readouterr()
+
+    assert run(ROOT / "experiments/local-tiny.yaml", parse_overrides(_cli(base))) == 0
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1, said
+    assert f"already complete at step {first_steps}, past the step {per_epoch} this configuration ends at" in said[0]
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+    assert {p: p.stat().st_mtime_ns for p in files} == files
+
+    epochs = first_steps // per_epoch + 1
+    assert run(ROOT / "experiments/local-tiny.yaml", parse_overrides(_cli({**base, "num_epochs": epochs}))) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == epochs * per_epoch and "already complete" not in capsys.readouterr().out
 
 
 def test_a_mistyped_local_model_path_is_not_found_with_the_nearest_folder(tmp_path, monkeypatch):

@@ -159,25 +159,39 @@ def run_local(
         return run_trial(core, cfg, start=start, trial_id=None, on_cluster=False, announce=announce, command=command)
 
 
-def completed_step(cfg: DPOConfig) -> int | None:
-    """The step at which `cfg.output_dir` holds a finished run of this configuration, or None: its final/ was
-    exported from its newest checkpoint, and this configuration asks for no more steps than that one ran."""
+def completed_step(cfg: DPOConfig) -> tuple[int, int | None] | None:
+    """(the step at which `cfg.output_dir` holds a finished run of this configuration, the step this configuration
+    ends at, when known), or None. A run is finished when its newest checkpoint is at or past the configuration's
+    end and final/ was exported from it, or past the end at all: a run extended (max_steps raised) and then
+    given its first, shorter command again has nothing left to do, and must not be touched."""
     output = Path(cfg.output_dir)
     folder = find_resume_checkpoint(output)
     if folder is None:
         return None
     step = read_metadata(folder)["steps_completed"]
+    check_same_run(folder, cfg)  # a changed configuration is an error before it is a finished run
+    saved = read_run_record(folder / RUN_CONFIG) or {}
+    end = configured_end(cfg, saved)
     try:
         finished = json.loads((output / FINAL / COMPLETED).read_text()).get("steps_completed")
     except (OSError, ValueError, AttributeError):
-        return None
+        finished = None
+    if end is not None:
+        return (step, end) if step > end or (step == end and finished == step) else None
     if finished != step:
         return None  # resumed past the last export and stopped again
-    check_same_run(folder, cfg)  # a changed configuration is an error before it is a finished run
-    saved = (read_run_record(folder / RUN_CONFIG) or {}).get("config", {})
+    config = saved.get("config", {})  # a checkpoint from before runs recorded their steps per epoch
+    same_epochs = config.get("max_steps") == -1 and config.get("num_epochs") == cfg.num_epochs
+    return (step, None) if cfg.max_steps <= 0 and same_epochs else None
+
+
+def configured_end(cfg: DPOConfig, record: dict) -> int | None:
+    """The optimizer step a run of `cfg` ends at: max_steps, else num_epochs times the steps per epoch its
+    checkpoint recorded (None when it did not)."""
     if cfg.max_steps > 0:
-        return step if step >= cfg.max_steps else None
-    return step if saved.get("max_steps") == -1 and saved.get("num_epochs") == cfg.num_epochs else None
+        return cfg.max_steps
+    per_epoch = record.get("optimizer_steps_per_epoch")
+    return cfg.num_epochs * per_epoch if isinstance(per_epoch, int) else None
 
 
 def tune_allocator(cfg: DPOConfig) -> None:
@@ -228,9 +242,11 @@ def _run(config_path: Path, overrides: dict, *, fast_dev_run: bool, resume: str 
         command = shlex.join(["python", "entrypoint.py", "--config", str(config_path), *_flags(overrides)])
         done = None if (fast_dev_run or resume is not None) else completed_step(cfg)
         if done is not None:
+            step, end = done
+            past = f", past the step {end} this configuration ends at" if end is not None and step > end else ""
             print(
-                f"{cfg.output_dir} is already complete at step {done}: raise max_steps (or num_epochs) to "
-                "continue it, or give another output_dir to start afresh"
+                f"{cfg.output_dir} is already complete at step {step}{past}: nothing was changed; raise max_steps "
+                "(or num_epochs) to continue it, or give another output_dir to start afresh"
             )
             return 0
         tune_allocator(cfg)

@@ -177,6 +177,10 @@ class CheckpointCallback(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         self._seen_step = trainer.global_step
         self.signals.install()
+        # so that a later command can tell whether its num_epochs ends before this run's step (`completed_step`);
+        # an epoch whose last accumulation group is partial still ends with an optimizer step
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        self.session.record["optimizer_steps_per_epoch"] = per_epoch
         start = self.session.start
         if start is not None and not start.weights_only:
             if not restore_rank_state(start.path, trainer.global_rank, pl_module):
