@@ -378,3 +378,19 @@ def test_backticks_with_commonmark_parser(tmp_path):
     assert NASTY + "\n" in fences
     headings = [t for t in tokens if t.type == "heading_open" and t.tag == "h3"]
     assert len(headings) == 3 + 5  # three plots, five samples
+
+
+def test_the_scores_legend_sits_outside_the_bars():
+    """The legend of scores.png is drawn outside the axes, so that it covers no bar, even when the histograms
+    fill the plot (inside, loc="best" covered the tallest bars)."""
+    from dpo_lightning.evaluation.plots import scores_figure
+
+    generation = {"policy_scores": [1.0] * 30 + [2.0] * 30, "reference_scores": [1.5] * 30 + [2.5] * 30}
+    fig = scores_figure(generation)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    (legend,) = fig.legends
+    box, axes_box = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert box.y0 >= axes_box.y1 - 1  # above the axes: no bar lies under it
+    assert "policy (mean 1.5, n=60)" in [text.get_text() for text in legend.get_texts()]

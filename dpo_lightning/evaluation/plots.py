@@ -72,7 +72,7 @@ def plot_margins(preference: Mapping[str, Any]) -> bytes | None:
     ax.set_xlabel("implicit reward margin (chosen \u2212 rejected)")
     ax.set_ylabel("pairs")
     ax.set_title(f"Reward margins: n={len(margins)}, mean {mean:.4g}, accuracy {accuracy:.1%}")
-    ax.legend(loc="best")
+    _legend_above(fig, ax)
     return _png_bytes(fig)
 
 
@@ -100,8 +100,21 @@ def plot_win_rate(generation: Mapping[str, Any]) -> bytes | None:
     return _png_bytes(fig)
 
 
+def _legend_above(fig, ax) -> None:
+    """The legend above the axes, outside them, where it cannot cover a bar (inside, "best" still covered the
+    tallest ones when both histograms filled the plot)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=len(labels), frameon=False)
+
+
 def plot_scores(generation: Mapping[str, Any]) -> bytes | None:
     """Overlaid histograms (shared bins) of the policy's and the reference's reward scores; None without scores."""
+    fig = scores_figure(generation)
+    return None if fig is None else _png_bytes(fig)
+
+
+def scores_figure(generation: Mapping[str, Any]):
+    """The figure of `plot_scores`, or None without scores."""
     series = [
         ("policy", _finite(generation.get("policy_scores")), "tab:blue"),
         ("reference", _finite(generation.get("reference_scores")), "tab:orange"),
@@ -122,5 +135,5 @@ def plot_scores(generation: Mapping[str, Any]) -> bytes | None:
     ax.set_xlabel("reward score")
     ax.set_ylabel("prompts")
     ax.set_title("Reward scores: policy vs reference")
-    ax.legend(loc="best")
-    return _png_bytes(fig)
+    _legend_above(fig, ax)
+    return fig
