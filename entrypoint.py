@@ -43,22 +43,36 @@ def _value(argv: list[str], i: int, flag: str) -> tuple[str, int]:
     raise UserError(f"{flag} needs a value")
 
 
+def _print_help(argv: list[str]) -> None:
+    """The help, with the values a run of the given (or default) --config takes; then exit 0."""
+    from dpo_lightning.config import read_experiment_hparams
+    from dpo_lightning.config.help import help_text
+
+    config = DEFAULT_CONFIG
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            config = Path(_value(argv, i, "--config")[0])
+    try:
+        values = read_experiment_hparams(config)
+    except UserError:
+        values = None
+    try:
+        print(help_text(HELP_USAGE, config.name if config == DEFAULT_CONFIG else config, values))
+        print("\nA run's resolved configuration, every key with its value: python entrypoint.py --print_config")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `--help | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(0)
+
+
 def parse_args(argv: list[str]) -> Args:
     """Split the script's own flags from hyperparameter overrides."""
     config, fast_dev_run, print_config, resume, rest = DEFAULT_CONFIG, False, False, None, []
+    if "-h" in argv or "--help" in argv:
+        _print_help(argv)
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-h", "--help"):
-            from dpo_lightning.config.help import help_text
-
-            try:
-                print(help_text(HELP_USAGE))
-                print("\nA run's resolved configuration, every key with its value: python entrypoint.py --print_config")
-                sys.stdout.flush()
-            except BrokenPipeError:  # `--help | head`: the reader has all it wanted
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise SystemExit(0)
         if arg in ("--fast-dev-run", "--fast_dev_run"):
             fast_dev_run = True
         elif arg in ("--print_config", "--print-config"):

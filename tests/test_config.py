@@ -376,7 +376,18 @@ def test_help_lists_every_key_by_group_with_default_and_documentation():
     assert listed == list(FIELDS)  # every key, once, in the schema's order
     for group in ("models:", "data:", "objective:", "optimisation:", "distribution:"):
         assert f"\n{group}\n" in done.stdout
-    assert "  --learning_rate (default: 1e-06)\n      Peak AdamW learning rate." in done.stdout
+    learning_rate = read_experiment_hparams(REPO / "experiment.yaml")["learning_rate"]
+    assert f"  --learning_rate ({learning_rate})\n      Peak AdamW learning rate." in done.stdout
+    assert "Values shown are those a run with --config experiment.yaml takes" in done.stdout
+
+
+def test_help_shows_the_values_of_the_config_a_run_would_read():
+    command = [sys.executable, "entrypoint.py", "--config", "experiments/local-tiny.yaml", "--help"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert "  --model_name (builtin:tiny-qwen2)\n" in done.stdout  # the file's, not the schema's Qwen default
+    missing = subprocess.run([*command[:2], "--config", "nope.yaml", "--help"], capture_output=True, text=True)
+    assert "Values shown are the configuration schema's defaults (nope.yaml could not be read)." in missing.stdout
+    assert "  --model_name (Qwen/Qwen2.5-0.5B-Instruct)\n" in missing.stdout
 
 
 def test_help_piped_into_a_reader_that_stops_early_is_quiet():

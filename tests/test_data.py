@@ -438,6 +438,14 @@ def test_prepare_pairs_builtin_and_validation_skip(tok, tmp_path, caplog):
     assert (len(held.train), len(held.val)) == (2, 1)
 
 
+def test_val_fraction_zero_on_a_source_with_a_test_split_says_validation_still_runs(tok, caplog):
+    with caplog.at_level(logging.WARNING):
+        pairs = prepare_pairs(cfg(builtin.BUILTIN_DATASET, val_fraction=0.0), tok)
+    assert pairs.val is not None  # the source's test split
+    lines = [r.getMessage() for r in caplog.records if "val_fraction 0" in r.getMessage()]
+    assert len(lines) == 1 and "validation still runs on" in lines[0] and "[test]" in lines[0]
+
+
 def test_prepare_pairs_empty_training_set(tok, tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
     with pytest.raises(UserError, match="no training pairs left .*3 dropped by truncation"):

@@ -41,26 +41,39 @@ def key_docs() -> list[tuple[str, list[tuple[str, str]]]]:
     return groups
 
 
-def default_text(key: str) -> str:
-    field = schema.DPOConfig.__dataclass_fields__[key]
-    if field.default is not dataclasses.MISSING:
-        value = field.default
-    else:
-        value = field.default_factory()
+def _text(value) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, dict) and value.get("type") not in (None, "const"):
+        return f"a {value['type']} search space"
+    if isinstance(value, dict) and value.get("type") == "const":
+        return _text(value.get("val"))
     return str(value) if value != {} else "{}"
 
 
-def help_text(usage: str) -> str:
-    """The whole help: usage, then each group's keys with default and first sentence."""
-    out = [usage, "", "Every key below is a hyperparameter of the experiment file, overridden as --key value."]
+def default_text(key: str) -> str:
+    """The schema's default of `key`."""
+    field = schema.DPOConfig.__dataclass_fields__[key]
+    return _text(field.default if field.default is not dataclasses.MISSING else field.default_factory())
+
+
+def help_text(usage: str, config_path=None, file_values: dict | None = None) -> str:
+    """The whole help: usage, then each group's keys with the value a run takes and the first sentence of its
+    documentation. With `file_values` (the `hyperparameters:` of `config_path`, the file a run without
+    --config reads, or the one given), a key's value is the file's (the schema's where the file leaves it out)."""
+    if file_values is None:
+        where = "Values shown are the configuration schema's defaults"
+        where += f" ({config_path} could not be read)." if config_path is not None else "."
+    else:
+        where = f"Values shown are those a run with --config {config_path} takes (the schema's where it has none)."
+    out = [usage, "", "Every key below is a hyperparameter of the experiment file, overridden as --key value.", where]
     for group, keys in key_docs():
         out += ["", f"{group}:"]
         for key, doc in keys:
-            out.append(f"  --{key} (default: {default_text(key)})")
+            value = _text(file_values[key]) if file_values is not None and key in file_values else default_text(key)
+            out.append(f"  --{key} ({value})")
             if doc:
                 out.append(f"      {first_sentence(doc)}")
     return "\n".join(out)

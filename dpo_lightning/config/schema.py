@@ -87,7 +87,8 @@ class DPOConfig:
     eval_split: str | None = None
     """Split used for validation; None uses a `test` split when the source has one, else `val_fraction`."""
     val_fraction: float = 0.05
-    """Share of prompts held out for validation when there is no eval split; 0 disables validation."""
+    """Share of prompts held out for validation when there is no eval split; 0 disables validation there (a
+    source with a test or validation split, or eval_split, validates on that split whatever this says)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Map of role -> dataset column name, roles: prompt, chosen, rejected, messages."""
     on_bad_rows: Literal["error", "skip"] = "error"

@@ -80,6 +80,12 @@ def _first(data: datasets.Dataset | None, count: int) -> datasets.Dataset | None
 def _split(cfg, raw: RawSplits, train_rows: list[dict], eval_rows: list[dict] | None, eval_label: str):
     """(train rows, validation rows, where validation comes from) for the log line."""
     if eval_rows is not None:
+        if cfg.val_fraction == 0:  # the user may have meant "no validation": say what happens instead
+            logger.warning(
+                "val_fraction 0 holds out none of the training pairs, but validation still runs on %s, the "
+                "source's own split (val_fraction applies only to sources without one)",
+                eval_label,
+            )
         return train_rows, eval_rows, f"split {eval_label}"
     train, val = split_by_prompt(train_rows, cfg.val_fraction, cfg.seed)
     return train, val, f"val_fraction={cfg.val_fraction}"
