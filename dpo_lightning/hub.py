@@ -19,9 +19,14 @@ def offline_env() -> bool:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """A TCP connect to the Hub endpoint (HF_ENDPOINT), seconds at worst."""
+    return host_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+
+
+def host_reachable(url: str, timeout: float = 3.0) -> bool:
+    """A TCP connect to the host of `url`, seconds at worst."""
     if any(os.environ.get(v) for v in _PROXIES):
         return True  # a proxy may reach what a direct connection cannot; let the download decide
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    endpoint = urlparse(url)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         socket.create_connection((endpoint.hostname, port), timeout=timeout).close()

@@ -14,7 +14,7 @@ import pytest
 from contract import tiny_run_values, write_jsonl
 
 from dpo_lightning.builtin import preference_rows
-from dpo_lightning.config import parse_overrides
+from dpo_lightning.config import make_config, parse_overrides
 from dpo_lightning.determined.bridge import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +139,23 @@ def test_everything_missing_is_said_at_once_one_line_each(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_default_run_without_network_lists_every_missing_resource_at_once(tmp_path):
+    """experiment.yaml's run (tiny_shakespeare, so online: its reward model is needed too) on a machine without
+    the Hub or the text's host: the text, the model and the reward model, one line each, in one attempt."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    env.update(DPO_LIGHTNING_CACHE=str(tmp_path / "cache"), DPO_LIGHTNING_TINY_SHAKESPEARE_URL="http://127.0.0.1:1/x")
+    command = [sys.executable, "entrypoint.py", "--output_dir", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), done.stderr
+    assert lines[0].startswith("error: dataset_name: could not download tiny_shakespeare from http://127.0.0.1:1/x")
+    assert lines[1].startswith("error: model_name:") and lines[2].startswith("error: reward_model:")
+    assert not (tmp_path / "out").exists()
+
+
 def test_trackers_see_the_reports_of_metrics_jsonl_and_continue_on_resume(tiny_model, pairs, tmp_path, monkeypatch):
     import csv
     import json
@@ -227,3 +244,24 @@ def test_push_to_hub_offline_fails_before_training_in_one_line(tiny_model, pairs
     assert done.stderr.strip() == (
         "error: push_to_hub: cannot upload to someone/x (HF_HUB_OFFLINE is set); leave push_to_hub unset"
     )
+
+
+def test_mistyped_dataset_and_config_paths_name_the_nearest_file(tmp_path, monkeypatch):
+    from dpo_lightning.config import load_config
+    from dpo_lightning.data import check_source
+    from dpo_lightning.errors import ConfigError, UserError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pairs.jsonl").write_text("")
+    (tmp_path / "prompts.txt").write_text("To be.\n")
+    (tmp_path / "run.yaml").write_text("hyperparameters: {}\n")
+    for name, nearest in (("data/pair.jsonl", "data/pairs.jsonl"), ("promts.txt", "prompts.txt")):
+        with pytest.raises(UserError) as info:
+            check_source(make_config({"dataset_name": name}))
+        assert str(info.value) == f"dataset file not found: {name}; did you mean {nearest}?"
+    with pytest.raises(ConfigError) as info:
+        load_config("rnu.yaml")
+    assert str(info.value) == "config file not found: rnu.yaml; did you mean run.yaml?"
+    with pytest.raises(UserError, match=r"^dataset file not found: data/other.jsonl$"):  # nothing close
+        check_source(make_config({"dataset_name": "data/other.jsonl"}))

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from dpo_lightning.config.schema import FIELD_TYPES, FIELDS, LIST_KEYS, RESUMABLE_CHANGES, DPOConfig
-from dpo_lightning.errors import ConfigError
+from dpo_lightning.errors import ConfigError, nearest_path
 
 # ----------------------------------------------------------------------------- coercion
 
@@ -158,7 +158,7 @@ def read_experiment_hparams(path: str | Path) -> dict[str, Any]:
     """The raw `hyperparameters:` block of an experiment file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}{nearest_path(str(path), folders=False)}")
     try:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -32,6 +32,14 @@ def decide_mode(requested: str, found: dict[str, str], *, label: str, columns: l
     return "online"
 
 
+def known_mode(cfg) -> str:
+    """The mode a run trains as far as it is known before the data is read: the requested one, and for `auto`
+    on plain text (always prompts) online; `auto` where only the data can tell."""
+    from dpo_lightning.data.text_prompts import is_text_source
+
+    return "online" if cfg.mode == "auto" and is_text_source(cfg.dataset_name) else cfg.mode
+
+
 def needs_judge(mode: str, generation_eval_every: int) -> bool:
     """Whether the run loads its `reward_model`: online runs score their samples, and any run with
     generation metrics judges the policy's completions against the reference's."""

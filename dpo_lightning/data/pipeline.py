@@ -14,6 +14,7 @@ from dpo_lightning.data.formats import normalize, normalize_prompts, unique_prom
 from dpo_lightning.data.reward_text import encode_for_reward
 from dpo_lightning.data.sources import RawSplits, load_splits, resolve_source, split_labels
 from dpo_lightning.data.split import split_by_prompt
+from dpo_lightning.data.text_prompts import check_text_source, is_text_source
 from dpo_lightning.data.tokenize import TokenizedPairs as TokenizedRows
 from dpo_lightning.data.tokenize import tokenize_prompts, tokenize_rows
 from dpo_lightning.errors import UserError
@@ -38,8 +39,12 @@ class PreparedData(NamedTuple):
 
 
 def check_source(cfg) -> None:
-    """Fail fast, before models load, when `dataset_name` is a local path that is missing or unusable."""
-    resolve_source(cfg.dataset_name)
+    """Fail fast, before models load, when `dataset_name` is a local path that is missing or unusable, or a
+    remote text (tiny_shakespeare) neither cached nor reachable."""
+    if is_text_source(cfg.dataset_name):
+        check_text_source(cfg.dataset_name)
+    else:
+        resolve_source(cfg.dataset_name)
 
 
 def check_decided_mode(cfg, raw: RawSplits) -> None:

@@ -17,7 +17,7 @@ from dpo_lightning.data.formats import role_columns
 from dpo_lightning.data.json_scan import prescan_json
 from dpo_lightning.data.mode import decide_mode
 from dpo_lightning.data.text_prompts import TINY_SHAKESPEARE, text_prompt_rows, text_source_path
-from dpo_lightning.errors import UserError, first_line
+from dpo_lightning.errors import UserError, first_line, nearest_path
 from dpo_lightning.hub import hub_reachable
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def resolve_source(name: str) -> Source:
             )
         return Source("disk", str(path))
     if _looks_like_path(name):
-        raise UserError(f"dataset file not found: {name}")
+        raise UserError(f"dataset file not found: {name}{nearest_path(name)}")
     return Source("hub", name)
 
 

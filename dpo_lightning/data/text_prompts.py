@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from dpo_lightning.errors import UserError
-from dpo_lightning.hub import cache_root
+from dpo_lightning.errors import UserError, nearest_path
+from dpo_lightning.hub import cache_root, host_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,28 @@ def _verify_file(path: Path, remote: RemoteText) -> str | None:
     return None
 
 
+def check_text_source(name: str, *, label: str = "dataset_name") -> None:
+    """Fail fast, before models load, when a text source cannot be had: a missing .txt file, or a remote text
+    that is neither cached nor reachable (said in the words its download would fail with)."""
+    if name != TINY_SHAKESPEARE:
+        text_source_path(name, label=label)
+        return
+    remote = TINY_SHAKESPEARE_TEXT
+    folder = cache_root() / "datasets"
+    source = os.environ.get(URL_ENV) or remote.url
+    cached = (folder / remote.filename).is_file()  # verified in full when it is read
+    if not cached and not host_reachable(source):
+        raise _unreachable(remote, source, folder, label, "host unreachable")
+
+
+def _unreachable(remote: RemoteText, source: str, folder: Path, label: str, reason: str) -> UserError:
+    return UserError(
+        f"{label}: could not download {remote.name} from {source} ({reason}) and no verified copy is cached in "
+        f"{folder}; download it where there is network (it is cached after the first run) or pass a local .txt "
+        f"file, e.g. --{label} ./input.txt"
+    )
+
+
 def _download(remote: RemoteText, source: str, folder: Path, target: Path, *, timeout: float, label: str) -> None:
     """Stream `source` into a private temporary file, verify it, then rename it to `target`."""
     # A unique temporary name per process and call: racing ranks never write into each other's file.
@@ -130,11 +152,7 @@ def _download(remote: RemoteText, source: str, folder: Path, target: Path, *, ti
             try:
                 size, sha256 = _stream(source, out, timeout=timeout, limit=remote.size)
             except _NETWORK_ERRORS as exc:
-                raise UserError(
-                    f"{label}: could not download {remote.name} from {source} ({_reason(exc, timeout)}) and no "
-                    f"verified copy is cached in {folder}; download it where there is network (it is cached after "
-                    f"the first run) or pass a local .txt file, e.g. --{label} ./input.txt"
-                ) from exc
+                raise _unreachable(remote, source, folder, label, _reason(exc, timeout)) from exc
         _check_download(remote, source, size, sha256, label=label)
         try:
             os.replace(tmp, target)  # atomic: readers see either no file or a whole verified one
@@ -258,5 +276,5 @@ def text_source_path(name: str, *, label: str = "dataset_name") -> Path:
         raise ValueError(f"not a text source: {name!r}")
     path = Path(name).expanduser()
     if not path.is_file():
-        raise UserError(f"dataset file not found: {name}")
+        raise UserError(f"dataset file not found: {name}{nearest_path(name, folders=False)}")
     return path

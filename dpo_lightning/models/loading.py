@@ -8,14 +8,13 @@ client's retry loop (about 25 s per file here), and a cached one loads without t
 from __future__ import annotations
 
 import copy
-import difflib
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from dpo_lightning.builtin import BUILTIN_MODEL, builtin_model_dir
-from dpo_lightning.errors import UserError, first_line
+from dpo_lightning.errors import UserError, first_line, nearest_path
 from dpo_lightning.hub import hub_reachable, offline_env
 from dpo_lightning.models.lora import (
     adapter_base_name,
@@ -50,12 +49,7 @@ def _looks_like_path(name: str) -> bool:
 
 def not_found(name: str, key: str) -> UserError:
     """A missing local folder, with the nearest existing sibling when one is close (a typo)."""
-    path = Path(name).expanduser()
-    parent = path.parent
-    siblings = [child.name for child in parent.iterdir() if child.is_dir()] if parent.is_dir() else []
-    close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.75)
-    hint = f"; did you mean {parent / close[0]}?" if close else ""
-    return UserError(f"{key}: model folder not found: {name}{hint}")
+    return UserError(f"{key}: model folder not found: {name}{nearest_path(name, files=False)}")
 
 
 def resolve_model(name: str, key: str = "model_name") -> ModelSource:

@@ -21,7 +21,7 @@ import torch
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
-from dpo_lightning.data.mode import needs_judge
+from dpo_lightning.data.mode import known_mode, needs_judge
 from dpo_lightning.dpo.objective import LossSettings
 from dpo_lightning.errors import UserError
 from dpo_lightning.layout import FSDP_STATE, METRICS, REFERENCE, RUN_CONFIG, run_record, write_json
@@ -149,8 +149,8 @@ def resolve_sources(cfg: DPOConfig) -> tuple[ModelSource, ModelSource | None]:
         if cfg.ref_model_name:
             found["reference"] = resolve_model(cfg.ref_model_name, "ref_model_name")
 
-    def judge() -> None:  # with `mode: auto` choosing online, the data says so: `judge_needed_by_data`
-        if cfg.reward_model and needs_judge(cfg.mode, cfg.generation_eval_every):
+    def judge() -> None:  # with `mode: auto` choosing online from a table, the data says so: `judge_needed_by_data`
+        if cfg.reward_model and needs_judge(known_mode(cfg), cfg.generation_eval_every):
             check_judge(cfg.reward_model, trust_remote_code=cfg.trust_remote_code)
 
     checks = (
@@ -180,7 +180,7 @@ def _problem(check) -> str | None:
 def judge_needed_by_data(cfg: DPOConfig, mode: str) -> bool:
     """Whether the judge is needed only because `mode: auto` chose online from the data (else `resolve_sources`
     checked it, or no judge is needed)."""
-    return needs_judge(mode, cfg.generation_eval_every) and not needs_judge(cfg.mode, cfg.generation_eval_every)
+    return needs_judge(mode, cfg.generation_eval_every) and not needs_judge(known_mode(cfg), cfg.generation_eval_every)
 
 
 def warn_off_sync_checkpoints(cfg: DPOConfig) -> None:
