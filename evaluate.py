@@ -30,6 +30,10 @@ def parse_args(argv: list[str]):
     add("--beta", type=float, help="DPO beta; default: the run's beta, else 0.1")
     add("--reward_model", help="judge: sequence-classification model, RewardModel folder or package.module:function")
     add("--split", help="split to evaluate whole; default: the part training held out")
+    add(
+        "--columns",
+        help='JSON role -> column map for this dataset, e.g. \'{"prompt": "question"}\'; default: the run\'s',
+    )
     add("--num_pairs", type=int, default=256, help="preference pairs to score (default 256)")
     add("--num_prompts", type=int, help="prompts to generate for (default 64 with --reward_model, else 0)")
     add("--max_new_tokens", type=int, help="tokens sampled per completion at most; default: the run's, else 128")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -29,6 +30,7 @@ from dpo_lightning.dpo.objective import LossSettings
 from dpo_lightning.dpo.reference import FrozenReference
 from dpo_lightning.errors import UserError
 from dpo_lightning.evaluation.pairs import evaluate_pairs
+from dpo_lightning.evaluation.report import summary_table
 from dpo_lightning.evaluation.run import EvalOptions, evaluate, evaluation_rows, resolve_model_path, run_settings
 from dpo_lightning.online.comparison import wilson_interval, win_rate
 
@@ -198,9 +200,9 @@ def test_describe_prompts_train_split_has_enough_distinct_prompts(tiny_model):
     """Why the win-rate test evaluates split `train`: the held-out test split has only 8 distinct prompts."""
     base = {"model_name": str(tiny_model), "dataset_name": "builtin:describe-prompts", "seed": 42}
     options = EvalOptions(model_path=str(tiny_model), split="train")
-    pairs, prompts = evaluation_rows(make_config({**base, "train_split": "train", "eval_split": None}), options)
+    pairs, prompts, _ = evaluation_rows(make_config({**base, "train_split": "train", "eval_split": None}), options)
     assert pairs is None and len({p["prompt"] for p in prompts}) >= 30 and len(prompts) >= 40
-    _, held_out = evaluation_rows(make_config(base), EvalOptions(model_path=str(tiny_model)))
+    _, held_out, _ = evaluation_rows(make_config(base), EvalOptions(model_path=str(tiny_model)))
     assert len({p["prompt"] for p in held_out}) == 8
 
 
@@ -291,9 +293,12 @@ def test_evaluate_cli_end_to_end(trained, tmp_path):
     rows = _table_rows(done.stdout)
     names = [name for name, _ in rows]
     assert len(names) == len(set(names))
-    assert names[:2] == ["pairs", "beta"] and "prompts" in names
+    assert names[:4] == ["split", "split rows", "pairs", "beta"] and "prompts" in names
+    # what was measured: the source's test split, held out from training
+    assert dict(rows)["split"] == "builtin:sentiment-pairs[test]" and report["data"]["training_rows"] is False
+    assert dict(rows)["split rows"] == str(report["data"]["rows"]) and report["data"]["rows"] >= preference["num_pairs"]
     section = preference
-    for name, printed in rows:
+    for name, printed in rows[2:]:
         if name == "prompts":
             section = generation
         if name in ("pairs", "prompts"):
@@ -312,8 +317,8 @@ def test_evaluate_cli_end_to_end(trained, tmp_path):
     combined = {"win_rate/low", "win_rate/high", "wins", "losses", "ties"}
     assert set(preference["metrics"]) <= set(names)
     assert set(generation["metrics"]) - combined <= set(names)
-    # pairs, beta, the preference metrics, prompts, the generation metrics with five of them in two rows
-    assert len(rows) == 2 + len(preference["metrics"]) + 1 + len(generation["metrics"]) - len(combined) + 2
+    # split, split rows, pairs, beta, the preference metrics, prompts, the generation metrics with five in two rows
+    assert len(rows) == 4 + len(preference["metrics"]) + 1 + len(generation["metrics"]) - len(combined) + 2
 
 
 # ----------------------------------------------------------------------------- path resolution and settings
@@ -478,3 +483,55 @@ def test_too_few_pairs_or_prompts_are_said_in_the_table():
     report["generation"] = {"num_prompts": 8, "metrics": {}}
     table = summary_table(report)
     assert "pairs measured" not in table and "note: only 8 prompts measured" in table
+
+
+# ----------------------------------------------------------------------------- what is measured, and on what
+
+
+def _run_folder(trained, tmp_path, **config) -> Path:
+    """A copy of the trained run whose record says it trained with `config` (columns, data, val_fraction)."""
+    folder = tmp_path / "run"
+    shutil.copytree(trained / "final", folder / "final")
+    record = json.loads((trained / "run_config.json").read_text())
+    record["config"].update(config)
+    (folder / "run_config.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_columns_of_the_training_file_give_way_to_columns_for_the_evaluated_file(trained, tmp_path):
+    """A run trained on a CSV with `columns` evaluated on a plain prompt/chosen/rejected file: the run's columns
+    do not fit it (one line naming --columns); `--columns '{}'` reads it by its own names."""
+    rows = [
+        {"prompt": f"Describe item {i}.", "chosen": " A lovely item.", "rejected": " A grim item."} for i in range(6)
+    ]
+    data = write_jsonl(tmp_path / "plain.jsonl", rows)
+    run = _run_folder(trained, tmp_path, columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    base = dict(model_path=str(run), dataset_name=str(data), output_dir=str(tmp_path / "out"), split="train")
+    with pytest.raises(UserError, match="--columns"):
+        evaluate(EvalOptions(**base))
+    report = evaluate(EvalOptions(**base, columns="{}"))
+    assert report["preference"]["num_pairs"] == 6 and report["data"]["split"] == "train"
+    with pytest.raises(UserError, match=r"^--columns has unknown role 'answer'"):
+        evaluate(EvalOptions(**base, columns='{"answer": "x"}'))
+
+
+def test_a_run_that_held_nothing_out_is_evaluated_on_its_training_pairs_with_a_warning(trained, tmp_path, caplog):
+    rows = [
+        {"prompt": f"Describe item {i}.", "chosen": " A lovely item.", "rejected": " A grim item."} for i in range(6)
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    run = _run_folder(trained, tmp_path, dataset_name=str(data), val_fraction=0.0, columns={})
+    with caplog.at_level(logging.WARNING):
+        report = evaluate(EvalOptions(model_path=str(run), output_dir=str(tmp_path / "out")))
+    assert report["data"] == {
+        "dataset": str(data), "split": "train", "rows": 6, "pairs_scored": 6, "prompts_sampled": 0,
+        "training_rows": True,
+    }  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if "trained on" in r.getMessage()]
+    assert len(warnings) == 1 and "pass --split or --dataset_name" in warnings[0]
+    assert "split  " in summary_table(report) and "(trained on)" in summary_table(report)
+
+
+def test_a_missing_split_names_evaluate_s_own_option(trained, tmp_path):
+    with pytest.raises(UserError, match=r"split 'validation' not found; available splits: test, train; set --split"):
+        evaluate(EvalOptions(model_path=str(trained), dataset_name="builtin:sentiment-pairs", split="validation"))

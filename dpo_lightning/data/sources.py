@@ -181,11 +181,12 @@ def _split_error(label: str, key: str, split: str, available: list[str]) -> User
     )
 
 
-def pick_splits(splits: dict[str, Any], cfg, label: str) -> RawSplits:
-    """Train from `train_split`; eval from `eval_split`, else a `test`/`validation` split, else None."""
+def pick_splits(splits: dict[str, Any], cfg, label: str, split_key: str = "train_split") -> RawSplits:
+    """Train from `train_split`; eval from `eval_split`, else a `test`/`validation` split, else None. `split_key`:
+    the option that set train_split, as the error names it (evaluate.py's --split)."""
     available = sorted(splits)
     if cfg.train_split not in splits:
-        raise _split_error(label, "train_split", cfg.train_split, available)
+        raise _split_error(label, split_key, cfg.train_split, available)
     if cfg.eval_split is not None:
         if cfg.eval_split not in splits:
             raise _split_error(label, "eval_split", cfg.eval_split, available)
@@ -205,9 +206,9 @@ def split_labels(raw: RawSplits) -> tuple[str, str]:
     return f"{raw.label}[{train_split}]", f"{raw.label}[{eval_split}]"
 
 
-def load_splits(cfg) -> RawSplits:
+def load_splits(cfg, split_key: str = "train_split") -> RawSplits:
     """Load `cfg.dataset_name`, pick its train and eval splits and decide what the run trains on them (the
-    mode); a user mistake is one UserError line."""
+    mode); a user mistake is one UserError line (`split_key`: see `pick_splits`)."""
     source = resolve_source(cfg.dataset_name)
     label, skipped, mode = cfg.dataset_name, 0, None
     if source.kind == "builtin":
@@ -220,7 +221,7 @@ def load_splits(cfg) -> RawSplits:
         splits = _load_disk(source, label)
     else:
         splits = _load_hub(source, cfg)
-    raw = pick_splits(splits, cfg, label)._replace(skipped=skipped)
+    raw = pick_splits(splits, cfg, label, split_key)._replace(skipped=skipped)
     if mode is None:
         train_label, _ = split_labels(raw)
         found = role_columns(list(raw.train.column_names), dict(cfg.columns), train_label)

@@ -78,6 +78,11 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     ``[win_rate/low, win_rate/high]`` and "wins/losses/ties" is ``wins/losses/ties``.
     """
     rows: list[tuple[str, str]] = []
+    data = report.get("data")
+    if data is not None:  # what was measured: the split, its size, and whether training saw it
+        seen = " (trained on)" if data.get("training_rows") else ""
+        rows.append(("split", f"{data.get('dataset')}[{data.get('split')}]{seen}"))
+        rows.append(("split rows", format_value(data.get("rows"))))
     preference = report.get("preference")
     if preference is not None:
         rows.append(("pairs", format_value(preference.get("num_pairs"))))

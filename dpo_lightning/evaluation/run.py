@@ -6,6 +6,7 @@ Every mistake a user can make is caught in the first steps, before any model loa
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import asdict, dataclass
@@ -46,6 +47,7 @@ class EvalOptions:
     beta: float | None = None
     reward_model: str | None = None
     split: str | None = None
+    columns: str | None = None  # JSON role -> column map, in place of the run's `columns`
     num_pairs: int = 256
     num_prompts: int | None = None  # default: 64 with a reward model, else 0
     max_new_tokens: int | None = None
@@ -158,30 +160,65 @@ def _data_config(options: EvalOptions, settings: dict, record: dict | None):
     values.update(dataset_name=settings["dataset_name"], seed=values.get("seed", options.seed))
     if options.split is not None:
         values.update(train_split=options.split, eval_split=None)
-    return make_config(values)
+    if options.columns is not None:  # the run's columns named its training file's; this file may differ
+        values["columns"] = options.columns
+    try:
+        return make_config(values)
+    except UserError as exc:
+        if options.columns is not None and str(exc).startswith("columns"):
+            raise UserError(f"--{exc}") from None
+        raise
 
 
-def evaluation_rows(cfg, options: EvalOptions) -> tuple[list[dict] | None, list[dict]]:
-    """(pair rows or None when the data has none, prompt rows) of the evaluated split: `--split` whole, else
-    the part training held out (eval split, or the run's val_fraction draw), else the whole train split."""
-    raw = load_splits(cfg)
+class Measured(NamedTuple):
+    """What an evaluation measured, for the report: the split, how many rows it holds, and whether training
+    saw them."""
+
+    split: str  # e.g. "test", "train (the val_fraction 0.05 draw training held out)"
+    rows: int
+    training_rows: bool
+
+
+def evaluation_rows(cfg, options: EvalOptions) -> tuple[list[dict] | None, list[dict], Measured]:
+    """(pair rows or None when the data has none, prompt rows, what they are) of the evaluated split: `--split`
+    whole, else the part training held out (eval split, or the run's val_fraction draw), else the whole train
+    split, which training saw (said in one warning)."""
+    try:
+        raw = load_splits(cfg, split_key="--split")
+    except UserError as exc:
+        if options.columns is None and cfg.columns:  # the training file's map, which this file may not share
+            raise UserError(
+                f"{exc}; the columns map is the training run's, {json.dumps(cfg.columns)}: pass --columns for this "
+                "dataset ('{}' reads its prompt, chosen and rejected columns by name)"
+            ) from None
+        raise
     label = cfg.dataset_name
-    if options.split is None and raw.eval is not None:
-        data = raw.eval
-    else:
-        data = raw.train
-    pairs = None
+    held_out = options.split is None and raw.eval is not None
+    data = raw.eval if held_out else raw.train
+    drawn = options.split is None and raw.eval is None and cfg.val_fraction > 0
     norm = {"columns": dict(cfg.columns), "on_bad_rows": cfg.on_bad_rows, "label": label}
+    pairs = None
     if has_pairs(dataset_roles(data, cfg.columns, label)):
         pairs = normalize(data, **norm).rows
-        if options.split is None and raw.eval is None and cfg.val_fraction > 0:
+        if drawn:
             _, pairs = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)  # the prompts training never saw
         prompts = unique_prompts(pairs)
     else:
         prompts = normalize_prompts(data, **norm).rows
-        if options.split is None and raw.eval is None and cfg.val_fraction > 0:
+        if drawn:
             _, prompts = split_by_prompt(prompts, cfg.val_fraction, cfg.seed)
-    return pairs, prompts
+    name = str(data.split or ("eval" if held_out else cfg.train_split))
+    if drawn:
+        name += f" (the val_fraction {cfg.val_fraction} draw training held out)"
+    trained_on = options.split is None and not held_out and not drawn and options.dataset_name is None
+    if trained_on:
+        log.warning(
+            "evaluating %s[%s] whole: the training run held none of it out (val_fraction 0, no eval split), so these "
+            "are pairs it trained on; pass --split or --dataset_name to measure unseen ones",
+            label,
+            name,
+        )
+    return pairs, prompts, Measured(name, len(pairs) if pairs is not None else len(prompts), trained_on)
 
 
 def _sample(rows: list[dict], count: int, seed: int) -> list[dict]:
@@ -310,7 +347,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     reference_source = resolve_model(settings["reference"], "ref_model_path") if settings["reference"] else None
     cfg = _data_config(options, settings, resolved.record)
     tokenizer = load_tokenizer(resolved.source)
-    pairs, prompts = evaluation_rows(cfg, options)
+    pairs, prompts, measured = evaluation_rows(cfg, options)
     pairs = _sample(pairs, options.num_pairs, options.seed) if pairs else None
     prompts = _sample(prompts, settings["num_prompts"], options.seed)
     if not pairs and not prompts:
@@ -327,6 +364,14 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             "policy": str(resolved.folder),
             "reference": settings["reference"] or f"{resolved.folder} (the policy itself)",
             "reward_model": options.reward_model,
+        },
+        "data": {
+            "dataset": cfg.dataset_name,
+            "split": measured.split,
+            "rows": measured.rows,
+            "pairs_scored": len(pairs) if pairs else 0,
+            "prompts_sampled": len(prompts) if models.judge else 0,
+            "training_rows": measured.training_rows,
         },
         "versions": library_versions(),
         "preference": preference_section(models, pairs, cfg, settings, options.batch_size) if pairs else None,
