@@ -265,3 +265,20 @@ def test_mistyped_dataset_and_config_paths_name_the_nearest_file(tmp_path, monke
     assert str(info.value) == "config file not found: rnu.yaml; did you mean run.yaml?"
     with pytest.raises(UserError, match=r"^dataset file not found: data/other.jsonl$"):  # nothing close
         check_source(make_config({"dataset_name": "data/other.jsonl"}))
+
+
+def test_a_run_logged_to_a_file_is_one_line_per_event(tiny_model, pairs, tmp_path):
+    """With its output in a file (no terminal): no carriage-return bar redraws, no Lightning model summary, no
+    library warnings about names the user cannot change (LoRA's is_gradient_checkpointing), just the log."""
+    values = tiny_run_values(tiny_model, pairs, tmp_path / "run", max_prompt_length=16, max_steps=2, lora_r=4)
+    command = [sys.executable, "entrypoint.py", "--config", "experiments/local-tiny.yaml", *_cli(values)]
+    with (tmp_path / "log.txt").open("w") as log:
+        done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=300)
+    text = (tmp_path / "log.txt").read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    for noise in ("Loading weights", "Writing model shards", "Generating train split", "| Name", "FutureWarning"):
+        assert noise not in text, noise
+    lines = text.strip().splitlines()
+    assert lines and all(" INFO " in line or " WARNING " in line for line in lines), text[-3000:]
+    assert any("final policy saved" in line for line in lines)

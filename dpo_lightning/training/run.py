@@ -19,6 +19,7 @@ import lightning as L
 import torch
 
 from dpo_lightning.config import DPOConfig
+from dpo_lightning.console import interactive
 from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.data.mode import known_mode, needs_judge
@@ -112,7 +113,10 @@ def build_trainer(
         enable_checkpointing=False,  # checkpoints follow our layout, through the session
         logger=logger,
         default_root_dir=cfg.output_dir,
-        callbacks=[*callbacks, progress_bar()],
+        # a bar redraws in place on a terminal; in a log it would be a line per redraw (the reports mark progress)
+        callbacks=[*callbacks, progress_bar()] if interactive() else callbacks,
+        enable_progress_bar=interactive(),
+        enable_model_summary=False,  # a table of the module's parts; the run's log names the models it loads
         fast_dev_run=fast_dev_run,
     )
 
