@@ -117,4 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dpo_lightning.console import quiet_shutdown
+
+    code = main()
+    quiet_shutdown()  # a second Ctrl-C while the interpreter winds down: one line, no atexit traceback
+    sys.exit(code)

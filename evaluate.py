@@ -66,14 +66,16 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from dpo_lightning.console import install_interrupt_handlers
+    from dpo_lightning.console import install_interrupt_handlers, quiet_shutdown
 
     install_interrupt_handlers()
     try:
-        sys.exit(main(sys.argv[1:]))
+        code = main(sys.argv[1:])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt as exc:
         print(f"interrupted by {getattr(exc, 'signal_name', 'SIGINT')}; no report written", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 130))
+        code = getattr(exc, "exit_code", 130)
+    quiet_shutdown()  # a second Ctrl-C while the interpreter winds down: one line, no atexit traceback
+    sys.exit(code)

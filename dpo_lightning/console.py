@@ -70,3 +70,18 @@ def install_interrupt_handlers() -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, interrupt)
+
+
+def quiet_shutdown() -> None:
+    """From here to the process's end (atexit handlers: trackers flushing, process groups closing), a SIGINT or
+    SIGTERM ends it at once with one line and the signal's exit code, instead of a traceback from whichever
+    handler it interrupted."""
+
+    def leave(signum, frame) -> None:
+        name = signal.Signals(signum).name
+        print(f"interrupted by {name} while shutting down; what was saved before stays", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, leave)

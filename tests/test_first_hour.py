@@ -282,3 +282,22 @@ def test_a_run_logged_to_a_file_is_one_line_per_event(tiny_model, pairs, tmp_pat
     lines = text.strip().splitlines()
     assert lines and all(" INFO " in line or " WARNING " in line for line in lines), text[-3000:]
     assert any("final policy saved" in line for line in lines)
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_signal_while_the_interpreter_winds_down_is_one_line(quiet):
+    """A Ctrl-C that lands in an atexit handler (a tracker flushing) ends the process with one line and exit 130
+    once the scripts have said `quiet_shutdown`; without it Python prints the handler's traceback."""
+    script = (
+        "import atexit, os, signal, sys, time\n"
+        "from dpo_lightning.console import quiet_shutdown\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
+        + ("quiet_shutdown()\n" if quiet else "")
+        + "sys.exit(0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    if quiet:
+        assert done.returncode == 130
+        assert done.stderr.strip() == "interrupted by SIGINT while shutting down; what was saved before stays"
+    else:  # what the scripts did before
+        assert "Traceback" in done.stderr or "KeyboardInterrupt" in done.stderr
