@@ -41,8 +41,8 @@ def configure_logging() -> None:
 
 def quiet_progress_bars() -> None:
     """Turn off the progress bars of transformers ("Loading weights", "Writing model shards"), datasets
-    ("Generating train split", "Map") and huggingface_hub, and every tqdm bar (TQDM_DISABLE, which tqdm reads)."""
-    os.environ["TQDM_DISABLE"] = "1"
+    ("Generating train split", "Map") and huggingface_hub (this project's own bars turn themselves off where
+    there is no terminal: tqdm's disable=None)."""
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     import datasets

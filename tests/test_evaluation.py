@@ -279,6 +279,7 @@ def test_evaluate_cli_end_to_end(trained, tmp_path):
     command += ["--num_prompts", "8", "--max_new_tokens", "8"]
     done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "\r" not in done.stdout + done.stderr  # no progress-bar redraws where the output is not a terminal
     for name in ("report.json", "report.md", "margins.png", "win_rate.png", "scores.png"):
         assert (out / name).is_file(), name
     for name in ("margins.png", "win_rate.png", "scores.png"):

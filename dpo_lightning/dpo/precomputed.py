@@ -136,7 +136,7 @@ def reference_pass(
     from tqdm.auto import tqdm
 
     out = []
-    for batch in tqdm(batches, desc=description, unit="batch", leave=False):
+    for batch in tqdm(batches, desc=description, unit="batch", leave=False, disable=None):  # off without a terminal
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             rows = ld_weighted(reference.logps(batch), ld_alpha).float()

@@ -186,7 +186,8 @@ def evaluation_rows(cfg, options: EvalOptions) -> tuple[list[dict] | None, list[
     try:
         raw = load_splits(cfg, split_key="--split")
     except UserError as exc:
-        if options.columns is None and cfg.columns:  # the training file's map, which this file may not share
+        # the training file's columns map, which this file may not share
+        if options.columns is None and cfg.columns and " in columns " in str(exc):
             raise UserError(
                 f"{exc}; the columns map is the training run's, {json.dumps(cfg.columns)}: pass --columns for this "
                 "dataset ('{}' reads its prompt, chosen and rejected columns by name)"
@@ -263,7 +264,7 @@ def _completion_text(completion) -> str:
 def _progress(items: list, description: str):
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=description, unit="batch", leave=False)
+    return tqdm(items, desc=description, unit="batch", leave=False, disable=None)  # None: off where no terminal
 
 
 class Models(NamedTuple):
