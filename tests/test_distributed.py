@@ -16,7 +16,7 @@ from contract import stepwise_run_values, write_jsonl
 from dpo_lightning.builtin import preference_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_OFFCLUSTER = ROOT.parent / "shared" / "tools" / "det_launch_offcluster.py"
+LAUNCHER = ROOT / "tools" / "det_launch_local.py"  # Determined's own launcher, off a cluster
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
@@ -90,18 +90,27 @@ def test_torchrun_two_processes_then_resume(tiny_model, data, tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
-@pytest.mark.skipif(not LAUNCH_OFFCLUSTER.is_file(), reason="needs ../shared/tools/det_launch_offcluster.py")
 def test_determined_launcher_off_cluster(tiny_model, data, tmp_path):
+    """README's `python tools/det_launch_local.py 2 -- python3 entrypoint.py ...`: two processes under Determined's
+    own launcher, each thing logged once (rank 0 speaks; the launcher prefixes lines by rank)."""
     out = tmp_path / "run"
-    launcher = [sys.executable, str(LAUNCH_OFFCLUSTER), "2", "--", "python3", "entrypoint.py"]
+    launcher = [sys.executable, str(LAUNCHER), "2", "--", "python3", "entrypoint.py"]
     done = _run([*launcher, "--config", "experiments/local-tiny.yaml", *_args(tiny_model, data, out, 4)])
-    assert "[rank=1]" in done.stdout + done.stderr  # both workers ran under the launcher
+    lines = (done.stdout + done.stderr).splitlines()
+    assert not [line for line in lines if line.startswith("[rank=1]")], done.stderr[-2000:]
+    info = [line.split(" INFO ", 1)[1] for line in lines if " INFO " in line]
+    assert info and len(info) == len(set(info))
     reports = _reports(out)
     assert len(reports) == len(set(reports)) and ("training", 4) in reports and ("validation", 4) in reports
     checkpoints = _checkpoints(out)
     assert sorted(checkpoints) == [2, 4]
     for folder in checkpoints.values():
-        _assert_sharded(folder)
+        _assert_sharded(folder)  # both processes wrote their part
+
+
+def test_the_local_launcher_says_how_to_call_it():
+    done = subprocess.run([sys.executable, str(LAUNCHER)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().startswith("usage: det_launch_local.py SLOTS --")
 
 
 def test_fake_core_rank_rules_and_preemption_under_torchrun(tiny_model, data, tmp_path):
