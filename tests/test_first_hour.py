@@ -290,6 +290,7 @@ def test_a_signal_while_the_interpreter_winds_down_is_one_line(quiet):
     once the scripts have said `quiet_shutdown`; without it Python prints the handler's traceback."""
     script = (
         "import atexit, os, signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # a background job may start with it ignored
         "from dpo_lightning.console import quiet_shutdown\n"
         "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
         + ("quiet_shutdown()\n" if quiet else "")
