@@ -1,7 +1,7 @@
 """Text prompt sources: tiny_shakespeare download + cache (against a local HTTP server), and the prompt-cutting rule.
 
-Offline: every download goes to 127.0.0.1. The real tiny_shakespeare file is used only when a copy lies in
-../shared/data next to the repository; those tests skip without it.
+Offline: every download goes to 127.0.0.1, and every text is one the tests write themselves (a play of
+speeches in tiny_shakespeare's layout stands in for it, pinned by its own checksum).
 """
 
 from __future__ import annotations
@@ -34,9 +34,6 @@ from dpo_lightning.data.text_prompts import (
 )
 from dpo_lightning.errors import UserError
 from dpo_lightning.hub import cache_root
-
-REAL_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
-needs_real_text = pytest.mark.skipif(not REAL_TEXT.is_file(), reason=f"no local copy at {REAL_TEXT}")
 
 SPEECHES = (
     "First Gardener:\n"
@@ -295,30 +292,33 @@ def test_unwritable_cache_folder_is_user_error(tmp_path):
     assert "cannot write to the cache folder" in _one_line(err)
 
 
-# ----------------------------------------------------------------------------- the real file, when present
+# ----------------------------------------------------------------------------- a play in tiny_shakespeare's layout
 
 
-@needs_real_text
-def test_real_text_matches_the_pinned_constants():
-    data = REAL_TEXT.read_bytes()
-    assert len(data) == TINY_SHAKESPEARE_TEXT.size
-    assert hashlib.sha256(data).hexdigest() == TINY_SHAKESPEARE_TEXT.sha256
-    prompts = cut_prompts(data.decode("utf-8"))
-    assert len(prompts) > 5000
+def _play(speeches: int = 60) -> str:
+    """Speeches in tiny_shakespeare's layout (a speaker's line ending in ":", one to six lines of verse, a blank
+    line between speeches), from a fixed vocabulary: the same text on every call."""
+    speakers = ("First Citizen", "MENENIUS", "Second Citizen", "CORIOLANUS")
+    words = "the rose and frost of summer fall upon a garden where we kneel at dawn to count the rain".split()
+    blocks = []
+    for i in range(speeches):
+        lines = [
+            " ".join(words[(i * 7 + j * 3 + k) % len(words)] for k in range(6)).capitalize() + "."
+            for j in range(1 + i % 6)
+        ]
+        blocks.append(f"{speakers[i % len(speakers)]}:\n" + "\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
+def test_a_play_is_cut_into_speaker_blocks_of_at_most_four_lines():
+    prompts = cut_prompts(_play())
+    assert len(prompts) >= 60
     for prompt in prompts:
         lines = prompt.split("\n")
         assert prompt.endswith("\n") and lines[-1] == ""
-        assert lines[0].endswith(":")  # every tiny_shakespeare block starts with its speaker
+        assert lines[0].endswith(":")  # every block starts with its speaker
         assert 2 <= len(lines) - 1 <= 1 + 4
-    assert prompts[0] == "First Citizen:\nBefore we proceed any further, hear me speak.\n"
-
-
-@needs_real_text
-def test_real_text_fetches_and_verifies_through_a_local_server(server, cache):
-    server.routes["/input.txt"] = REAL_TEXT.read_bytes()
-    path = fetch_text(TINY_SHAKESPEARE_TEXT, cache=cache, url=server.url("/input.txt"))
-    assert path == cache / TINY_SHAKESPEARE_TEXT.filename
-    assert path.read_bytes() == REAL_TEXT.read_bytes()
+    assert prompts[0].startswith("First Citizen:\n")
 
 
 def test_text_source_path_fetches_tiny_shakespeare_into_the_cache(server, monkeypatch):
@@ -468,15 +468,19 @@ def test_tiny_shakespeare_offline_without_cache_fails_in_seconds(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@needs_real_text
-def test_online_run_on_tiny_shakespeare_downloaded_through_a_local_server(server, tmp_path):
-    """The default prompt set end to end: fetched once, verified against the pinned checksum, cut into
-    prompts, and one online step with validation run on them."""
-    server.routes["/input.txt"] = REAL_TEXT.read_bytes()
-    env = {"DPO_LIGHTNING_CACHE": str(tmp_path / "cache"), URL_ENV: server.url("/input.txt")}
-    done = _entrypoint("--dataset_name", "tiny_shakespeare", "--fast-dev-run", "--max_prompt_length", "24", env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "[training step 1]" in done.stdout and "objective/scores" in done.stdout
-    cached = tmp_path / "cache" / "datasets" / TINY_SHAKESPEARE_TEXT.filename
-    assert hashlib.sha256(cached.read_bytes()).hexdigest() == TINY_SHAKESPEARE_TEXT.sha256
-    assert server.requests == ["/input.txt"]
+def test_online_run_on_tiny_shakespeare_downloaded_through_a_local_server(server, tmp_path, monkeypatch, capsys):
+    """The default prompt set end to end, with a play the test writes standing in for the real file (pinned by
+    its own checksum): fetched once, verified, cut into prompts, and one online step with validation on them."""
+    from dpo_lightning.determined.bridge import run
+
+    play = _play().encode()
+    server.routes["/input.txt"] = play
+    remote = _remote(play, "http://127.0.0.1:1/input.txt", name=TINY_SHAKESPEARE, filename="play-test.txt")
+    monkeypatch.setattr(text_prompts, "TINY_SHAKESPEARE_TEXT", remote)
+    monkeypatch.setenv(URL_ENV, server.url("/input.txt"))
+    overrides = {"dataset_name": "tiny_shakespeare", "max_prompt_length": "24", "output_dir": str(tmp_path / "out")}
+    assert run(ROOT / "experiments/online-tiny.yaml", overrides, fast_dev_run=True) == 0
+    printed = capsys.readouterr().out
+    assert "[training step 1]" in printed and "objective/scores" in printed
+    cached = cache_root() / "datasets" / "play-test.txt"
+    assert cached.read_bytes() == play and server.requests == ["/input.txt"]
