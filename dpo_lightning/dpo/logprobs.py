@@ -75,7 +75,6 @@ def forward_logps_and_tokens(
     `with_weighting`: also each sequence's WPO `aligned` sum."""
     parts = body_and_head(model) if chunk_size > 0 else None
     rows, positions, sequences = batch.scored_positions()
-    labels = batch.input_ids[rows, positions + 1]
     if parts is None:
         logits = model(**batch.model_inputs()).logits
         per_token, square = token_logps(logits[:, :-1], batch.input_ids[:, 1:], with_weighting)
@@ -85,6 +84,7 @@ def forward_logps_and_tokens(
     else:
         body, head = parts
         hidden = final_hidden_states(model, body, batch.model_inputs())
+        labels = batch.input_ids[rows, positions + 1]
         values = chunked_token_logps(hidden[rows, positions], head, labels, chunk_size, with_weighting)
     sums = _per_sequence(batch, sequences, *values)
     return sums, values[0].detach().float()

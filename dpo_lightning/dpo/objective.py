@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -47,7 +48,7 @@ class LossSettings:
         values = cfg if isinstance(cfg, Mapping) else {f.name: getattr(cfg, f.name) for f in fields(cls)}
         return cls(**{f.name: values.get(f.name, f.default) for f in fields(cls)})
 
-    @property
+    @cached_property  # read at every micro-batch: the configuration's strings are parsed once
     def terms(self) -> Terms:
         return objective_terms(self.loss_type, self.loss_weights, self.rpo_alpha)
 
