@@ -228,9 +228,16 @@ def _reference_free_problem(cfg, names: Sequence[str]) -> str | None:
     ):
         if getattr(cfg, key):
             return f"loss_type {free[0]} loads no reference, but {key} {words} (unset {key})"
-    if cfg.mode == "online":
-        return f"loss_type {free[0]} is offline only here: online DPO's metrics measure the policy against a reference"
-    return None
+    return None  # online training is refused by the mode's rules (config.checks.mode_problem)
+
+
+def reference_free_loss(loss_type: str) -> str | None:
+    """The loss of `loss_type` that makes an objective reference-free (its first such name), or None; names
+    the registry lacks are left to `objective_problem`."""
+    names = [name for name in _names(loss_type) if name in LOSSES]
+    if not names or any(LOSSES[name].reference == "needed" for name in names):
+        return None
+    return next((name for name in names if LOSSES[name].reference == "none"), names[0])
 
 
 # ----------------------------------------------------------------------------- the objective

@@ -295,3 +295,14 @@ def test_mode_auto_is_held_to_the_same_rules_as_the_mode_the_data_chose(tiny_mod
     assert str(chosen.value).endswith(f"holds prompts, not preference pairs, so mode auto trains online: {rule}")
     assert "prompts.jsonl" in str(chosen.value) and "\n" not in str(chosen.value)
     assert not (tmp_path / "out").exists()
+
+    # a reference-free loss trains offline only, whether online was asked for or chosen by the data
+    free = {**values, "precompute_ref_logps": False, "loss_type": "simpo"}
+    rule = "loss_type simpo is offline only here: online DPO's metrics measure the policy against a reference"
+    with pytest.raises(UserError) as explicit:
+        make_config({**free, "mode": "online"})
+    with pytest.raises(UserError) as chosen:
+        run_local(make_config(free))
+    assert str(explicit.value) == rule
+    assert str(chosen.value).endswith(f"so mode auto trains online: {rule}")
+    assert not (tmp_path / "out").exists()

@@ -152,8 +152,17 @@ def mode_problem(cfg: DPOConfig, mode: str) -> str | None:
     if cfg.sync_ref_model and mode == "reward":
         return "sync_ref_model moves DPO's reference; mode reward has none (set sync_ref_model: false)"
     if mode == "online":
-        return _online_problem(cfg)
+        return _reference_free_online(cfg) or _online_problem(cfg)
     return None
+
+
+def _reference_free_online(cfg: DPOConfig) -> str | None:
+    from dpo_lightning.losses import reference_free_loss
+
+    free = reference_free_loss(cfg.loss_type)
+    if free is None:
+        return None
+    return f"loss_type {free} is offline only here: online DPO's metrics measure the policy against a reference"
 
 
 def _check_mode(cfg: DPOConfig) -> str | None:
