@@ -89,7 +89,7 @@ def parse_args(argv: list[str]) -> Args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dpo_lightning.console import install_interrupt_handlers
+    from dpo_lightning.console import Interrupted, install_interrupt_handlers
 
     install_interrupt_handlers()
     try:
@@ -108,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # one line per problem (a run missing several things says all of them)
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:  # before training (its handler finishes the step and checkpoints) or a
-        # second Ctrl-C during it
-        name = getattr(exc, "signal_name", "SIGINT")
-        print(f"interrupted by {name}; a re-run resumes from the newest complete checkpoint, if any", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)  # 2 for bad input; a diverged run says 3
+    except (Interrupted, KeyboardInterrupt) as exc:  # outside training's own stop (its handler finishes the step
+        # and checkpoints), or a second Ctrl-C during it
+        name, detail = getattr(exc, "signal_name", "SIGINT"), getattr(exc, "detail", "")
+        print(
+            f"interrupted by {name}{' ' + detail if detail else ''}; a re-run resumes from the newest complete "
+            "checkpoint, if any",
+            file=sys.stderr,
+        )
         return getattr(exc, "exit_code", 130)
 
 

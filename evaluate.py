@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from dpo_lightning.console import install_interrupt_handlers, quiet_shutdown
+    from dpo_lightning.console import Interrupted, install_interrupt_handlers, quiet_shutdown
 
     install_interrupt_handlers()
     try:
@@ -74,7 +74,7 @@ if __name__ == "__main__":
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt as exc:
+    except (Interrupted, KeyboardInterrupt) as exc:
         print(f"interrupted by {getattr(exc, 'signal_name', 'SIGINT')}; no report written", file=sys.stderr)
         code = getattr(exc, "exit_code", 130)
     quiet_shutdown()  # a second Ctrl-C while the interpreter winds down: one line, no atexit traceback

@@ -52,12 +52,15 @@ def quiet_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM outside training's own handling (loading, data preparation, evaluation)."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM outside training's own handling (loading, data preparation, the final validation and
+    export, evaluation), or a second SIGINT during it. Not a KeyboardInterrupt: Lightning turns one of those into
+    `sys.exit(1)` after its own message, where this passes through to the script's one line."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, detail: str = "") -> None:
         super().__init__(signal.Signals(signum).name)
         self.signal_name = signal.Signals(signum).name
+        self.detail = detail  # what the signal cut short, for the script's line
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 

@@ -15,9 +15,10 @@ import os
 import subprocess
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dpo_lightning import __version__
+from dpo_lightning.integrity import FILES, DamagedCheckpoint, checksum_problem
 
 RUN_CONFIG = "run_config.json"
 METADATA = "metadata.json"
@@ -30,7 +31,8 @@ LIGHTNING_STATE = "trainer/lightning.pt"
 FSDP_STATE = "trainer/fsdp"
 RANK_STATE = "trainer/rank-{rank:05d}.pt"
 REFERENCE = "trainer/reference"  # a TR-DPO run's reference as it has moved, in Hugging Face format
-FORMAT = 1
+FORMAT = 2  # checkpoint metadata: 2 records every file's checksum (FILES)
+RECORD_FORMAT = 2  # run_config.json: 2 adds `format` and `data` (the training data's fingerprint)
 _LIBRARIES = ("torch", "lightning", "transformers", "datasets", "tokenizers", "torchmetrics", "determined")
 
 
@@ -54,9 +56,16 @@ def library_versions() -> dict[str, str | None]:
     return found
 
 
-def run_record(cfg) -> dict[str, Any]:
-    """What evaluation and resume need to know about a run: its configuration, versions and commit."""
-    return {"config": cfg.to_dict(), "versions": library_versions(), "git_commit": _git_commit()}
+def run_record(cfg, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What evaluation and resume need to know about a run: its configuration, versions, commit and the
+    fingerprint of its training data (`data`), in format RECORD_FORMAT (a record without `format` is 1)."""
+    return {
+        "format": RECORD_FORMAT,
+        "config": cfg.to_dict(),
+        "versions": library_versions(),
+        "git_commit": _git_commit(),
+        "data": data,
+    }
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -88,16 +97,69 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda item: (item[0], item[1].stat().st_mtime))
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not an intact checkpoint, or None: its metadata.json missing or torn (its writing was
+    interrupted), or a file that differs from the checksum metadata.json records. A checkpoint written before
+    checksums were recorded (format 1) is taken as it is."""
+    metadata = read_metadata(folder)
+    if metadata is None:
+        return "its writing was interrupted (no complete metadata.json)"
+    recorded = metadata.get(FILES)
+    return None if recorded is None else checksum_problem(folder, recorded)
+
+
+class ResumeChoice(NamedTuple):
+    """The checkpoint a run resumes from (None: start afresh), and the newer ones it skipped, with why."""
+
+    folder: Path | None
+    skipped: list[tuple[Path, str]]
+
+
+def choose_checkpoint(path: Path) -> ResumeChoice:
+    """The newest intact checkpoint at `path`: `path` itself when it is a checkpoint, else among its
+    `checkpoints/` folder's (every folder there) or the complete checkpoints directly under it. Raises
+    `DamagedCheckpoint` when `path` is a checkpoint that is not intact, or holds checkpoints none of which is:
+    such a folder never silently restarts from step 0."""
+    path = Path(path)
+    if (path / METADATA).is_file():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise DamagedCheckpoint(f"damaged checkpoint {path}: {problem}; resume from another one")
+        return ResumeChoice(path, [])
+    for root, every in ((path / CHECKPOINTS, True), (path, False)):
+        candidates = _candidates(root, every)
+        skipped = []
+        for folder in candidates:
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                return ResumeChoice(folder, skipped)
+            skipped.append((folder, problem))
+        if skipped:
+            newest, why = skipped[0]
+            raise DamagedCheckpoint(
+                f"{root} holds {len(skipped)} checkpoint folder(s) and none is intact (newest, {newest.name}: {why}); "
+                f"move {root} away to start afresh, or give another output_dir"
+            )
+    return ResumeChoice(None, [])
+
+
+def _candidates(root: Path, every: bool) -> list[Path]:
+    """Checkpoint folders under `root`, newest first: complete ones by step, and with `every` the torn ones
+    (no metadata.json) too, by time."""
+    if not root.is_dir():
+        return []
+    complete = [folder for _, folder in reversed(complete_checkpoints(root))]
+    if not every:
+        return complete
+    torn = sorted(
+        (f for f in root.iterdir() if f.is_dir() and read_metadata(f) is None), key=lambda f: -f.stat().st_mtime
+    )
+    return complete + torn
+
+
 def find_resume_checkpoint(path: Path) -> Path | None:
-    """The checkpoint to resume from: `path` itself, or the newest complete one under `path` or its
-    `checkpoints/` folder (so an output directory works too)."""
-    if read_metadata(path) is not None:
-        return path
-    for root in (path / CHECKPOINTS, path):
-        found = complete_checkpoints(root)
-        if found:
-            return found[-1][1]
-    return None
+    """The checkpoint to resume from (`choose_checkpoint`), or None."""
+    return choose_checkpoint(path).folder
 
 
 def read_run_record(path: Path) -> dict[str, Any] | None:

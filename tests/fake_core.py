@@ -89,6 +89,18 @@ class FakeTrain:
         return {step: metrics for g, step, metrics in self.reports if g == group}
 
 
+def _merge(into: dict[str, Any], other: dict[str, Any], where: str = "") -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key, {}), dict):
+            _merge(into.setdefault(key, {}), value, f"{where}{key}.")
+        elif key in into and into[key] != value:
+            raise CoreRuleBroken(
+                f"ranks passed different checkpoint metadata for {where}{key}: {into[key]!r}, {value!r}"
+            )
+        else:
+            into[key] = value
+
+
 @dataclass
 class FakeCheckpoint:
     storage: Path
@@ -98,7 +110,7 @@ class FakeCheckpoint:
     def store_path(self, metadata: dict[str, Any] | None = None, *, shard: bool = False):
         if not shard:
             raise CoreRuleBroken("store_path without shard=True: every rank must take part in a checkpoint")
-        metadata = dict(metadata or {})
+        metadata = metadata if metadata is not None else {}
         step = metadata.get("steps_completed")
         if type(step) is not int:
             raise CoreRuleBroken(f"checkpoint metadata needs an int steps_completed, got {step!r}")
@@ -108,9 +120,12 @@ class FakeCheckpoint:
         path = self.storage / storage_id
         path.mkdir(parents=True, exist_ok=True)
         yield path, storage_id
-        everyone = _allgather(metadata)  # every rank has left the block: its files are written
-        if any(m != metadata for m in everyone):
-            raise CoreRuleBroken(f"ranks passed different checkpoint metadata: {everyone}")
+        # every rank has left the block: its files are written. As Determined does, the ranks' metadata (the
+        # caller's dicts, as they are now) merge, and a key two ranks set to different values is an error.
+        everyone = _allgather(metadata)
+        metadata = {}
+        for rank_metadata in everyone:
+            _merge(metadata, rank_metadata)
         if _rank() == 0:
             (path / "metadata.json").write_text(json.dumps(metadata))
         _allgather(None)

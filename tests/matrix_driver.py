@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from dpo_lightning.config import make_config
-from dpo_lightning.determined.bridge import local_start_point, run_local
+from dpo_lightning.determined.bridge import local_start_point, resume_choice, run_local
 from dpo_lightning.layout import CHECKPOINTS, FINAL, read_metadata
 
 STRAIGHT, RESUMED, OUTCOME = "straight", "resumed", "outcome.json"
@@ -67,7 +67,7 @@ def run_straight(values: dict, crash_after: int) -> None:
 def run_resumed(values: dict) -> int | None:
     """The crashed copy resumed to the end; the step it resumed from."""
     cfg = make_config({**values, "output_dir": str(Path(values["output_dir"]) / RESUMED)})
-    start = local_start_point(cfg, None)
+    start = local_start_point(cfg, resume_choice(cfg, None))
     run_local(cfg)
     return None if start is None else start.step
 

@@ -4,6 +4,7 @@ metrics, sharded checkpoints, preemption, exact resume, warm start, invalid hype
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -177,7 +178,20 @@ def test_cluster_run_takes_hparams_and_resumes_from_latest_checkpoint(tiny_model
     first = FakeCore(tmp_path / "storage", preempt_on_call=4)
     _on_cluster(monkeypatch, first, hparams)
     assert bridge.run(Path("ignored.yaml"), {}) == 0
-    assert [m for _, m in first.checkpoint.stored] == [{"steps_completed": 4, "trial_id": 11, "format": 1}]
+    [(storage_id, metadata)] = first.checkpoint.stored
+    files = metadata.pop("files")  # every file the checkpoint holds, with its size and sha256
+    assert metadata == {"steps_completed": 4, "trial_id": 11, "format": 2}
+    written = sorted(
+        str(p.relative_to(tmp_path / "storage" / storage_id))
+        for p in (tmp_path / "storage" / storage_id).rglob("*")
+        if p.is_file()
+    )
+    assert sorted(files) == [name for name in written if name != "metadata.json"]
+    model = tmp_path / "storage" / storage_id / "model.safetensors"
+    assert files["model.safetensors"] == {
+        "bytes": model.stat().st_size,
+        "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+    }
 
     second = FakeCore(tmp_path / "storage", after=first)
     _on_cluster(monkeypatch, second, hparams, latest=first.latest_checkpoint())
@@ -235,11 +249,11 @@ def test_explicit_resume_path_and_config_mismatch(tiny_model, data, tmp_path):
     bridge.run_local(_local(tiny_model, data, first, max_steps=3))
     (checkpoint,) = [p for p in (first / "checkpoints").iterdir() if p.is_dir()]
 
-    changed = _local(tiny_model, data, tmp_path / "second", max_steps=5, beta=0.5, learning_rate=2e-3)
+    changed = _local(tiny_model, data, tmp_path / "second", max_steps=5, beta=0.5, seed=7)
     with pytest.raises(bridge.UserError) as failure:
         bridge.run_local(changed, resume=str(checkpoint))
     message = str(failure.value)
-    assert "beta (0.1 -> 0.5)" in message and "learning_rate" in message and "\n" not in message
+    assert "beta (0.1 -> 0.5)" in message and "seed" in message and "\n" not in message
 
     with pytest.raises(bridge.UserError, match="no complete checkpoint"):
         bridge.run_local(changed, resume=str(tmp_path / "nowhere"))

@@ -155,6 +155,36 @@ def test_a_crash_past_a_checkpoint_leaves_each_report_once_in_every_sink(tiny_mo
             assert value == pytest.approx(want[(group, step)], rel=1e-5), (sink, group, step)
 
 
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_graceful_stop_between_reports_leaves_the_straight_runs_reports_in_every_sink(
+    tiny_model, tmp_path, signal_name
+):
+    """Reports every 4 steps, stopped by a signal after step 6 (a preemption, or Ctrl-C) and resumed: every sink
+    holds exactly the straight run's reports, with all their values (timings and memory aside). The stop used
+    to report steps 5-6 as a report of its own at step 6, so step 8's then covered 7-8 alone."""
+    from contract import write_jsonl
+
+    from dpo_lightning.builtin import preference_rows
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(seed=5)["train"][:60])
+    common = dict(max_steps=10, report_every_n_steps=4, checkpoint_every_n_steps=0)
+    straight = {**_crash_and_resume_values(tiny_model, pairs, tmp_path / "straight"), **common}
+    stopped = {**_crash_and_resume_values(tiny_model, pairs, tmp_path / "stopped"), **common}
+    assert _entry([str(ROOT / "entrypoint.py")], straight).returncode == 0
+    assert _entry([str(ROOT / "tests" / "crash.py"), f"signal:6:{signal_name}"], stopped).returncode == 0
+    assert not (tmp_path / "stopped" / "final").exists()  # it stopped, with a checkpoint
+    assert _entry([str(ROOT / "entrypoint.py")], stopped).returncode == 0
+
+    assert _every_sink(tmp_path / "stopped") == _every_sink(tmp_path / "straight")
+    timings = {"samples_per_second", "tokens_per_second", "peak_memory_gb"}
+
+    def reports(out: Path) -> list[tuple]:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["group"], r["step"], {k: v for k, v in r["metrics"].items() if k not in timings}) for r in rows]
+
+    assert reports(tmp_path / "stopped") == reports(tmp_path / "straight")
+
+
 @pytest.mark.parametrize("mode", ["offline", "online"])
 def test_the_report_window_open_at_a_checkpoint_survives_a_crash(tiny_model, tmp_path, mode):
     """Reports every 4 steps, checkpoints every 3, killed right after the step-6 checkpoint: the resumed run's

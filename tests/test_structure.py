@@ -16,7 +16,18 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "dpo_lightning"
 
 # Top-level modules every layer may use; they import nothing else of the package.
-FOUNDATION = {"errors", "hub", "builtin", "layout", "console", "lightning_compat", "memory", "losses", "pair_losses"}
+FOUNDATION = {
+    "errors",
+    "hub",
+    "builtin",
+    "layout",
+    "integrity",
+    "console",
+    "lightning_compat",
+    "memory",
+    "losses",
+    "pair_losses",
+}
 # Each folder and the layers it may import (the foundation always).
 ALLOWED = {
     "config": set(),

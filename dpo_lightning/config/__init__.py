@@ -16,6 +16,7 @@ from dpo_lightning.config.parse import (
     make_config,
     parse_overrides,
     read_experiment_hparams,
+    record_diff,
     resolve_hparams,
     unknown_key_message,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "mode_problem",
     "parse_overrides",
     "read_experiment_hparams",
+    "record_diff",
     "resolve_hparams",
     "unknown_key_message",
     "vllm_max_model_len",

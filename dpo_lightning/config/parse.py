@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
@@ -203,14 +203,28 @@ def blamed_source(message: str, path: str | Path, overrides: dict[str, Any]) -> 
     return source + (f" with {', '.join(from_file)} from {path}" if from_file else "")
 
 
+class RecordDiff(NamedTuple):
+    """How a saved run record's configuration compares with this run's."""
+
+    changed: list[str]  # keys whose value differs (run length excepted): these refuse a resume
+    defaulted: list[str]  # keys the record predates, read with the schema's default
+    dropped: list[str]  # keys the record has and this schema no longer does
+
+
+def record_diff(saved: dict[str, Any], cfg: DPOConfig) -> RecordDiff:
+    """Compare a checkpoint's configuration with this run's. A record written before a key existed is read
+    with that key's default, so that adding a key does not strand every older checkpoint."""
+    current = cfg.to_dict()
+    defaults = DPOConfig().to_dict()
+    defaulted = sorted(k for k in current if k not in saved)
+    filled = {**{k: defaults[k] for k in defaulted}, **saved}
+    changed = [k for k in sorted(current) if k not in RESUMABLE_CHANGES and filled[k] != current[k]]
+    return RecordDiff(changed, defaulted, sorted(k for k in saved if k not in current))
+
+
 def config_changes(saved: dict[str, Any], cfg: DPOConfig) -> list[str]:
     """Keys whose value differs between a checkpoint's configuration and this run's, run length excepted."""
-    current = cfg.to_dict()
-    keys = sorted(set(saved) | set(current))
-    return [k for k in keys if k not in RESUMABLE_CHANGES and saved.get(k, _MISSING) != current.get(k, _MISSING)]
-
-
-_MISSING = object()
+    return record_diff(saved, cfg).changed
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:

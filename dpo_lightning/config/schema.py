@@ -24,10 +24,11 @@ PAIR_MODES = ("offline", "reward")  # modes that train on preference pairs
 STRATEGIES = ("ddp", "fsdp")
 FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
 # Keys a resumed run may change: how long it trains, where it writes and how a step is computed, never what
-# it trains.
+# it trains; and the learning rate, the way on after a divergence (the schedule goes on at the new peak rate).
 RESUMABLE_CHANGES = (
     "max_steps",
     "num_epochs",
+    "learning_rate",
     "output_dir",
     "logps_chunk_size",
     "gradient_checkpointing",

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from dpo_lightning.config import DPOConfig
 from dpo_lightning.data.collate import REF_COLUMNS, PairCollator, PromptCollator, collate_in_batches
+from dpo_lightning.data.fingerprint import data_fingerprint
 from dpo_lightning.data.pipeline import PreparedData, prepare_data
 from dpo_lightning.data.sampler import EvalShard, ResumableSampler
 from dpo_lightning.lightning_compat import micro_batches_done
@@ -27,11 +28,19 @@ class DPODataModule(L.LightningDataModule):
         self.train_sampler: ResumableSampler | None = None
         self._sampler_state: dict | None = None  # restored before the sampler exists
         self._generation_batches: list[dict] | None = None  # collated once, reused by every validation
+        self._fingerprint: dict | None = None
 
     def prepare(self) -> PreparedData:
         if self.data is None:
             self.data = prepare_data(self.cfg, self.tokenizer)
         return self.data
+
+    def fingerprint(self) -> dict:
+        """The prepared data's fingerprint for the run record (`fingerprint.data_fingerprint`), taken once,
+        before precomputed reference columns are added."""
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.cfg, self.prepare())
+        return self._fingerprint
 
     @property
     def mode(self) -> str:

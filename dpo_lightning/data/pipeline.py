@@ -36,6 +36,7 @@ class PreparedData(NamedTuple):
     train: datasets.Dataset  # pairs (offline, reward: prompt_ids, chosen_ids, rejected_ids) or prompts (online)
     val: datasets.Dataset | None
     val_prompts: datasets.Dataset | None = None  # held-out prompts for generation metrics (generation_eval_every)
+    source_fingerprint: str | None = None  # the `datasets` fingerprint of the rows as loaded (a Hub dataset's)
 
 
 def check_source(cfg) -> None:
@@ -64,18 +65,19 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
     raw = load_splits(cfg)
     check_decided_mode(cfg, raw)
     mode = raw.mode
+    origin = getattr(raw.train, "_fingerprint", None)
     if mode == "online":
         train, val = prepare_prompts(cfg, tokenizer, raw)
-        return PreparedData(mode, train, val, _first(val, cfg.generation_eval_prompts))
+        return PreparedData(mode, train, val, _first(val, cfg.generation_eval_prompts), origin)
     if mode == "reward":
         pairs = prepare_pairs(cfg, tokenizer, raw, encode=reward_pair_tokenizer(cfg, tokenizer))
-        return PreparedData(mode, pairs.train, pairs.val)
+        return PreparedData(mode, pairs.train, pairs.val, source_fingerprint=origin)
     pairs = prepare_pairs(cfg, tokenizer, raw)
     val_prompts = None
     if cfg.generation_eval_every > 0 and pairs.val_rows:
         rows = unique_prompts(pairs.val_rows)[: cfg.generation_eval_prompts]
         val_prompts = tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length).dataset
-    return PreparedData(mode, pairs.train, pairs.val, val_prompts)
+    return PreparedData(mode, pairs.train, pairs.val, val_prompts, origin)
 
 
 def _first(data: datasets.Dataset | None, count: int) -> datasets.Dataset | None:

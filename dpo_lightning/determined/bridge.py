@@ -16,23 +16,28 @@ from pathlib import Path
 from dpo_lightning.config import (
     RESUMABLE_CHANGES,
     DPOConfig,
-    config_changes,
     load_config,
     make_config,
+    record_diff,
     resolve_hparams,
 )
+from dpo_lightning.console import process_rank
 from dpo_lightning.determined.session import core_session
 from dpo_lightning.errors import ConfigError, UserError
+from dpo_lightning.integrity import FILES, DamagedCheckpoint, RunLock
 from dpo_lightning.layout import (
     CHECKPOINTS,
     COMPLETED,
     FINAL,
     RUN_CONFIG,
-    find_resume_checkpoint,
+    ResumeChoice,
+    checkpoint_problem,
+    choose_checkpoint,
     read_metadata,
     read_run_record,
 )
 from dpo_lightning.memory import tune_cpu_allocator
+from dpo_lightning.training.checkpoints import check_loadable
 from dpo_lightning.training.run import StartPoint, TrainOutcome, train
 from dpo_lightning.training.strategies import launched_world_size
 
@@ -71,46 +76,67 @@ def cluster_config(hparams: dict, overrides: dict) -> DPOConfig:
 # ----------------------------------------------------------------------------- where to start
 
 
-def start_point(folder: Path, *, trial_id: int | None) -> StartPoint:
-    """A full resume when the checkpoint is this trial's own; weights only when another trial wrote it."""
+def start_point(folder: Path, *, trial_id: int | None, skipped: tuple[Path, ...] = ()) -> StartPoint:
+    """A full resume when the checkpoint is this trial's own; weights only when another trial wrote it. The
+    checkpoint must be intact (`layout.checkpoint_problem`)."""
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise DamagedCheckpoint(f"damaged checkpoint {folder}: {problem}")
+    check_loadable(folder)
     metadata = read_metadata(folder)
-    if metadata is None:
-        raise UserError(f"{folder} is not a complete checkpoint (no readable metadata.json)")
+    if FILES not in metadata:
+        log.info("checkpoint %s was written before checkpoints recorded checksums: its files are not verified", folder)
     same_trial = metadata.get("trial_id") == trial_id
     if not same_trial:
         log.info("warm start from checkpoint of trial %s: policy weights only", metadata.get("trial_id"))
-    return StartPoint(folder, metadata["steps_completed"], weights_only=not same_trial)
+    return StartPoint(folder, metadata["steps_completed"], weights_only=not same_trial, skipped=skipped)
 
 
 def check_same_run(folder: Path, cfg: DPOConfig) -> None:
-    """A resumed run must train what the checkpoint trained; only RESUMABLE_CHANGES may differ."""
+    """A resumed run must train what the checkpoint trained; only RESUMABLE_CHANGES may differ. A record from
+    an older version is read with the schema's defaults for the keys it lacks, said in one line."""
     record = read_run_record(folder / RUN_CONFIG)
     if record is None:
         raise UserError(f"cannot resume from {folder}: its {RUN_CONFIG} is missing or unreadable")
     saved = record["config"]
-    changed = config_changes(saved, cfg)
-    if changed:
-        current = cfg.to_dict()
-        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed)
+    diff = record_diff(saved, cfg)
+    if diff.changed:
+        current, defaults = cfg.to_dict(), DPOConfig().to_dict()
+        before = {k: repr(saved[k]) if k in saved else f"{defaults[k]!r}, the default" for k in diff.changed}
+        shown = ", ".join(f"{k} ({before[k]} -> {current[k]!r})" for k in diff.changed)
         raise UserError(
             f"cannot resume from {folder}: the configuration differs in {shown}; only "
             f"{', '.join(RESUMABLE_CHANGES)} may change on resume; restore those values or pick a new output_dir"
         )
+    if diff.defaulted:
+        log.info(
+            "%s (run record format %s) predates %s: read with their defaults, as this run has them",
+            folder.name,
+            record.get("format", 1),
+            ", ".join(diff.defaulted),
+        )
+    if diff.dropped:
+        log.warning("%s's run record sets %s, which this version no longer has", folder.name, ", ".join(diff.dropped))
 
 
-def local_start_point(cfg: DPOConfig, resume: str | None) -> StartPoint | None:
-    """`--resume PATH` (a checkpoint or an output folder), else the newest complete checkpoint in output_dir."""
-    if resume is not None:
-        folder = find_resume_checkpoint(Path(resume).expanduser())
-        if folder is None:
-            raise UserError(f"--resume: no complete checkpoint at {resume} (a checkpoint has metadata.json)")
-    else:
-        folder = find_resume_checkpoint(Path(cfg.output_dir))
-        if folder is None:
-            return None
-    check_same_run(folder, cfg)
-    start = start_point(folder, trial_id=None)
-    log.info("resuming from %s (step %d)", folder, start.step)
+def resume_choice(cfg: DPOConfig, resume: str | None) -> ResumeChoice:
+    """`--resume PATH` (a checkpoint or an output folder), else output_dir: its newest intact checkpoint, each
+    newer one skipped said in one line."""
+    choice = choose_checkpoint(Path(resume).expanduser() if resume is not None else Path(cfg.output_dir))
+    if resume is not None and choice.folder is None:
+        raise UserError(f"--resume: no complete checkpoint at {resume} (a checkpoint has metadata.json)")
+    for folder, why in choice.skipped:
+        log.warning("skipped checkpoint %s: %s", folder, why)
+    return choice
+
+
+def local_start_point(cfg: DPOConfig, choice: ResumeChoice) -> StartPoint | None:
+    """The start point of the chosen checkpoint (None: none), once its run is known to be this one."""
+    if choice.folder is None:
+        return None
+    check_same_run(choice.folder, cfg)
+    start = start_point(choice.folder, trial_id=None, skipped=tuple(folder for folder, _ in choice.skipped))
+    log.info("resuming from %s (step %d)", choice.folder, start.step)
     return start
 
 
@@ -144,11 +170,26 @@ def run_trial(
 
 
 def run_local(
-    cfg: DPOConfig, *, resume: str | None = None, announce: str | None = None, command: str | None = None
+    cfg: DPOConfig,
+    *,
+    resume: str | None = None,
+    announce: str | None = None,
+    command: str | None = None,
+    choice: ResumeChoice | None = None,
 ) -> TrainOutcome:
     """Off-cluster: Determined's dummy context, checkpoints under `<output_dir>/checkpoints/`, resumed from
-    `resume` or else from the newest complete checkpoint there."""
-    start = local_start_point(cfg, resume)  # a mismatched resume fails here, before anything loads
+    `resume` or else from the newest intact checkpoint there (`choice`, when already made)."""
+    lock = RunLock(Path(cfg.output_dir)).acquire() if process_rank() == 0 else None  # before anything loads
+    try:
+        choice = choice if choice is not None else resume_choice(cfg, resume)
+        start = local_start_point(cfg, choice)  # a mismatched resume fails here, before anything loads
+        return _run_local(cfg, start, announce=announce, command=command)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_local(cfg: DPOConfig, start: StartPoint | None, *, announce: str | None, command: str | None):
 
     import determined as det
 
@@ -159,13 +200,12 @@ def run_local(
         return run_trial(core, cfg, start=start, trial_id=None, on_cluster=False, announce=announce, command=command)
 
 
-def completed_step(cfg: DPOConfig) -> tuple[int, int | None] | None:
+def completed_step(cfg: DPOConfig, folder: Path | None) -> tuple[int, int | None] | None:
     """(the step at which `cfg.output_dir` holds a finished run of this configuration, the step this configuration
     ends at, when known), or None. A run is finished when its newest checkpoint is at or past the configuration's
     end and final/ was exported from it, or past the end at all: a run extended (max_steps raised) and then
     given its first, shorter command again has nothing left to do, and must not be touched."""
     output = Path(cfg.output_dir)
-    folder = find_resume_checkpoint(output)
     if folder is None:
         return None
     step = read_metadata(folder)["steps_completed"]
@@ -240,24 +280,40 @@ def _run(config_path: Path, overrides: dict, *, fast_dev_run: bool, resume: str 
         cfg = load_config(config_path, overrides)
         announce = configuration_line(config_path, overrides)
         command = shlex.join(["python", "entrypoint.py", "--config", str(config_path), *_flags(overrides)])
-        done = None if (fast_dev_run or resume is not None) else completed_step(cfg)
-        if done is not None:
-            step, end = done
-            past = f", past the step {end} this configuration ends at" if end is not None and step > end else ""
-            print(
-                f"{cfg.output_dir} is already complete at step {step}{past}: nothing was changed; raise max_steps "
-                "(or num_epochs) to continue it, or give another output_dir to start afresh"
-            )
-            return 0
-        tune_allocator(cfg)
         if fast_dev_run:  # one batch each way, nothing written, nothing resumed
+            tune_allocator(cfg)
             train(cfg, fast_dev_run=True, announce=announce)
-        else:
-            run_local(cfg, resume=resume, announce=announce, command=command)
-        return 0  # finished, or stopped with a checkpoint saved
+            return 0
+        # the lock comes first: a second run must not even read a folder that another one is writing
+        lock = RunLock(Path(cfg.output_dir)).acquire() if process_rank() == 0 else None
+        try:
+            return _local_run(cfg, resume, announce=announce, command=command)
+        finally:
+            if lock is not None:
+                lock.release()
     if resume is not None or fast_dev_run:
         raise UserError("--resume and --fast-dev-run are for local runs; on a cluster the trial resumes itself")
+    return _cluster_run(info, overrides)
 
+
+def _local_run(cfg: DPOConfig, resume: str | None, *, announce: str, command: str) -> int:
+    """A local run, unless its output_dir already holds this configuration's finished run."""
+    choice = resume_choice(cfg, resume)
+    done = None if resume is not None else completed_step(cfg, choice.folder)
+    if done is not None:
+        step, end = done
+        past = f", past the step {end} this configuration ends at" if end is not None and step > end else ""
+        print(
+            f"{cfg.output_dir} is already complete at step {step}{past}: nothing was changed; raise max_steps "
+            "(or num_epochs) to continue it, or give another output_dir to start afresh"
+        )
+        return 0
+    tune_allocator(cfg)
+    run_local(cfg, resume=resume, announce=announce, command=command, choice=choice)
+    return 0  # finished, or stopped with a checkpoint saved
+
+
+def _cluster_run(info, overrides: dict) -> int:
     import determined as det
 
     with det.core.init(distributed=distributed_context()) as core:

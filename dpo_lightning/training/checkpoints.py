@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dpo_lightning.integrity import FILES, file_checksums, replace_folder, safe_torch_load
 from dpo_lightning.layout import (
     COMPLETED,
     FINAL,
@@ -31,20 +32,24 @@ from dpo_lightning.layout import (
     write_json,
 )
 from dpo_lightning.models.lora import save_merged
-from dpo_lightning.training.strategies import full_trained_state, full_weights, is_fsdp
+from dpo_lightning.training.fsdp import safe_reader
+from dpo_lightning.training.strategies import all_gather_objects, full_trained_state, full_weights, is_fsdp
 
 # a model's weights in Hugging Face format: one file, a sharded index, or a LoRA run's adapters
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 
 
 def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain values, which a `weights_only` load reads back (numpy's
+    key array travels as a tensor)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
     except ImportError:
         pass
     return state
@@ -58,7 +63,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def checkpoint_metadata(step: int, trial_id: int | None) -> dict[str, Any]:
@@ -122,37 +128,71 @@ def lightning_state_path(folder: Path) -> Path:
     return folder / FSDP_STATE if is_sharded_checkpoint(folder) else folder / LIGHTNING_STATE
 
 
+def check_loadable(folder: Path) -> None:
+    """Read every torch file of a checkpoint's trainer/ state the way resume will, tensors and plain values only
+    (memory-mapped: the optimizer state is not read in), and a sharded checkpoint's metadata through the
+    restricted unpickler, before any model loads: a planted object, or a file torn or altered with its checksum
+    to match, is refused here in one line and never run."""
+    folder = Path(folder)
+    for path in sorted((folder / "trainer").rglob("*.pt")):
+        safe_torch_load(path, mmap=True)
+    if is_sharded_checkpoint(folder):
+        safe_reader(folder / FSDP_STATE).read_metadata()
+
+
 def restore_rank_state(folder: Path, rank: int, module) -> bool:
     """Put back this rank's RNG state and the module's per-rank state; False when the checkpoint has none for
     this rank."""
     path = folder / RANK_STATE.format(rank=rank)
     if not path.is_file():
         return False
-    state = torch.load(path, weights_only=False)
+    state = safe_torch_load(path)
     set_rng_state(state["rng"])
     module.load_rank_state_dict(state.get("module", {}))
     return True
 
 
-def prune_checkpoints(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints; returns what was deleted."""
+def record_checksums(folder: Path, metadata: dict[str, Any], trainer) -> None:
+    """Put the checksum of every file of the checkpoint in `folder` into its `metadata` (metadata.json), once
+    every rank has written its part. Each folder is hashed by the lowest rank that sees it (ranks that share one
+    folder hash it once; nodes with folders of their own each hash theirs), and Determined merges what the
+    ranks add, as it merges their metadata."""
+    trainer.strategy.barrier()
+    info = os.stat(folder)
+    folders = all_gather_objects((info.st_dev, info.st_ino))
+    if folders.index((info.st_dev, info.st_ino)) == trainer.global_rank:
+        metadata[FILES] = file_checksums(folder)
+
+
+def prune_checkpoints(root: Path, keep: int, skipped: list[Path] = ()) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints, every torn one (no metadata.json: its writing was
+    interrupted; the run's lock rules out a writer in progress) and the damaged ones a resume `skipped`;
+    returns what was deleted."""
     old = [folder for _, folder in complete_checkpoints(root)[:-keep]]
+    if root.is_dir():
+        old += [f for f in root.iterdir() if f.is_dir() and read_metadata(f) is None]
+    old += [Path(f) for f in skipped if Path(f).is_dir() and Path(f) not in old]
     for folder in old:
         shutil.rmtree(folder, ignore_errors=True)
     return old
 
 
-def export_final(output_dir: Path, checkpoint: Path) -> Path:
-    """`output_dir/final/`: the policy, tokenizer and run_config.json of `checkpoint`, replaced atomically."""
+def export_final(output_dir: Path, checkpoint: Path, complete=None) -> Path:
+    """`output_dir/final/`: the policy, tokenizer and run_config.json of `checkpoint`, and whatever `complete`
+    writes into the new folder before it replaces the old one atomically (never absent, never half written)."""
     final = output_dir / FINAL
     staging = output_dir / ".final.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(checkpoint, staging, ignore=shutil.ignore_patterns("trainer", METADATA))
-    metadata = read_metadata(checkpoint) or {}
-    write_json(staging / COMPLETED, {"steps_completed": metadata.get("steps_completed")})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted export left
+    try:
+        shutil.copytree(checkpoint, staging, ignore=shutil.ignore_patterns("trainer", METADATA))
+        if complete is not None:
+            complete(staging)
+        metadata = read_metadata(checkpoint) or {}
+        write_json(staging / COMPLETED, {"steps_completed": metadata.get("steps_completed")})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the space it took, on a full disk
+        raise
+    replace_folder(staging, final)
     return final
 
 

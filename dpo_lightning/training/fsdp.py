@@ -6,16 +6,23 @@ from its forward to its backward (FSDP2's default for a root; the chunked head r
 the forward); a frozen network, which has no backward, is resharded after each use. Checkpoints are torch
 distributed checkpoints of the trained model's trainable parameters and the optimizer state, one file per
 rank; frozen networks (the reference, a LoRA base) are rebuilt from the configuration and never saved.
+
+torch's own reader unpickles a checkpoint's `.metadata` and its non-tensor items with plain pickle; a sharded
+checkpoint is read here through `safe_reader` and `safe_planner` instead, which accept the checkpoint format's
+own types and plain values only, so a planted object never runs.
 """
 
 from __future__ import annotations
 
+import io
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from dpo_lightning.integrity import DamagedCheckpoint, safe_torch_load
 from dpo_lightning.models.sharding import full_tensor
 
 # Lightning's name for the non-tensor part of a sharded checkpoint (loops, schedulers, callbacks)
@@ -108,13 +115,92 @@ def grad_norm_value(norm: torch.Tensor) -> torch.Tensor:
     return full_tensor(norm)
 
 
+# What a torch distributed checkpoint's `.metadata` may name besides torch dtypes: its own record types, and the
+# few helpers they are rebuilt with (none has a side effect)
+_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"),
+}
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Python's restricted unpickler: the checkpoint format's record types only, everything else refused."""
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == _METADATA_MODULE and isinstance(found := super().find_class(module, name), type):
+            return found  # a record type (a dataclass) or an enum of the format
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def safe_reader(folder: Path):
+    """torch's file-system reader, its `.metadata` read by `_MetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            try:
+                with self.fs.create_stream(path, "rb") as stream:
+                    metadata = _MetadataUnpickler(stream).load()
+            except Exception as exc:
+                raise DamagedCheckpoint(
+                    f"damaged checkpoint: {path} is not a checkpoint's metadata ({str(exc)[:200]}); it was not run"
+                ) from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(folder))
+
+
+def safe_planner():
+    """torch's default load planner, its non-tensor items (optimizer hyperparameters) read with
+    `weights_only=True`."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except Exception as exc:
+                raise DamagedCheckpoint(
+                    f"damaged checkpoint: item {read_item.dest_index.fqn} is not a plain value ({str(exc)[:200]}); "
+                    "it was not run"
+                ) from None
+            super().load_bytes(read_item, _saved(loaded))
+
+    return SafePlanner()
+
+
+def _saved(value: Any) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def load_sharded(state: dict[str, Any], folder: Path) -> None:
+    """`dcp.load` of `state` from `folder`, through the safe reader and planner."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, storage_reader=safe_reader(folder), planner=safe_planner())
+
+
 def load_sharded_weights(model: torch.nn.Module, folder: Path) -> None:
     """Only the trained weights of a sharded checkpoint (a warm start from another trial's checkpoint)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     state = {"state_dict": sharded_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(folder))
+    load_sharded(state, folder)
     set_model_state_dict(model, state["state_dict"], options=_options(strict=False))
 
 
@@ -170,7 +256,6 @@ class FSDP2Strategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Each rank reads its shards of the trained weights and optimizer state back into place; returns the
         rest (loops, schedulers) for Lightning to restore."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         path = Path(self.broadcast(checkpoint_path))
@@ -179,6 +264,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         for index, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{index}"
             state = {key: get_optimizer_state_dict(model, optimizer, options=_options())}
-            dcp.load(state, checkpoint_id=str(path))
+            load_sharded(state, path)
             set_optimizer_state_dict(model, optimizer, optim_state_dict=state[key], options=_options())
-        return torch.load(path / LIGHTNING_METADATA, weights_only=False)
+        return safe_torch_load(path / LIGHTNING_METADATA)

@@ -17,6 +17,7 @@ from dpo_lightning.config import DPOConfig
 from dpo_lightning.lightning_compat import validate_now, validate_on_steps
 from dpo_lightning.models.sharding import is_sharded, reshard
 from dpo_lightning.training.fsdp import load_sharded_weights
+from dpo_lightning.training.health import TrainingHealth
 from dpo_lightning.training.optim import adamw, decay_groups, lr_lambda, warmup_steps_for
 from dpo_lightning.training.sinks import Report, ReportSink
 from dpo_lightning.training.strategies import clip_gradients, decoder_layer_classes, is_fsdp
@@ -62,6 +63,7 @@ class TrainingModule(L.LightningModule):
         self.sharded_weights_from = None  # a sharded checkpoint whose trained weights a warm start takes
         self._schedule: dict[str, int] = {}  # the learning-rate schedule's warmup and total steps
         self._saved_schedule: dict[str, int] | None = None  # a resumed checkpoint's
+        self.health = TrainingHealth()  # non-finite values stop the run; vanished gradients are warned about
         # Checkpoints keep the trained weights once, in Hugging Face format beside the trainer state, and frozen
         # models are rebuilt from the configuration: the Lightning state restored on resume holds no weights.
         self.strict_loading = False
@@ -137,30 +139,41 @@ class TrainingModule(L.LightningModule):
     def _continue_schedule(self) -> None:
         """A resumed run whose length changed (max_steps or num_epochs raised) keeps the warmup it already did:
         its schedule decays over the new total from the checkpoint's step, instead of warming up again at
-        its new ratio; said in one line."""
+        its new ratio. One whose learning_rate changed (after a divergence) continues the same schedule at the
+        new peak rate. Each is said in one line."""
         saved, self._saved_schedule = self._saved_schedule, None
-        if saved is None or saved["total_steps"] == self._schedule["total_steps"]:
+        if saved is None:
             return
-        total, warmup = self._schedule["total_steps"], saved["warmup_steps"]
-        self._schedule = {"warmup_steps": warmup, "total_steps": total}
         scheduler = self.lr_schedulers()
-        scheduler.lr_lambdas = [lr_lambda(self.cfg.lr_scheduler, warmup, total) for _ in scheduler.base_lrs]
+        length_changed = saved["total_steps"] != self._schedule["total_steps"]
+        rate_changed = any(base != self.cfg.learning_rate for base in scheduler.base_lrs)
+        if not (length_changed or rate_changed):
+            return
+        old_rate = scheduler.base_lrs[0]
+        if length_changed:
+            total, warmup = self._schedule["total_steps"], saved["warmup_steps"]
+            self._schedule = {"warmup_steps": warmup, "total_steps": total}
+            scheduler.lr_lambdas = [lr_lambda(self.cfg.lr_scheduler, warmup, total) for _ in scheduler.base_lrs]
+        scheduler.base_lrs = [self.cfg.learning_rate for _ in scheduler.base_lrs]  # every group shares one rate
         # the restored optimizer holds the old schedule's rate for the next step: set the new one now
         groups = scheduler.optimizer.param_groups
         for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = base
             group["lr"] = base * factor(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
-        log.info(
-            "the run now ends at step %d instead of %d: the learning-rate schedule (%s) keeps its %d warmup "
-            "steps and now spans to step %d; the rate for step %d is %.3g",
-            total,
-            saved["total_steps"],
-            self.cfg.lr_scheduler,
-            warmup,
-            total,
-            self.global_step + 1,
-            scheduler._last_lr[0],
-        )
+        if length_changed:
+            log.info(
+                "the run now ends at step %d instead of %d: the learning-rate schedule (%s) keeps its %d warmup "
+                "steps and now spans to step %d",
+                self._schedule["total_steps"],
+                saved["total_steps"],
+                self.cfg.lr_scheduler,
+                self._schedule["warmup_steps"],
+                self._schedule["total_steps"],
+            )
+        if rate_changed:
+            log.info("learning_rate is now %.3g (the checkpoint trained at %.3g)", self.cfg.learning_rate, old_rate)
+        log.info("the rate for step %d is %.3g", self.global_step + 1, scheduler._last_lr[0])
 
     def release(self) -> None:
         """Let go of what the run holds beside its models (a sampling engine) once training and validation are
@@ -195,11 +208,16 @@ class TrainingModule(L.LightningModule):
                 if param.grad is not None:
                     param.grad.mul_(scale)
 
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.health.saw_loss(loss)
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        # Clip here rather than through the Trainer so that the pre-clip norm is measured once and reported.
+        # Clip here rather than through the Trainer so that the pre-clip norm is measured once and reported; a
+        # non-finite loss or norm stops the run here, before the update would spoil the weights.
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        norm = clip_gradients(self.trainer, self, max_norm)
-        self._grad_norms.append(float(norm))
+        norm = float(clip_gradients(self.trainer, self, max_norm))
+        self.health.check(self.global_step + 1, norm, self.trainer.strategy)
+        self._grad_norms.append(norm)
 
     # ------------------------------------------------------------------ reporting
 

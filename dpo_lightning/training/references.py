@@ -76,6 +76,7 @@ def make_reference(
         "attn_implementation": cfg.attn_implementation,
         "logps_chunk_size": cfg.logps_chunk_size,
         "ld_alpha": cfg.ld_alpha,  # the stored sums are LD-DPO's weighted ones
+        "autocast": str(pass_autocast(cfg)),  # which follows the strategy as well as the precision
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
     key = cache_key(weights, {n: pairs_fingerprint(d) for n, d in splits.items()}, settings)
@@ -88,6 +89,12 @@ def make_reference(
     return PrecomputedReference(), None
 
 
+def pass_autocast(cfg: DPOConfig) -> torch.dtype | None:
+    """The reference pass's autocast dtype: bf16 under bf16-mixed, except under FSDP, whose mixed-precision
+    policy casts the sharded parameters itself."""
+    return torch.bfloat16 if cfg.precision == "bf16-mixed" and cfg.strategy != "fsdp" else None
+
+
 def _splits(datamodule: DPODataModule) -> dict:
     data = datamodule.prepare()
     return {"train": data.train, **({"val": data.val} if data.val is not None else {})}
@@ -98,7 +105,7 @@ def compute_pending(pending: PendingPrecompute, reference: Reference, trainer, c
     the cache by rank 0 and attached to the datamodule's splits. Every rank calls it, in step."""
     datamodule = trainer.datamodule
     collate = PairCollator(datamodule.tokenizer.pad_token_id)
-    autocast = torch.bfloat16 if cfg.precision == "bf16-mixed" and cfg.strategy != "fsdp" else None
+    autocast = pass_autocast(cfg)
     rank, world = trainer.global_rank, trainer.world_size
     values = {}
     for name, split in _splits(datamodule).items():

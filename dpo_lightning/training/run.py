@@ -22,10 +22,12 @@ from dpo_lightning.config import DPOConfig
 from dpo_lightning.console import interactive
 from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
+from dpo_lightning.data.fingerprint import data_change
 from dpo_lightning.data.mode import known_mode, needs_judge
 from dpo_lightning.dpo.objective import LossSettings
 from dpo_lightning.errors import UserError
-from dpo_lightning.layout import FSDP_STATE, METRICS, REFERENCE, RUN_CONFIG, run_record, write_json
+from dpo_lightning.integrity import writing
+from dpo_lightning.layout import FSDP_STATE, METRICS, REFERENCE, RUN_CONFIG, read_run_record, run_record, write_json
 from dpo_lightning.lightning_compat import progress_bar
 from dpo_lightning.memory import release_free_memory
 from dpo_lightning.models import (
@@ -75,6 +77,7 @@ class StartPoint:
     path: Path
     step: int
     weights_only: bool = False
+    skipped: tuple[Path, ...] = ()  # newer checkpoints found damaged, removed once a new one is complete
 
 
 class Session(Protocol):
@@ -82,6 +85,7 @@ class Session(Protocol):
 
     sinks: list[ReportSink]
     callbacks: list[L.Callback]
+    record: dict  # the run record each checkpoint holds (the run adds its data's fingerprint)
     write_files: bool  # metrics.jsonl, run_config.json, final/ under output_dir
     on_cluster: bool  # Determined's TensorBoard writes the metrics there
 
@@ -119,6 +123,16 @@ def build_trainer(
         enable_model_summary=False,  # a table of the module's parts; the run's log names the models it loads
         fast_dev_run=fast_dev_run,
     )
+
+
+def check_same_data(start: StartPoint | None, fingerprint: dict) -> None:
+    """A resume must train on the data its checkpoint trained on (`fingerprint.data_change`)."""
+    if start is None or start.weights_only:
+        return
+    record = read_run_record(start.path / RUN_CONFIG) or {}
+    change = data_change(record.get("data"), fingerprint)
+    if change:
+        raise UserError(f"cannot resume from {start.path}: {change}; restore that data or give another output_dir")
 
 
 def validates_again(cfg: DPOConfig, step: int, has_validation: bool) -> bool:
@@ -243,8 +257,11 @@ def build_module(
 ) -> TrainingModule:
     """The LightningModule of the run's mode, with its models loaded."""
     tokenizer = datamodule.tokenizer
+    sharded_start = start is not None and is_sharded_checkpoint(start.path)
     if mode == "reward":
-        if start is None:
+        # a sharded (FSDP) checkpoint holds the trained weights as shards, read after sharding (Lightning's
+        # restore, or `sharded_weights_from`): the model is built afresh here, as the policy is
+        if start is None or sharded_start:
             model = RewardModel.from_causal_lm(
                 sources[0],
                 dtype=torch.float32,  # trained weights stay fp32; `precision` sets the compute dtype
@@ -255,7 +272,7 @@ def build_module(
             )
         else:
             model = RewardModel.from_pretrained(start.path, attn_implementation=cfg.attn_implementation)
-        return RewardModelModule(cfg, model, sinks=sinks)
+        return _warm_started(RewardModelModule(cfg, model, sinks=sinks), start)
     policy, reference_model = load_models(cfg, *sources, start)
     reference, pending = make_reference(cfg, reference_model, datamodule, policy)
     del reference_model  # with cached log-probs, the network is let go here
@@ -276,6 +293,11 @@ def build_module(
         module = OnlineDPOModule(cfg, policy, reference, judge, tokenizer, sinks=sinks, sampler=sampler)
     else:
         module = DPOModule(cfg, policy, reference, sinks=sinks, judge=judge, tokenizer=tokenizer, pending=pending)
+    return _warm_started(module, start)
+
+
+def _warm_started(module: TrainingModule, start: StartPoint | None) -> TrainingModule:
+    """A warm start from a sharded checkpoint takes its trained weights once the module is sharded."""
     if start is not None and start.weights_only and is_sharded_checkpoint(start.path):
         module.sharded_weights_from = start.path / FSDP_STATE
     return module
@@ -305,6 +327,8 @@ def train(
     # processes: the progress bar's values are already reduced over ranks (every report is)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True")
+    # a non-finite loss reaches the metrics before the step's check stops the run, which says it in one line
+    warnings.filterwarnings("ignore", message=r"Encountered `nan` values in tensor")
     sources = resolve_sources(cfg)
     if announce:
         log.info("%s", announce)
@@ -312,6 +336,7 @@ def train(
     tokenizer = load_tokenizer(sources[0], cfg.trust_remote_code)
     datamodule = DPODataModule(cfg, tokenizer)
     datamodule.prepare()  # data errors surface before the models load
+    check_same_data(start, datamodule.fingerprint())  # and data changed under a checkpoint too
     mode = datamodule.mode
     log.info("mode: %s%s", mode, " (chosen by the data)" if cfg.mode == "auto" else "")
     if judge_needed_by_data(cfg, mode):  # checked before any model loads
@@ -346,14 +371,17 @@ def train(
     )
     logger_sink = LightningLoggerSink(trainer)
     module.sinks.append(logger_sink)
+    if session is not None:
+        session.record["data"] = datamodule.fingerprint()  # each checkpoint's run record holds it
     if write_files and trainer.is_global_zero:
-        write_json(output_dir / RUN_CONFIG, run_record(cfg))
+        with writing("the run record", output_dir / RUN_CONFIG, "nothing else was written yet"):
+            write_json(output_dir / RUN_CONFIG, run_record(cfg, datamodule.fingerprint()))
         if resumed_step is not None:
             drop_reports_past(output_dir / METRICS, resumed_step, revalidated, logger_sink)
 
     resume_from = None if start is None or start.weights_only else str(lightning_state_path(start.path))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         if datamodule.has_validation and not fast_dev_run and module.last_validated_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
     except TrainingInterrupted as stop:

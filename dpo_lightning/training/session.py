@@ -14,8 +14,10 @@ Rules the storage protocol sets (Determined's), and where they are kept here:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import shutil
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -24,7 +26,8 @@ from typing import Protocol
 import lightning as L
 
 from dpo_lightning.config import DPOConfig
-from dpo_lightning.layout import CHECKPOINTS, run_record
+from dpo_lightning.integrity import writing
+from dpo_lightning.layout import CHECKPOINTS, FINAL, MERGED, run_record
 from dpo_lightning.lightning_compat import validate_now
 from dpo_lightning.training.checkpoints import (
     add_full_weights,
@@ -33,6 +36,7 @@ from dpo_lightning.training.checkpoints import (
     export_merged,
     has_full_weights,
     prune_checkpoints,
+    record_checksums,
     restore_rank_state,
     write_checkpoint,
 )
@@ -91,6 +95,7 @@ class TrainingSession:
         self.record = run_record(cfg)
         resumed = start is not None and not start.weights_only
         self.last_saved: tuple[int, Path] | None = (start.step, start.path) if resumed else None
+        self.skipped: list[Path] = list(start.skipped) if start is not None else []  # damaged, removed later
         self.sinks = [self.report]
         self.last_validation: tuple[int, dict[str, float]] | None = None  # for the model card
         self.callbacks: list[L.Callback] = [CheckpointCallback(self)]
@@ -125,41 +130,70 @@ class TrainingSession:
                 add_full_weights(path, trainer=trainer, module=module)
             return path
         metadata = checkpoint_metadata(step, self.trial_id)
-        with self.storage.store_path(metadata) as (path, storage_id):
-            write_checkpoint(
-                Path(path),
-                trainer=trainer,
-                module=module,
-                tokenizer=trainer.datamodule.tokenizer,
-                record=self.record,
-                with_full_weights=last,
-            )
+        previous = f"the checkpoint of step {self.last_saved[0]} is intact" if self.last_saved else "none was before"
+        where = Path(self.cfg.output_dir) / CHECKPOINTS
+        with writing(f"the checkpoint of step {step}", where, previous), self._torn_removed(trainer) as torn:
+            with self.storage.store_path(metadata) as (path, storage_id):
+                torn.append(Path(path))
+                write_checkpoint(
+                    Path(path),
+                    trainer=trainer,
+                    module=module,
+                    tokenizer=trainer.datamodule.tokenizer,
+                    record=self.record,
+                    with_full_weights=last,
+                )
+                record_checksums(Path(path), metadata, trainer)  # metadata.json, written last, holds them
+            torn.clear()
         self.last_saved = (step, Path(path))
         if trainer.is_global_zero:
             log.info("checkpoint %s saved at step %d (%s)", storage_id, step, path)
             if not self.on_cluster:  # on a cluster, checkpoint_storage's retention policy decides
-                for old in prune_checkpoints(Path(self.cfg.output_dir) / CHECKPOINTS, self.cfg.keep_last_n_checkpoints):
-                    log.info("removed old checkpoint %s", old)
+                root = Path(self.cfg.output_dir) / CHECKPOINTS
+                for old in prune_checkpoints(root, self.cfg.keep_last_n_checkpoints, self.skipped):
+                    log.info("removed old, torn or damaged checkpoint %s", old)
+                self.skipped = []
         return Path(path)
 
+    @contextlib.contextmanager
+    def _torn_removed(self, trainer: L.Trainer):
+        """A checkpoint whose writing failed (a full disk) is removed at once, off-cluster, to free its space;
+        yields the list the folder being written is put in until it is complete."""
+        torn: list[Path] = []
+        try:
+            yield torn
+        except BaseException:
+            if torn and trainer.is_global_zero and not self.on_cluster:
+                shutil.rmtree(torn[0], ignore_errors=True)
+            raise
+
     def finish(self, trainer: L.Trainer, module) -> Path:
-        """The final checkpoint and, off-cluster, a copy of its policy in `<output_dir>/final/`."""
-        path = self.save(trainer, module, trainer.global_step, last=True)
+        """The final checkpoint and, off-cluster, a copy of its policy in `<output_dir>/final/`, with its model
+        card (and merged model) written before it replaces the old final/ in one rename."""
+        step = trainer.global_step
+        path = self.save(trainer, module, step, last=True)
         if self.write_files and trainer.is_global_zero:
-            final = export_final(Path(self.cfg.output_dir), path)
+
+            def complete(staging: Path) -> None:
+                if self.cfg.export_merged:
+                    export_merged(staging, module.trained, trainer.datamodule.tokenizer)
+                validated_at, metrics = self.last_validation or (step, None)
+                card = model_card(
+                    self.cfg,
+                    mode=trainer.datamodule.mode,
+                    step=step,
+                    metrics=metrics if validated_at == step else None,
+                    command=self.command,
+                )
+                (staging / "README.md").write_text(card)
+
+            output_dir = Path(self.cfg.output_dir)
+            kept = f"final/ is as it was, and the checkpoint of step {step} is complete: a re-run exports it"
+            with writing("the final model", output_dir / FINAL, kept):
+                final = export_final(output_dir, path, complete=complete)
             log.info("final %s saved to %s", module.DESCRIPTION, final)
             if self.cfg.export_merged:
-                merged = export_merged(final, module.trained, trainer.datamodule.tokenizer)
-                log.info("merged model (adapters merged into the base) saved to %s", merged)
-            step, metrics = self.last_validation or (trainer.global_step, None)
-            card = model_card(
-                self.cfg,
-                mode=trainer.datamodule.mode,
-                step=trainer.global_step,
-                metrics=metrics if step == trainer.global_step else None,
-                command=self.command,
-            )
-            (final / "README.md").write_text(card)
+                log.info("merged model (adapters merged into the base) saved to %s", final / MERGED)
             if self.cfg.push_to_hub:
                 log.info("final %s uploaded to %s", module.DESCRIPTION, push_final(final, self.cfg.push_to_hub))
         self.progress(trainer, force=True)
@@ -211,11 +245,10 @@ class CheckpointCallback(L.Callback):
         # epoch finished, and a run resumed from there with a larger max_steps would skip the rest of it.
         last = 0 < trainer.max_steps <= step
         if reason or last or (every > 0 and step % every == 0):
-            # this step's report is written before its checkpoint is complete (after a stop, the steps since the
-            # last report too: the module's own hook will not run)
+            # this step's report is written before its checkpoint is complete. After a stop the steps since the
+            # last report stay in the open window, which the checkpoint keeps (`rank_state_dict`): the resumed
+            # run reports them at the next report step, as the uninterrupted run does.
             pl_module.report_finished_step()
-            if reason:
-                pl_module.flush_training_report()
             self.session.save(trainer, pl_module, step, last=last)
         if reason:
             self.session.progress(trainer, force=True)

@@ -1,10 +1,12 @@
-"""A clean stop on SIGINT/SIGTERM: finish the optimizer step, checkpoint, exit 0."""
+"""A clean stop on SIGINT/SIGTERM: finish the optimizer step, checkpoint, exit 0; a second SIGINT aborts."""
 
 from __future__ import annotations
 
 import logging
 import signal
 from typing import Any
+
+from dpo_lightning.console import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,7 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise Interrupted(signum, "a second time, before the checkpoint of this step was written")
         self.received = signal.Signals(signum).name
         log.warning("received %s: saving a checkpoint after the current optimizer step", self.received)
 

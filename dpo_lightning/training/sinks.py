@@ -16,6 +16,8 @@ from typing import NamedTuple, Protocol
 
 import lightning as L
 
+from dpo_lightning.integrity import writing
+
 log = logging.getLogger(__name__)
 
 
@@ -36,9 +38,11 @@ class JsonlSink:
         self.path = path
 
     def __call__(self, report: Report) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(_line(report))
+        kept = "the reports before it are intact (a torn last line is dropped on resume)"
+        with writing(f"the {report.group} report of step {report.step}", self.path, kept):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(_line(report))
 
 
 def kept_on_resume(group: str, step: int, resumed_step: int, revalidated: bool) -> bool:
@@ -112,5 +116,7 @@ class LightningLoggerSink:
         prefix = "train" if report.group == "training" else "val"
         metrics = {f"{prefix}/{name}": value for name, value in report.metrics.items()}
         for logger in self.trainer.loggers if loggers is None else loggers:
-            logger.log_metrics(metrics, step=report.step)
-            logger.save()
+            where = Path(getattr(logger, "log_dir", None) or self.trainer.default_root_dir)
+            with writing(f"the {report.group} report of step {report.step}", where, "metrics.jsonl is intact"):
+                logger.log_metrics(metrics, step=report.step)
+                logger.save()

@@ -13,6 +13,7 @@ checks what cannot run, and holds the few operations that differ between a whole
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -29,6 +30,17 @@ def launcher_layout() -> tuple[int, int]:
         nodes = int(os.environ.get("GROUP_WORLD_SIZE", int(os.environ["WORLD_SIZE"]) // local))
         return local, nodes
     return 1, 1
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """`value` from every rank, in rank order ([value] without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def launched_world_size() -> int:
