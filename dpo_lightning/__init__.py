@@ -2,8 +2,9 @@
 
 The package is layered; a module imports only from its own layer and those below it:
 
-    foundation   errors, hub, builtin, layout, console, lightning_compat, memory, losses
-                 (top-level modules; they import nothing else of the package)
+    foundation   errors, hub, builtin, layout, integrity, console, lightning_compat, memory, losses,
+                 pair_losses
+                 (top-level modules; they import no layer, only one another)
     config/      the typed configuration and its one parser
     data/        sources -> formats -> tokenize -> collate -> DataModule; the typed batches; the mode decision
     models/      loading causal LMs, tokenizers and the RewardModel network

@@ -139,6 +139,33 @@ def test_a_pickle_planted_in_a_checkpoint_never_runs(tiny_model, pairs, tmp_path
     assert "mode:" not in done.stderr  # refused before the data and the models load
 
 
+def test_a_sharded_checkpoint_with_planted_objects_is_refused_unrun(tmp_path):
+    """torch's own reader unpickles a distributed checkpoint's `.metadata` and its non-tensor items with plain
+    pickle; this project's reader and planner refuse both, as they refuse any object but the format's own."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from dpo_lightning.integrity import DamagedCheckpoint
+    from dpo_lightning.training.fsdp import load_sharded
+
+    marker = tmp_path / "PLANTED-CODE-RAN"
+    state = {"state_dict": {"w": torch.randn(3, 4)}, "extra": {"lr": 0.1}}
+    dcp.save(state, checkpoint_id=str(tmp_path / "good"))
+    restored = {"state_dict": {"w": torch.zeros(3, 4)}, "extra": {"lr": 0.0}}
+    load_sharded(restored, tmp_path / "good")  # the format's own content loads
+    assert torch.equal(restored["state_dict"]["w"], state["state_dict"]["w"]) and restored["extra"]["lr"] == 0.1
+
+    shutil.copytree(tmp_path / "good", tmp_path / "metadata")
+    (tmp_path / "metadata" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(DamagedCheckpoint, match="not a checkpoint's metadata"):
+        load_sharded(restored, tmp_path / "metadata")
+    dcp.save({**state, "extra": {"lr": Payload(marker)}}, checkpoint_id=str(tmp_path / "item"))
+    with pytest.raises(DamagedCheckpoint, match="extra.lr is not a plain value"):
+        load_sharded(restored, tmp_path / "item")
+    assert not marker.exists()
+
+
 # ----------------------------------------------------------------------------- 2. divergence
 
 

@@ -304,3 +304,46 @@ def test_reward_model_training_under_fsdp_equals_ddp(tiny_model, data, tmp_path)
         _launch(ENTRY, {"config": "experiments/local-tiny.yaml", "mode": "reward", **values})
     _assert_same_reports(_reports(tmp_path / "fsdp"), _reports(tmp_path / "ddp"), ("loss", "grad_norm", "accuracy"))
     _assert_same_weights(_final_weights(tmp_path / "fsdp"), _final_weights(tmp_path / "ddp"))
+
+
+def test_kills_and_signals_while_fsdp_checkpoints_are_written_resume_to_the_straight_run(
+    offline_runs, tiny_model, data, tmp_path
+):
+    """Two faults drawn with a fixed seed among SIGKILL of rank 0 halfway through writing a checkpoint (its trainer
+    state saved, its rank files not; or every file written, metadata.json not), and SIGTERM while one is being
+    written, at the step-4 and step-6 checkpoints; each launch resumes from the newest intact checkpoint (a torn
+    one is never taken), and the run ends on the straight run's reports and weights."""
+    import random
+
+    from dpo_lightning.layout import checkpoint_problem
+
+    rng = random.Random(26)
+    out = tmp_path / "run"
+    values = _offline(tiny_model, data, out, "fsdp")
+    faults = [rng.choice([f"writing:{s}:state", f"writing:{s}:files", f"signal-writing:{s}:SIGTERM"]) for s in (4, 6)]
+    for moment in faults:
+        done = _launch(CRASH, values, moment, expect_ok=False)
+        assert (done.returncode == 0) == moment.startswith("signal"), (moment, done.stderr[-2000:])
+        assert not (out / "final").exists()
+        assert all(checkpoint_problem(folder) is None for folder in _checkpoints(out).values())
+    _launch(ENTRY, values)
+    _assert_same_reports(_reports(out), _reports(offline_runs["fsdp"]), TRAIN_NAMES + GENERATION_NAMES)
+    _assert_same_weights(_final_weights(out), _final_weights(offline_runs["fsdp"]))
+    torn = [f for f in (out / "checkpoints").iterdir() if not (f / "metadata.json").is_file()]
+    assert not torn  # the torn folders went once a later checkpoint was complete
+
+
+def test_an_fsdp_reward_model_run_killed_after_a_checkpoint_resumes_from_its_shards(tiny_model, data, tmp_path):
+    """A sharded reward-model checkpoint holds no Hugging Face weights: the resumed run builds the model afresh
+    and reads the shards (it used to look for model.safetensors and fail)."""
+    runs = {}
+    for name in ("straight", "killed"):
+        values = stepwise_run_values(tiny_model, data, tmp_path / name, max_steps=4, checkpoint_every_n_steps=2)
+        runs[name] = {"config": "experiments/local-tiny.yaml", "mode": "reward", "strategy": "fsdp", **values}
+    _launch(ENTRY, runs["straight"])
+    assert _launch(CRASH, runs["killed"], "checkpoint:2", expect_ok=False).returncode != 0
+    assert not (_checkpoints(tmp_path / "killed")[2] / "model.safetensors").exists()  # shards only
+    _launch(ENTRY, runs["killed"])
+    names = ("loss", "grad_norm", "accuracy")
+    _assert_same_reports(_reports(tmp_path / "killed"), _reports(tmp_path / "straight"), names)
+    _assert_same_weights(_final_weights(tmp_path / "killed"), _final_weights(tmp_path / "straight"))

@@ -174,3 +174,19 @@ def test_a_precomputed_run_trains_as_a_live_one_and_reuses_its_cache(
     run_local(make_config(longer))
     assert cached.stat().st_mtime_ns == before
     assert ("training", 7) in _reports(tmp_path / "pre")
+
+
+@pytest.mark.parametrize("precision, split", [("bf16-mixed", True), ("32", False)])
+def test_the_cache_key_follows_the_reference_pass_autocast(tiny, tiny_model, pairs_file, tmp_path, precision, split):
+    """Under bf16-mixed the pass autocasts with DDP and not under FSDP (its policy casts the shards), so their
+    log-probs differ and must not share a file; in fp32 they are the same numbers and do."""
+    from dpo_lightning.data.datamodule import DPODataModule
+
+    model, tokenizer = tiny
+    paths = {}
+    for strategy in ("ddp", "fsdp"):
+        values = dict(precompute_ref_logps=True, precision=precision, strategy=strategy)
+        cfg = make_config(stepwise_run_values(tiny_model, pairs_file, tmp_path / strategy, **values))
+        _, pending = references.make_reference(cfg, model, DPODataModule(cfg, tokenizer), model)
+        paths[strategy] = pending.path
+    assert (paths["ddp"] != paths["fsdp"]) is split

@@ -150,6 +150,8 @@ def safe_reader(folder: Path):
             try:
                 with self.fs.create_stream(path, "rb") as stream:
                     metadata = _MetadataUnpickler(stream).load()
+            except FileNotFoundError:
+                raise
             except Exception as exc:
                 raise DamagedCheckpoint(
                     f"damaged checkpoint: {path} is not a checkpoint's metadata ({str(exc)[:200]}); it was not run"
@@ -191,8 +193,17 @@ def _saved(value: Any) -> io.BytesIO:
 def load_sharded(state: dict[str, Any], folder: Path) -> None:
     """`dcp.load` of `state` from `folder`, through the safe reader and planner."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.load(state, storage_reader=safe_reader(folder), planner=safe_planner())
+    reader = safe_reader(folder)
+    reader.read_metadata()  # a refusal here is said; inside dcp.load torch would fall back and mask it
+    try:
+        dcp.load(state, storage_reader=reader, planner=safe_planner())
+    except CheckpointException as exc:  # torch gathers each rank's failure: a refusal is said as it is
+        refusals = [error for error, _ in exc.failures.values() if isinstance(error, DamagedCheckpoint)]
+        if refusals:
+            raise refusals[0] from None
+        raise
 
 
 def load_sharded_weights(model: torch.nn.Module, folder: Path) -> None:
