@@ -40,14 +40,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _files_under(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "metadata.json")
+def _files_under(folder: Path, only: tuple[str, ...] | None) -> list[str]:
+    files = (p for p in folder.rglob("*") if p.is_file() and p.name != "metadata.json")
+    if only is not None:
+        files = (p for p in files if p.parent == folder and any(p.match(pattern) for pattern in only))
+    return sorted(str(p.relative_to(folder)) for p in files)
 
 
-def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {"bytes", "sha256"}} of every file under `folder` (metadata.json aside)."""
+def file_checksums(folder: Path, only: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+    """{relative path: {"bytes", "sha256"}} of every file under `folder` (metadata.json aside), or of the files
+    at its root that match one of the patterns `only`."""
     folder = Path(folder)
-    names = _files_under(folder)
+    names = _files_under(folder, only)
     digests = _digests(folder, names)
     return {name: {"bytes": (folder / name).stat().st_size, "sha256": digests[name]} for name in names}
 

@@ -80,3 +80,12 @@ def online_demo_values(model: Path, output_dir: Path, **overrides) -> dict:
     )
     values.update(overrides)
     return values
+
+
+def checkpoints_by_step(output_dir: Path) -> dict[int, Path]:
+    """A run's complete checkpoints (those with metadata.json), by the step each holds."""
+    found = {}
+    for folder in (output_dir / "checkpoints").iterdir():
+        if (folder / "metadata.json").is_file():
+            found[json.loads((folder / "metadata.json").read_text())["steps_completed"]] = folder
+    return found

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from contract import stepwise_run_values, write_jsonl
+from contract import checkpoints_by_step, stepwise_run_values, write_jsonl
 from safetensors.torch import load_file
 
 from dpo_lightning.builtin import preference_rows
@@ -63,14 +63,6 @@ def _one_error_line(done: subprocess.CompletedProcess, *words: str) -> str:
     return lines[0]
 
 
-def _checkpoints(out: Path) -> dict[int, Path]:
-    found = {}
-    for folder in (out / "checkpoints").iterdir():
-        if (folder / "metadata.json").is_file():
-            found[json.loads((folder / "metadata.json").read_text())["steps_completed"]] = folder
-    return found
-
-
 def _reports(out: Path) -> list[tuple[str, int, dict]]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["group"], r["step"], {k: v for k, v in r["metrics"].items() if k not in TIMINGS}) for r in rows]
@@ -96,7 +88,7 @@ def straight(tiny_model, pairs, tmp_path_factory) -> Path:
 def _killed_after_step_4(tiny_model, pairs, out: Path, **overrides) -> dict[int, Path]:
     """The six-step run SIGKILLed once its step-4 checkpoint is complete: its checkpoints (steps 2 and 4)."""
     assert _entry(_values(tiny_model, pairs, out, **overrides), moment="checkpoint:4").returncode == -9
-    return _checkpoints(out)
+    return checkpoints_by_step(out)
 
 
 def _assert_equals_straight(out: Path, straight: Path) -> None:
@@ -123,7 +115,7 @@ class Payload:
 def test_a_pickle_planted_in_a_checkpoint_never_runs(tiny_model, pairs, tmp_path, name, how):
     out = tmp_path / "run"
     assert _entry(_values(tiny_model, pairs, out, max_steps=4)).returncode == 0
-    newest = _checkpoints(out)[4]
+    newest = checkpoints_by_step(out)[4]
     marker = tmp_path / "PLANTED-CODE-RAN"
     torch.save({"state": Payload(marker)}, newest / name)
     _reseal(newest, name)
@@ -176,8 +168,8 @@ def test_a_diverging_run_stops_at_the_step_and_exports_nothing(tiny_model, pairs
     line = _one_error_line(done, "training diverged at step", "not finite", "lower learning_rate")
     step = int(line.split("at step ")[1].split(":")[0])
     assert not (out / "final").exists()
-    assert sorted(_checkpoints(out)) == list(range(max(1, step - 3), step))  # the last good ones, kept
-    weights = load_file(_checkpoints(out)[step - 1] / "model.safetensors")
+    assert sorted(checkpoints_by_step(out)) == list(range(max(1, step - 3), step))  # the last good ones, kept
+    weights = load_file(checkpoints_by_step(out)[step - 1] / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     reports = [s for _, s, _ in _reports(out)] if (out / "metrics.jsonl").exists() else []
     assert all(s < step for s in reports)  # nothing reported at or past the step that diverged
@@ -224,21 +216,21 @@ def test_a_second_run_in_the_same_folder_is_refused_and_the_first_is_untouched(t
     assert first.wait(timeout=120) == 0
     steps = [step for group, step, _ in _reports(out) if group == "training"]
     assert steps == list(range(2, steps[-1] + 1, 2))  # one run's reports, each once
-    stopped_at = max(_checkpoints(out))
+    stopped_at = max(checkpoints_by_step(out))
 
     # a run killed with SIGKILL holds nothing: the next one there starts at once
     killed = subprocess.Popen([*script, *args], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-    while max(_checkpoints(out)) <= stopped_at:
+    while max(checkpoints_by_step(out)) <= stopped_at:
         assert killed.poll() is None and time.monotonic() < deadline + 120
         time.sleep(0.2)
     killed.kill()
     killed.wait()
-    resumed = _entry({**values, "max_steps": max(_checkpoints(out)) + 2})
+    resumed = _entry({**values, "max_steps": max(checkpoints_by_step(out)) + 2})
     assert resumed.returncode == 0 and "in use" not in resumed.stderr, resumed.stderr[-2000:]
 
 
 def _checkpoints_or_none(out: Path) -> dict[int, Path]:
-    return _checkpoints(out) if (out / "checkpoints").is_dir() else {}
+    return checkpoints_by_step(out) if (out / "checkpoints").is_dir() else {}
 
 
 # ----------------------------------------------------------------------------- 4, 5. damaged checkpoints
@@ -283,7 +275,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(
 def test_a_folder_whose_every_checkpoint_is_damaged_is_refused(tiny_model, pairs, tmp_path):
     out = tmp_path / "run"
     assert _entry(_values(tiny_model, pairs, out, max_steps=4)).returncode == 0
-    for folder in _checkpoints(out).values():
+    for folder in checkpoints_by_step(out).values():
         _flip(folder / "model.safetensors")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     done = _entry(_values(tiny_model, pairs, out))
@@ -360,7 +352,9 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes_elsewhe
     done = _entry(_values(tiny_model, pairs, out, report_to="none"))
     assert done.returncode == 2
     _one_error_line(done, "no space left on the device writing the checkpoint of step 4", "step 2 is intact")
-    assert sorted(_checkpoints(out)) == [2] and len(list((out / "checkpoints").iterdir())) == 1  # the torn one went
+    assert (
+        sorted(checkpoints_by_step(out)) == [2] and len(list((out / "checkpoints").iterdir())) == 1
+    )  # the torn one went
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
     assert _entry(_values(tiny_model, pairs, moved, report_to="none")).returncode == 0
@@ -395,7 +389,7 @@ def test_a_signal_in_the_final_validation_is_one_line_and_a_rerun_finishes(
     done = _entry(_values(tiny_model, pairs, out, val_check_interval=4), moment=f"final-validation:{signal_name}")
     assert done.returncode == code
     _one_error_line(done, f"interrupted by {signal_name}")
-    assert not (out / "final").exists() and 6 in _checkpoints(out)
+    assert not (out / "final").exists() and 6 in checkpoints_by_step(out)
     assert _entry(_values(tiny_model, pairs, out, val_check_interval=4)).returncode == 0
     assert [s for group, s, _ in _reports(out) if group == "validation"] == [4, 6]
     got, want = load_file(out / "final" / "model.safetensors"), load_file(straight / "final" / "model.safetensors")
@@ -408,7 +402,7 @@ def test_a_second_ctrl_c_is_one_line_that_claims_no_checkpoint(tiny_model, pairs
     assert done.returncode == 130
     line = _one_error_line(done, "interrupted by SIGINT a second time", "before the checkpoint of this step")
     assert "checkpoint saved" not in done.stderr and "saved" not in line
-    assert sorted(_checkpoints(out)) == [2]
+    assert sorted(checkpoints_by_step(out)) == [2]
     assert _entry(_values(tiny_model, pairs, out)).returncode == 0
     _assert_equals_straight(out, straight)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from contract import online_demo_values, stepwise_run_values, write_jsonl
+from contract import checkpoints_by_step, online_demo_values, stepwise_run_values, write_jsonl
 from safetensors.torch import load_file
 
 from dpo_lightning.builtin import preference_rows
@@ -80,14 +80,6 @@ def _final_weights(output_dir: Path, name: str = "model.safetensors") -> dict[st
     return load_file(output_dir / "final" / name)
 
 
-def _checkpoints(output_dir: Path) -> dict[int, Path]:
-    found = {}
-    for folder in (output_dir / "checkpoints").iterdir():
-        if (folder / "metadata.json").is_file():
-            found[json.loads((folder / "metadata.json").read_text())["steps_completed"]] = folder
-    return found
-
-
 TRAIN_NAMES = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen")
 GENERATION_NAMES = ("generation/kl", "generation/policy/score", "generation/reference/score", "generation/win_rate")
 
@@ -134,7 +126,7 @@ def test_fsdp_checkpoints_hold_shards_of_the_policy_and_optimizer_only(offline_r
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM
 
-    checkpoints = _checkpoints(offline_runs["fsdp"])
+    checkpoints = checkpoints_by_step(offline_runs["fsdp"])
     assert sorted(checkpoints) == [4, 6]  # keep_last_n_checkpoints: 2
     middle, last = checkpoints[4], checkpoints[6]
     for folder in (middle, last):
@@ -163,7 +155,7 @@ def test_fsdp_killed_after_a_checkpoint_resumes_to_the_straight_run(offline_runs
     values = _offline(tiny_model, data, tmp_path / "run", "fsdp")
     killed = _launch(CRASH, values, "checkpoint:4", expect_ok=False)
     assert killed.returncode != 0
-    assert sorted(_checkpoints(tmp_path / "run")) == [2, 4] and not (tmp_path / "run" / "final").exists()
+    assert sorted(checkpoints_by_step(tmp_path / "run")) == [2, 4] and not (tmp_path / "run" / "final").exists()
     _launch(ENTRY, values)  # resumes from step 4 on both ranks
     straight = _reports(offline_runs["fsdp"])
     _assert_same_reports(_reports(tmp_path / "run"), straight, TRAIN_NAMES + GENERATION_NAMES)
@@ -240,7 +232,7 @@ def test_a_trial_warm_started_from_a_sharded_checkpoint_takes_its_weights(offlin
     """Another trial's FSDP checkpoint gives a new trial (FSDP or DDP) its policy weights, read from the
     shards, and nothing else: a fresh schedule from step 1, whose first report (taken before any update)
     already shows the donor's training."""
-    donor = _checkpoints(offline_runs["fsdp"])[4]  # an ordinary checkpoint: shards only
+    donor = checkpoints_by_step(offline_runs["fsdp"])[4]  # an ordinary checkpoint: shards only
     first = {}
     for strategy in ("ddp", "fsdp"):
         values = stepwise_run_values(tiny_model, data, tmp_path / strategy, max_steps=2, strategy=strategy)
@@ -293,7 +285,7 @@ def test_hybrid_shard_over_two_nodes_equals_ddp(tiny_model, data, tmp_path):
         {n: v for n, v in hybrid.items() if n not in zero_gradient},
         {n: v for n, v in ddp.items() if n not in zero_gradient},
     )
-    shards = _checkpoints(tmp_path / "hybrid")[2] / "trainer" / "fsdp"
+    shards = checkpoints_by_step(tmp_path / "hybrid")[2] / "trainer" / "fsdp"
     assert len(list(shards.glob("*.distcp"))) == 4
 
 
@@ -325,7 +317,7 @@ def test_kills_and_signals_while_fsdp_checkpoints_are_written_resume_to_the_stra
         done = _launch(CRASH, values, moment, expect_ok=False)
         assert (done.returncode == 0) == moment.startswith("signal"), (moment, done.stderr[-2000:])
         assert not (out / "final").exists()
-        assert all(checkpoint_problem(folder) is None for folder in _checkpoints(out).values())
+        assert all(checkpoint_problem(folder) is None for folder in checkpoints_by_step(out).values())
     _launch(ENTRY, values)
     _assert_same_reports(_reports(out), _reports(offline_runs["fsdp"]), TRAIN_NAMES + GENERATION_NAMES)
     _assert_same_weights(_final_weights(out), _final_weights(offline_runs["fsdp"]))
@@ -342,7 +334,7 @@ def test_an_fsdp_reward_model_run_killed_after_a_checkpoint_resumes_from_its_sha
         runs[name] = {"config": "experiments/local-tiny.yaml", "mode": "reward", "strategy": "fsdp", **values}
     _launch(ENTRY, runs["straight"])
     assert _launch(CRASH, runs["killed"], "checkpoint:2", expect_ok=False).returncode != 0
-    assert not (_checkpoints(tmp_path / "killed")[2] / "model.safetensors").exists()  # shards only
+    assert not (checkpoints_by_step(tmp_path / "killed")[2] / "model.safetensors").exists()  # shards only
     _launch(ENTRY, runs["killed"])
     names = ("loss", "grad_norm", "accuracy")
     _assert_same_reports(_reports(tmp_path / "killed"), _reports(tmp_path / "straight"), names)

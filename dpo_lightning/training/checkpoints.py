@@ -37,6 +37,7 @@ from dpo_lightning.training.strategies import all_gather_objects, full_trained_s
 
 # a model's weights in Hugging Face format: one file, a sharded index, or a LoRA run's adapters
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+HF_WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json")
 
 
 def rng_state() -> dict[str, Any]:
@@ -112,6 +113,10 @@ def add_full_weights(folder: Path, *, trainer, module) -> None:
     state = full_trained_state(trainer, module)
     if trainer.is_global_zero:
         module.save_pretrained(folder, state)
+        metadata = read_metadata(folder)
+        if metadata is not None and FILES in metadata:  # the gathered files join the checksums it records
+            metadata[FILES] = {**metadata[FILES], **file_checksums(folder, only=HF_WEIGHT_FILES)}
+            write_json(folder / METADATA, metadata)
 
 
 def has_full_weights(folder: Path) -> bool:
