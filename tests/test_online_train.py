@@ -27,6 +27,7 @@ from dpo_lightning.config import make_config
 from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.determined import bridge
 from dpo_lightning.errors import UserError
+from dpo_lightning.integrity import file_checksums
 from dpo_lightning.models import load_tokenizer, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +214,9 @@ def test_without_the_sampling_stream_a_resumed_run_samples_differently(tiny_mode
     state = torch.load(latest / "trainer" / "rank-00000.pt", weights_only=False)
     state["module"] = {}
     torch.save(state, latest / "trainer" / "rank-00000.pt")
+    metadata = json.loads((latest / "metadata.json").read_text())  # its checksum, as if written so
+    metadata["files"]["trainer/rank-00000.pt"] = file_checksums(latest / "trainer")["rank-00000.pt"]
+    (latest / "metadata.json").write_text(json.dumps(metadata))
     second = FakeCore(tmp_path / "resumed", after=first)
     with contextlib.ExitStack() as stack:
         start = bridge.cluster_start_point(second, second.latest_checkpoint(), 1, stack)
