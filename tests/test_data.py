@@ -101,6 +101,60 @@ def test_messages_column_is_the_prompt():
     assert rows == [{"prompt": [U], "chosen": [A_GOOD], "rejected": [A_BAD]}]
 
 
+def _ultrafeedback(prompt: str, good: str, bad: str) -> dict:
+    """A row of HuggingFaceH4/ultrafeedback_binarized as it comes: the prompt as text, each completion the whole
+    conversation (repeating the user turn), `messages` equal to the chosen one, the scores beside."""
+    user = {"role": "user", "content": prompt}
+    chosen = [user, {"role": "assistant", "content": good}]
+    rejected = [user, {"role": "assistant", "content": bad}]
+    return {
+        "prompt": prompt,
+        "prompt_id": "x1",
+        "chosen": chosen,
+        "rejected": rejected,
+        "messages": chosen,
+        "score_chosen": 8.0,
+        "score_rejected": 4.5,
+    }
+
+
+UF = [_ultrafeedback("Name a fruit.", "An apple.", "A rock."), _ultrafeedback("Name a colour.", "Blue.", "Loud.")]
+UF_EXPLICIT = [  # the same pairs in TRL's explicit conversational form
+    {"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": r["chosen"][1:], "rejected": r["rejected"][1:]}
+    for r in UF
+]
+
+
+@pytest.mark.parametrize(
+    "drop, columns",
+    [((), None), (("prompt",), None), (("prompt",), {"prompt": "messages"}), ((), {"prompt": "messages"})],
+    ids=["as it comes", "without prompt", "messages as the prompt", "messages mapped over prompt"],
+)
+def test_ultrafeedback_binarized_gives_the_explicit_conversational_pairs(tok, drop, columns):
+    """The prompt is what the two conversations share, the completions their assistant turns; a `messages`
+    column equal to the chosen conversation is never taken for the prompt (it was, and every pair then trained
+    on the answer as its prompt)."""
+    rows = [{k: v for k, v in r.items() if k not in drop} for r in UF]
+    got = norm(rows, columns=columns).rows
+    assert got == UF_EXPLICIT
+    tokenized = tokenize_rows(got, tok, max_prompt_length=None, max_length=None).dataset.to_list()
+    assert tokenized == tokenize_rows(UF_EXPLICIT, tok, max_prompt_length=None, max_length=None).dataset.to_list()
+
+
+def test_a_text_prompt_that_is_not_the_shared_user_turn_is_a_bad_row():
+    row = {**UF[0], "prompt": "Name a vegetable."}
+    with pytest.raises(UserError, match="row 1: 'prompt' is text that is not the last user turn"):
+        norm([row])
+
+
+def test_conversations_must_part_at_an_assistant_turn():
+    other = {"role": "user", "content": "Name a stone."}
+    with pytest.raises(
+        UserError, match="row 1: 'chosen' departs from the shared conversation at message 3, a user turn"
+    ):
+        norm([{"chosen": [U, A_GOOD, U, A_GOOD], "rejected": [U, A_GOOD, other, A_BAD]}])
+
+
 def test_columns_remap_and_missing_mapped_column():
     data = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in ROWS]
     mapping = {"prompt": "question", "chosen": "good", "rejected": "bad"}
@@ -366,6 +420,22 @@ def test_tokenize_rows_drops_and_counts(tok, caplog):
     assert "dropped 1" in caplog.text
     direct = [tokenize_pair(tok, **r, max_prompt_length=None, max_length=max_length) for r in ROWS]
     assert out.dataset.to_list() == direct
+
+
+def test_pairs_that_truncation_makes_identical_are_dropped_and_counted(tok, tmp_path, caplog):
+    """Forty shared words, then " good" or " bad": cut at max_length the two are the same tokens, a pair that
+    would train at exactly log 2 with no gradient. They are dropped and counted, and a run left with none
+    stops in one line before any model loads."""
+    shared = " ".join(["the garden is green"] * 10)
+    rows = [{"prompt": "Say.\n", "chosen": f"{shared} good", "rejected": f"{shared} bad"}, *ROWS]
+    max_length = len(ids(tok, "Say.\n")) + 20
+    with caplog.at_level(logging.WARNING):
+        out = tokenize_rows(rows, tok, max_prompt_length=None, max_length=max_length)
+    assert out.dropped == 1 and len(out.dataset) == 3
+    assert "dropped 1 of 4 pairs left with chosen and rejected identical" in caplog.text and "pairs 1 in" in caplog.text
+    data = write_jsonl(tmp_path / "same.jsonl", rows[:1])
+    with pytest.raises(UserError, match="no training pairs left .* 1 dropped by truncation"):
+        prepare_pairs(cfg(data, max_length=max_length, max_prompt_length=None), tok)
 
 
 def test_tokenize_rows_mixes_text_and_chat(tok):

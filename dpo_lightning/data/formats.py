@@ -148,11 +148,42 @@ def split_text(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 def split_messages(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
-    """Conversations: the shared leading messages are the prompt, the rest are the completions."""
+    """Conversations: the shared leading messages are the prompt, the rest are the completions, which must
+    start with the assistant's turn (TRL's implicit conversational prompt)."""
     n = common_prefix_len(chosen, rejected)
     if n == 0:
         raise BadRow("'chosen' and 'rejected' share no leading messages to use as the prompt")
+    if len(chosen) == n or len(rejected) == n:
+        return chosen[:n], chosen[n:], rejected[n:]  # nothing after the prompt: `_check_completions` says so
+    for role, side in (("chosen", chosen), ("rejected", rejected)):
+        if side[n]["role"] != "assistant":
+            raise BadRow(
+                f"'{role}' departs from the shared conversation at message {n + 1}, a {side[n]['role']} turn; "
+                "the two must differ first in an assistant turn"
+            )
     return chosen[:n], chosen[n:], rejected[n:]
+
+
+def text_prompt_conversation(prompt: str, chosen: Messages, rejected: Messages) -> tuple[Messages, ...]:
+    """A text prompt beside conversational completions (UltraFeedback-binarized: the completions repeat the
+    user turn). Completions that share leading messages hold the prompt: the text must be their last shared
+    user turn, and the split is theirs. Completions of assistant turns alone get the text as the user turn."""
+    if common_prefix_len(chosen, rejected) == 0:
+        return [{"role": "user", "content": prompt}], chosen, rejected
+    split = split_messages(chosen, rejected)
+    users = [m["content"] for m in split[0] if m["role"] == "user"]
+    if not users or users[-1].strip() != prompt.strip():
+        raise BadRow(
+            "'prompt' is text that is not the last user turn 'chosen' and 'rejected' share; give the prompt as "
+            "messages, or completions without the conversation"
+        )
+    return split
+
+
+def _is_whole_conversation(prompt: Messages, chosen: Messages) -> bool:
+    """Whether a message-list prompt is the chosen conversation itself (UltraFeedback's `messages` column):
+    then the prompt is what chosen and rejected share, never the conversation with its answer."""
+    return len(prompt) > 0 and prompt == chosen and prompt[-1]["role"] == "assistant"
 
 
 # ----------------------------------------------------------------------------- one row per layout
@@ -163,22 +194,36 @@ def explicit_row(row: dict) -> dict:
     chosen = _text_or_messages(_present(row, "chosen"), "chosen")
     rejected = _text_or_messages(_present(row, "rejected"), "rejected")
     if isinstance(prompt, str):
-        for role, value in (("chosen", chosen), ("rejected", rejected)):
-            if not isinstance(value, str):
-                raise BadRow(f"'prompt' is text but '{role}' is a list of messages; use text or messages for all three")
-        return _check_completions({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    if not prompt:
-        raise BadRow("'prompt' has no messages")
-    return _check_completions({"prompt": prompt, "chosen": _as_assistant(chosen), "rejected": _as_assistant(rejected)})
+        kinds = {isinstance(value, str) for value in (chosen, rejected)}
+        if kinds == {True}:
+            return _check_completions({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        if kinds != {False}:
+            raise BadRow("one of 'chosen' and 'rejected' is text and the other a list of messages")
+        split = text_prompt_conversation(prompt, chosen, rejected)
+        return _check_completions(dict(zip(("prompt", "chosen", "rejected"), split, strict=True)))
+    return _conversation_row(prompt, chosen, rejected, "prompt")
 
 
 def messages_row(row: dict) -> dict:
     prompt = _messages(_present(row, "messages"), "messages")
+    chosen = _text_or_messages(_present(row, "chosen"), "chosen")
+    rejected = _text_or_messages(_present(row, "rejected"), "rejected")
+    return _conversation_row(prompt, chosen, rejected, "messages")
+
+
+def _conversation_row(prompt: Messages, chosen, rejected, role: str) -> dict:
+    """A message-list prompt with its completions; a prompt that is the chosen conversation itself gives way
+    to the prompt the completions share."""
     if not prompt:
-        raise BadRow("'messages' has no messages")
-    chosen = _as_assistant(_text_or_messages(_present(row, "chosen"), "chosen"))
-    rejected = _as_assistant(_text_or_messages(_present(row, "rejected"), "rejected"))
-    return _check_completions({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        raise BadRow(f"'{role}' has no messages")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        if _is_whole_conversation(prompt, chosen):
+            split = split_messages(chosen, rejected)
+            return _check_completions(dict(zip(("prompt", "chosen", "rejected"), split, strict=True)), implicit=True)
+        n = len(prompt)
+        if chosen[:n] == prompt and rejected[:n] == prompt:  # completions that repeat the prompt's turns
+            chosen, rejected = chosen[n:], rejected[n:]
+    return _check_completions({"prompt": prompt, "chosen": _as_assistant(chosen), "rejected": _as_assistant(rejected)})
 
 
 def implicit_row(row: dict) -> dict:

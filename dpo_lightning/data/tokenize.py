@@ -30,6 +30,9 @@ class TokenizedPairs(NamedTuple):
     dropped: int  # pairs left without a completion token after truncation
 
 
+SHOWN_DROPS = 10  # positions of dropped pairs named in the log line
+
+
 def with_eos(text: str, eos: str) -> str:
     return text if text.endswith(eos) else text + eos
 
@@ -45,7 +48,32 @@ def split_and_truncate(
 ) -> dict | None:
     """Completion ids after the shared prompt, then the truncation (the prompt keeps its end, each completion
     its start: at most `max_completion_length` tokens, then what `max_length` leaves after the prompt); None
-    when a completion is left empty."""
+    when a completion is left empty or the two are left identical (`truncation_drop` says which)."""
+    return truncate_pair(
+        prompt_ids,
+        joint_chosen,
+        joint_rejected,
+        max_prompt_length=max_prompt_length,
+        max_length=max_length,
+        max_completion_length=max_completion_length,
+    )[0]
+
+
+EMPTIED = "left without a completion token"
+IDENTICAL = "left with chosen and rejected identical (they differ only past the cut)"
+
+
+def truncate_pair(
+    prompt_ids: list[int],
+    joint_chosen: list[int],
+    joint_rejected: list[int],
+    *,
+    max_prompt_length: int | None,
+    max_length: int | None,
+    max_completion_length: int | None = None,
+) -> tuple[dict | None, str | None]:
+    """`split_and_truncate`'s pair, or None and why it is dropped (EMPTIED, IDENTICAL): a pair whose two
+    completions truncation made equal would train at a loss of exactly log 2 with no gradient."""
     prompt_len = min(common_prefix_length(prompt_ids, joint_chosen), common_prefix_length(prompt_ids, joint_rejected))
     prompt = prompt_ids[:prompt_len]
     chosen, rejected = joint_chosen[prompt_len:], joint_rejected[prompt_len:]
@@ -57,8 +85,10 @@ def split_and_truncate(
         room = max(max_length - len(prompt), 0)
         chosen, rejected = chosen[:room], rejected[:room]
     if not chosen or not rejected:
-        return None
-    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+        return None, EMPTIED
+    if chosen == rejected:
+        return None, IDENTICAL
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}, None
 
 
 def _chat_ids(tokenizer, conversations: list[list[dict]], generation_prompt: bool) -> list[list[int]]:
@@ -138,10 +168,12 @@ def tokenize_rows(
     import datasets
 
     columns: dict[str, list[list[int]]] = {name: [] for name in COLUMNS}
-    dropped = 0
+    drops: dict[str, list[int]] = {EMPTIED: [], IDENTICAL: []}  # why -> 1-based positions among `rows`
+    position = 0
     for chunk in _chunks(rows):
         for prompt_ids, chosen_ids, rejected_ids in zip(*_joint_ids(tokenizer, chunk), strict=True):
-            pair = split_and_truncate(
+            position += 1
+            pair, why = truncate_pair(
                 prompt_ids,
                 chosen_ids,
                 rejected_ids,
@@ -150,19 +182,26 @@ def tokenize_rows(
                 max_completion_length=max_completion_length,
             )
             if pair is None:
-                dropped += 1
+                drops[why].append(position)
                 continue
             for name in COLUMNS:
                 columns[name].append(pair[name])
     features = datasets.Features({name: datasets.List(datasets.Value("int32")) for name in COLUMNS})
-    if dropped:
-        logger.info(
-            "tokenized %d pairs, dropped %d left without a completion token (max_length=%s, max_prompt_length=%s)",
-            len(rows) - dropped,
-            dropped,
-            max_length,
-            max_prompt_length,
-        )
+    dropped = sum(map(len, drops.values()))
+    for why, positions in drops.items():
+        if positions:
+            shown = ", ".join(map(str, positions[:SHOWN_DROPS])) + (", ..." if len(positions) > SHOWN_DROPS else "")
+            logger.warning(
+                "dropped %d of %d pairs %s by truncation (max_length=%s, max_prompt_length=%s, "
+                "max_completion_length=%s); pairs %s in order",
+                len(positions),
+                len(rows),
+                why,
+                max_length,
+                max_prompt_length,
+                max_completion_length,
+                shown,
+            )
     return TokenizedPairs(datasets.Dataset.from_dict(columns, features=features), dropped)
 
 
