@@ -1,5 +1,5 @@
-"""Train with DPO: `python entrypoint.py [--config FILE] [--fast-dev-run] [--print_config] [--resume PATH]
-[--name value ...]`.
+"""Train with DPO: `python entrypoint.py [--config FILE] [--fast-dev-run] [--print_config] [--show_data N]
+[--resume PATH] [--name value ...]`.
 
 The configuration is the `hyperparameters:` block of the experiment file (default experiment.yaml); any
 key can be overridden on the command line. A run resumes from the newest complete checkpoint in its
@@ -21,7 +21,8 @@ from dpo_lightning.errors import UserError
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "experiment.yaml"
 USAGE = __doc__.strip().splitlines()[0]
 HELP_USAGE = (
-    "usage: python entrypoint.py [--config FILE] [--fast-dev-run] [--print_config] [--resume PATH] [--KEY VALUE ...]"
+    "usage: python entrypoint.py [--config FILE] [--fast-dev-run] [--print_config] [--show_data N] [--resume PATH] "
+    "[--KEY VALUE ...]"
 )
 
 
@@ -31,6 +32,7 @@ class Args(NamedTuple):
     print_config: bool
     resume: str | None
     overrides: list[str]
+    show_data: int | None = None
 
 
 def _value(argv: list[str], i: int, flag: str) -> tuple[str, int]:
@@ -67,7 +69,7 @@ def _print_help(argv: list[str]) -> None:
 
 def parse_args(argv: list[str]) -> Args:
     """Split the script's own flags from hyperparameter overrides."""
-    config, fast_dev_run, print_config, resume, rest = DEFAULT_CONFIG, False, False, None, []
+    config, fast_dev_run, print_config, resume, rest, show = DEFAULT_CONFIG, False, False, None, [], None
     if "-h" in argv or "--help" in argv:
         _print_help(argv)
     i = 0
@@ -82,10 +84,15 @@ def parse_args(argv: list[str]) -> Args:
             config = Path(value)
         elif arg == "--resume" or arg.startswith("--resume="):
             resume, i = _value(argv, i, "--resume")
+        elif arg in ("--show_data", "--show-data") or arg.startswith(("--show_data=", "--show-data=")):
+            value, i = _value(argv, i, "--show_data")
+            if not value.isdigit():
+                raise UserError(f"--show_data takes a number of pairs to show, got {value!r}")
+            show = int(value)
         else:
             rest.append(arg)
         i += 1
-    return Args(config, fast_dev_run, print_config, resume, rest)
+    return Args(config, fast_dev_run, print_config, resume, rest, show)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.overrides)
         if args.print_config:
             print(json.dumps(load_config(args.config, overrides).to_dict(), indent=2))
+            return 0
+        if args.show_data is not None:  # the data as the run prepares it; no model weights, nothing written
+            from dpo_lightning.console import configure_logging
+            from dpo_lightning.training.show import show_data
+
+            configure_logging()
+            print(show_data(load_config(args.config, overrides), args.show_data))
             return 0
         from dpo_lightning.console import configure_logging
         from dpo_lightning.determined.bridge import run

@@ -546,3 +546,33 @@ def test_eval_batch_size_sets_the_validation_batches(tmp_path):
         module.prepare()
         assert module.val_dataloader().batch_size == expected
         assert module.train_dataloader().batch_size == 4
+
+
+def test_show_data_prints_the_pairs_as_the_run_prepares_them_and_trains_nothing(tiny_model, tmp_path):
+    """`--show_data 2` on the UltraFeedback shape: each pair's prompt, then its completions after a marked
+    boundary, with token counts, then the split sizes and truncation; no model weights load, nothing is
+    written."""
+    data = write_jsonl(tmp_path / "uf.jsonl", UF * 3)
+    out = tmp_path / "never-written"
+    done = subprocess.run(
+        [sys.executable, "entrypoint.py", "--config", "experiments/local-tiny.yaml", "--show_data", "2"]
+        + ["--model_name", str(tiny_model), "--dataset_name", str(data), "--output_dir", str(out)]
+        + ["--val_fraction", "0", "--max_length", "64", "--max_prompt_length", "32"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    heads = [line for line in lines if line.startswith("──") and "training pair" in line]
+    assert len(heads) == 2 and heads[0].startswith("──────── training pair 1 of 6: prompt ")
+    first = lines[lines.index(heads[0]) : lines.index(heads[1])]
+    text = "\n".join(first)
+    assert "Name a fruit." in text and text.count("Name a fruit.") == 1  # the user turn, in the prompt only
+    boundary = next(i for i, line in enumerate(first) if line.startswith("──────── chosen ("))
+    assert "An apple." in "\n".join(first[boundary:]) and "An apple." not in "\n".join(first[:boundary])
+    assert "training pairs: 6; validation pairs: 0" in done.stdout
+    assert "truncation (max_length 64, max_prompt_length 32" in done.stdout and "0 of 6 prompts cut" in done.stdout
+    assert not out.exists() and "Loading weights" not in done.stderr

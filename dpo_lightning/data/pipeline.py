@@ -16,7 +16,7 @@ from dpo_lightning.data.sources import RawSplits, load_splits, resolve_source, s
 from dpo_lightning.data.split import split_by_prompt
 from dpo_lightning.data.text_prompts import check_text_source, is_text_source
 from dpo_lightning.data.tokenize import TokenizedPairs as TokenizedRows
-from dpo_lightning.data.tokenize import tokenize_prompts, tokenize_rows
+from dpo_lightning.data.tokenize import Truncation, tokenize_prompts, tokenize_rows
 from dpo_lightning.errors import UserError
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ class PreparedPairs(NamedTuple):
     train: datasets.Dataset  # columns prompt_ids, chosen_ids, rejected_ids
     val: datasets.Dataset | None  # None when validation is skipped
     val_rows: list[dict] | None = None  # the normalised validation rows (their prompts feed generation metrics)
+    truncation: Truncation | None = None  # what truncation did to both splits
 
 
 class PreparedData(NamedTuple):
@@ -37,6 +38,7 @@ class PreparedData(NamedTuple):
     val: datasets.Dataset | None
     val_prompts: datasets.Dataset | None = None  # held-out prompts for generation metrics (generation_eval_every)
     source_fingerprint: str | None = None  # the `datasets` fingerprint of the rows as loaded (a Hub dataset's)
+    truncation: Truncation | None = None  # pairs: what truncation did (`--show_data` says it)
 
 
 def check_source(cfg) -> None:
@@ -71,13 +73,13 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
         return PreparedData(mode, train, val, _first(val, cfg.generation_eval_prompts), origin)
     if mode == "reward":
         pairs = prepare_pairs(cfg, tokenizer, raw, encode=reward_pair_tokenizer(cfg, tokenizer))
-        return PreparedData(mode, pairs.train, pairs.val, source_fingerprint=origin)
+        return PreparedData(mode, pairs.train, pairs.val, source_fingerprint=origin, truncation=pairs.truncation)
     pairs = prepare_pairs(cfg, tokenizer, raw)
     val_prompts = None
     if cfg.generation_eval_every > 0 and pairs.val_rows:
         rows = unique_prompts(pairs.val_rows)[: cfg.generation_eval_prompts]
         val_prompts = tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length).dataset
-    return PreparedData(mode, pairs.train, pairs.val, val_prompts, origin)
+    return PreparedData(mode, pairs.train, pairs.val, val_prompts, origin, pairs.truncation)
 
 
 def _first(data: datasets.Dataset | None, count: int) -> datasets.Dataset | None:
@@ -180,7 +182,10 @@ def prepare_pairs(cfg, tokenizer, raw: RawSplits | None = None, encode=None) -> 
             f"{train_label}: no training pairs left ({read} rows read, {skipped} bad rows skipped, {dropped} "
             "dropped by truncation); check the data, on_bad_rows, max_length and max_prompt_length"
         )
+    truncation = tok_train.truncation + (tok_val.truncation if tok_val else Truncation())
+    if truncation.prompts_cut or truncation.completions_cut:
+        logger.info("%s: truncation: %s", raw.label, truncation.describe())
     if n_val == 0:
         logger.info("validation skipped: no validation pairs (%s)", val_origin)
-        return PreparedPairs(tok_train.dataset, None)
-    return PreparedPairs(tok_train.dataset, tok_val.dataset, val_rows)
+        return PreparedPairs(tok_train.dataset, None, truncation=truncation)
+    return PreparedPairs(tok_train.dataset, tok_val.dataset, val_rows, truncation)

@@ -25,9 +25,39 @@ CHUNK = 512  # pairs per tokenizer call: big enough for the fast tokenizer's bat
 COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
+class Truncation(NamedTuple):
+    """What truncation did to the pairs of one split (tokens as the joint sequences had them)."""
+
+    pairs: int = 0  # pairs tokenized, dropped ones included
+    prompts_cut: int = 0  # prompts longer than max_prompt_length
+    prompt_tokens_cut: int = 0
+    completions_cut: int = 0  # chosen or rejected completions cut (each counted)
+    completion_tokens_cut: int = 0
+    emptied: int = 0  # pairs dropped: a completion left without a token
+    identical: int = 0  # pairs dropped: chosen and rejected left identical
+
+    def __add__(self, other: Truncation) -> Truncation:
+        return Truncation(*(a + b for a, b in zip(self, other, strict=True)))
+
+    def describe(self) -> str:
+        """One line: how many prompts and completions were cut and by how much, and the pairs dropped."""
+        prompts = _cut_words(self.prompts_cut, self.pairs, "prompts", self.prompt_tokens_cut)
+        completions = _cut_words(self.completions_cut, 2 * self.pairs, "completions", self.completion_tokens_cut)
+        return (
+            f"{prompts}, {completions}; pairs dropped: {self.emptied} left without a completion token, "
+            f"{self.identical} left identical"
+        )
+
+
+def _cut_words(cut: int, total: int, what: str, tokens: int) -> str:
+    mean = f", {tokens / cut:.1f} each on average" if cut else ""
+    return f"{cut} of {total} {what} cut ({tokens} tokens{mean})"
+
+
 class TokenizedPairs(NamedTuple):
     dataset: datasets.Dataset  # columns prompt_ids, chosen_ids, rejected_ids: variable-length int lists
-    dropped: int  # pairs left without a completion token after truncation
+    dropped: int  # pairs left without a completion token, or identical, after truncation
+    truncation: Truncation = Truncation()
 
 
 SHOWN_DROPS = 10  # positions of dropped pairs named in the log line
@@ -59,6 +89,19 @@ def split_and_truncate(
     )[0]
 
 
+def _tally(cut: tuple[int, int, int], why: str | None) -> Truncation:
+    prompt, *completions = cut
+    return Truncation(
+        pairs=1,
+        prompts_cut=int(prompt > 0),
+        prompt_tokens_cut=prompt,
+        completions_cut=sum(c > 0 for c in completions),
+        completion_tokens_cut=sum(completions),
+        emptied=int(why == EMPTIED),
+        identical=int(why == IDENTICAL),
+    )
+
+
 EMPTIED = "left without a completion token"
 IDENTICAL = "left with chosen and rejected identical (they differ only past the cut)"
 
@@ -71,12 +114,14 @@ def truncate_pair(
     max_prompt_length: int | None,
     max_length: int | None,
     max_completion_length: int | None = None,
-) -> tuple[dict | None, str | None]:
+) -> tuple[dict | None, str | None, tuple[int, int, int]]:
     """`split_and_truncate`'s pair, or None and why it is dropped (EMPTIED, IDENTICAL): a pair whose two
-    completions truncation made equal would train at a loss of exactly log 2 with no gradient."""
+    completions truncation made equal would train at a loss of exactly log 2 with no gradient; and the tokens
+    the cut took from the prompt, the chosen and the rejected completion."""
     prompt_len = min(common_prefix_length(prompt_ids, joint_chosen), common_prefix_length(prompt_ids, joint_rejected))
     prompt = prompt_ids[:prompt_len]
     chosen, rejected = joint_chosen[prompt_len:], joint_rejected[prompt_len:]
+    whole = (len(prompt), len(chosen), len(rejected))
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         prompt = prompt[len(prompt) - max_prompt_length :]  # the end of the prompt is what the answer follows
     if max_completion_length is not None:
@@ -84,11 +129,12 @@ def truncate_pair(
     if max_length is not None:
         room = max(max_length - len(prompt), 0)
         chosen, rejected = chosen[:room], rejected[:room]
+    cut = tuple(before - len(after) for before, after in zip(whole, (prompt, chosen, rejected), strict=True))
     if not chosen or not rejected:
-        return None, EMPTIED
+        return None, EMPTIED, cut
     if chosen == rejected:
-        return None, IDENTICAL
-    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}, None
+        return None, IDENTICAL, cut
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}, None, cut
 
 
 def _chat_ids(tokenizer, conversations: list[list[dict]], generation_prompt: bool) -> list[list[int]]:
@@ -169,11 +215,11 @@ def tokenize_rows(
 
     columns: dict[str, list[list[int]]] = {name: [] for name in COLUMNS}
     drops: dict[str, list[int]] = {EMPTIED: [], IDENTICAL: []}  # why -> 1-based positions among `rows`
-    position = 0
+    position, truncation = 0, Truncation()
     for chunk in _chunks(rows):
         for prompt_ids, chosen_ids, rejected_ids in zip(*_joint_ids(tokenizer, chunk), strict=True):
             position += 1
-            pair, why = truncate_pair(
+            pair, why, cut = truncate_pair(
                 prompt_ids,
                 chosen_ids,
                 rejected_ids,
@@ -181,6 +227,7 @@ def tokenize_rows(
                 max_length=max_length,
                 max_completion_length=max_completion_length,
             )
+            truncation = truncation + _tally(cut, why)
             if pair is None:
                 drops[why].append(position)
                 continue
@@ -202,7 +249,7 @@ def tokenize_rows(
                 max_completion_length,
                 shown,
             )
-    return TokenizedPairs(datasets.Dataset.from_dict(columns, features=features), dropped)
+    return TokenizedPairs(datasets.Dataset.from_dict(columns, features=features), dropped, truncation)
 
 
 PROMPT_COLUMNS = ("prompt_ids", "prompt_json")
