@@ -3,6 +3,7 @@
 Expected values are written out by hand or computed independently with the tokenizer's own calls.
 """
 
+import copy
 import json
 import logging
 import os
@@ -153,6 +154,34 @@ def test_conversations_must_part_at_an_assistant_turn():
         UserError, match="row 1: 'chosen' departs from the shared conversation at message 3, a user turn"
     ):
         norm([{"chosen": [U, A_GOOD, U, A_GOOD], "rejected": [U, A_GOOD, other, A_BAD]}])
+
+
+ORCA = {"system": "You are terse.", "question": "Name a fruit.", "chosen": "An apple.", "rejected": "A rock."}
+SYSTEM = {"role": "system", "content": "You are terse."}
+
+
+def test_a_system_column_is_the_conversations_system_message(tok):
+    """Orca DPO pairs (`system`, `question`, `chosen`, `rejected`): the system text reaches the chat template as
+    its system message, exactly as the explicit conversation with that message does."""
+    columns = {"prompt": "question"}
+    got = norm([ORCA, {**ORCA, "system": ""}], columns=columns).rows
+    assert got == [
+        {"prompt": [SYSTEM, U], "chosen": [A_GOOD], "rejected": [A_BAD]},
+        {"prompt": [U], "chosen": [A_GOOD], "rejected": [A_BAD]},  # an empty system text adds no message
+    ]
+    explicit = [{"prompt": [SYSTEM, U], "chosen": [A_GOOD], "rejected": [A_BAD]}]
+    assert (
+        tokenize_rows(got[:1], tok, max_prompt_length=None, max_length=None).dataset.to_list()
+        == tokenize_rows(explicit, tok, max_prompt_length=None, max_length=None).dataset.to_list()
+    )
+    with pytest.raises(UserError, match="row 1: 'system' differs from the prompt's own system message"):
+        norm([{"system": "Be loud.", "prompt": [SYSTEM, U], "chosen": "An apple.", "rejected": "A rock."}])
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    with pytest.raises(UserError, match="conversational .* has no chat template"):
+        tokenize_rows(got[:1], plain, max_prompt_length=None, max_length=None)
+    with pytest.raises(UserError, match=r"columns has unknown role 'sytem'; valid roles: .*system"):
+        cfg("x.jsonl", columns={"sytem": "s"})
 
 
 def test_columns_remap_and_missing_mapped_column():

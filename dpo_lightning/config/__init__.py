@@ -21,6 +21,7 @@ from dpo_lightning.config.parse import (
     unknown_key_message,
 )
 from dpo_lightning.config.schema import (
+    CONTEXT_ROLES,
     FIELDS,
     MODES,
     PAIR_MODES,
@@ -34,6 +35,7 @@ __all__ = [
     "FIELDS",
     "MODES",
     "PAIR_MODES",
+    "CONTEXT_ROLES",
     "PAIR_ROLES",
     "PROMPT_ROLES",
     "RESUMABLE_CHANGES",

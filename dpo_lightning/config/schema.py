@@ -18,7 +18,8 @@ from dpo_lightning.errors import ConfigError
 # (in this order of precedence), and a pair's two completions. `data.formats` builds its layouts from these.
 PROMPT_ROLES = ("prompt", "messages")
 PAIR_ROLES = ("chosen", "rejected")
-COLUMN_ROLES = (*PROMPT_ROLES, *PAIR_ROLES)
+CONTEXT_ROLES = ("system",)  # a column beside the prompt: the chat template's system message
+COLUMN_ROLES = (*PROMPT_ROLES, *PAIR_ROLES, *CONTEXT_ROLES)
 MODES = ("auto", "offline", "online", "reward")
 PAIR_MODES = ("offline", "reward")  # modes that train on preference pairs
 STRATEGIES = ("ddp", "fsdp")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from dpo_lightning.config import PAIR_ROLES, PROMPT_ROLES
+from dpo_lightning.config import CONTEXT_ROLES, PAIR_ROLES, PROMPT_ROLES
 from dpo_lightning.errors import UserError
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HH_MARKER = "\n\nAssistant:"
-ROLES = (*PROMPT_ROLES, *PAIR_ROLES)
+ROLES = (*PROMPT_ROLES, *PAIR_ROLES, *CONTEXT_ROLES)
 LAYOUTS_HELP = (
     "accepted layouts: prompt+chosen+rejected, chosen+rejected (prompt implicit, e.g. Anthropic HH), "
     "messages+chosen+rejected, or prompts alone (prompt or messages) for online DPO; "
@@ -245,6 +245,32 @@ def implicit_row(row: dict) -> dict:
 LAYOUTS = {"explicit": explicit_row, "messages": messages_row, "implicit": implicit_row}
 
 
+def with_system(convert):
+    """`convert`, then the row's `system` text as the conversation's system message: a text row becomes a
+    conversation (user: the prompt, assistant: each completion) so that the chat template places it; an empty
+    system text adds no message. A prompt that has a system message of its own must agree with it."""
+
+    def converted(row: dict) -> dict:
+        system = row.get("system")
+        if system is not None and not isinstance(system, str):
+            raise BadRow(f"'system' is {_type_name(system)}, expected a string")
+        out = convert(row)
+        prompt = out["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+            out = {**out, **{role: _as_assistant(out[role]) for role in PAIR_ROLES if role in out}}
+        if system and system.strip():
+            message = {"role": "system", "content": system}
+            if prompt[0]["role"] == "system":
+                if prompt[0] != message:
+                    raise BadRow("'system' differs from the prompt's own system message")
+            else:
+                prompt = [message, *prompt]
+        return {**out, "prompt": prompt}
+
+    return converted
+
+
 # ----------------------------------------------------------------------------- the dataset
 
 
@@ -312,6 +338,7 @@ def normalize(dataset: datasets.Dataset, *, columns: dict[str, str], on_bad_rows
     """Every row as {prompt, chosen, rejected}; a bad row raises UserError or, with "skip", is counted."""
     found = dataset_roles(dataset, columns, label)
     convert = LAYOUTS[detect_layout(found, list(dataset.column_names), label)]
+    convert = with_system(convert) if "system" in found else convert
     rows, skipped = _convert_rows(dataset, found, convert, on_bad_rows, label)
     return NormalizedPairs(rows, skipped)
 
@@ -327,7 +354,8 @@ def normalize_prompts(
         return NormalizedPrompts(unique_prompts(pairs.rows), pairs.skipped)
     if not has_prompts(found):
         raise UserError(f"{label}: no prompts in columns {', '.join(dataset.column_names) or '(none)'}; {LAYOUTS_HELP}")
-    rows, skipped = _convert_rows(dataset, found, prompt_row, on_bad_rows, label)
+    convert = with_system(prompt_row) if "system" in found else prompt_row
+    rows, skipped = _convert_rows(dataset, found, convert, on_bad_rows, label)
     return NormalizedPrompts(rows, skipped)
 
 

@@ -139,6 +139,12 @@ def truncate_pair(
 
 def _chat_ids(tokenizer, conversations: list[list[dict]], generation_prompt: bool) -> list[list[int]]:
     """Token ids of each rendered conversation; always passed as a batch so that the output is (N, T_i)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"the data is conversational (message lists, or a system column), but the tokenizer of "
+            f"{getattr(tokenizer, 'name_or_path', 'the model')} has no chat template to render it; use an instruct "
+            "model's tokenizer, or text prompts and completions"
+        )
     out = tokenizer.apply_chat_template(
         conversations, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
     )
