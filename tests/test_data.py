@@ -54,8 +54,9 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
-def norm(rows, columns=None, on_bad_rows="error", label="pairs"):
-    return normalize(datasets.Dataset.from_list(rows), columns=columns or {}, on_bad_rows=on_bad_rows, label=label)
+def norm(rows, columns=None, on_bad_rows="error", label="pairs", label_values=None):
+    dataset = datasets.Dataset.from_list(rows)
+    return normalize(dataset, columns=columns or {}, on_bad_rows=on_bad_rows, label=label, label_values=label_values)
 
 
 # ----------------------------------------------------------------------------- formats
@@ -182,6 +183,102 @@ def test_a_system_column_is_the_conversations_system_message(tok):
         tokenize_rows(got[:1], plain, max_prompt_length=None, max_length=None)
     with pytest.raises(UserError, match=r"columns has unknown role 'sytem'; valid roles: .*system"):
         cfg("x.jsonl", columns={"sytem": "s"})
+
+
+# Two responses and a label, in the public datasets' own shapes; expected: the explicit pairs below.
+EXPLICIT = [
+    {"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "A rock."},
+    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Loud."},
+]
+SHP = [  # stanfordnlp/SHP: labels 1 when human_ref_A is preferred
+    {"history": "Name a fruit.", "human_ref_A": "An apple.", "human_ref_B": "A rock.", "labels": 1},
+    {"history": "Name a colour.", "human_ref_A": "Loud.", "human_ref_B": "Blue.", "labels": 0},
+]
+SHP_SETTINGS = {
+    "columns": {"prompt": "history", "response_a": "human_ref_A", "response_b": "human_ref_B", "label": "labels"},
+    "label_values": {"1": "a", "0": "b"},
+}
+PKU = [  # PKU-Alignment/PKU-SafeRLHF: better_response_id names the better of response_0 and response_1
+    {"prompt": "Name a fruit.", "response_0": "A rock.", "response_1": "An apple.", "better_response_id": 1},
+    {"prompt": "Name a colour.", "response_0": "Blue.", "response_1": "Loud.", "better_response_id": 0},
+]
+PKU_SETTINGS = {
+    "columns": {"response_a": "response_0", "response_b": "response_1", "label": "better_response_id"},
+    "label_values": {"0": "a", "1": "b"},
+}
+
+
+def _turns(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+ARENA = [  # lmsys/chatbot_arena_conversations: whole conversations and a winner, ties included
+    {
+        "conversation_a": _turns("Name a fruit.", "An apple."),
+        "conversation_b": _turns("Name a fruit.", "A rock."),
+        "winner": "model_a",
+    },
+    {
+        "conversation_a": _turns("Name a colour.", "Loud."),
+        "conversation_b": _turns("Name a colour.", "Blue."),
+        "winner": "model_b",
+    },
+    {
+        "conversation_a": _turns("Name a day.", "Monday."),
+        "conversation_b": _turns("Name a day.", "Friday."),
+        "winner": "tie (bothbad)",
+    },
+]
+ARENA_SETTINGS = {"columns": {"response_a": "conversation_a", "response_b": "conversation_b", "label": "winner"}}
+
+
+@pytest.mark.parametrize("rows, settings", [(SHP, SHP_SETTINGS), (PKU, PKU_SETTINGS)], ids=["SHP", "PKU-SafeRLHF"])
+def test_two_responses_and_a_label_give_the_explicit_pairs(tok, rows, settings):
+    got = norm(rows, **settings).rows
+    assert got == EXPLICIT
+    swapped = {k: ("b" if v == "a" else "a") for k, v in settings["label_values"].items()}
+    assert norm(rows, settings["columns"], label_values=swapped).rows == [
+        {**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in EXPLICIT
+    ]  # the mapping decides: read the other way round, the preference flips
+    kwargs = {"max_prompt_length": None, "max_length": None}
+    assert (
+        tokenize_rows(got, tok, **kwargs).dataset.to_list() == tokenize_rows(EXPLICIT, tok, **kwargs).dataset.to_list()
+    )
+
+
+def test_arena_winners_pick_the_conversation_and_ties_are_dropped_and_counted(caplog):
+    with caplog.at_level(logging.INFO):
+        got = norm(ARENA, **ARENA_SETTINGS).rows
+    assert got == [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in EXPLICIT
+    ]
+    assert "dropped 1 ties" in caplog.text
+
+
+def test_a_numeric_label_without_label_values_is_refused_never_guessed():
+    with pytest.raises(UserError, match=r"label '1' is a number, .* say it with label_values"):
+        norm(SHP, SHP_SETTINGS["columns"])
+
+
+def test_a_label_value_the_mapping_lacks_is_a_bad_row():
+    rows = [*SHP, {**SHP[0], "labels": 7}]
+    with pytest.raises(UserError, match=r"pairs row 3: label '7' is not among label_values \('1', '0'\)"):
+        norm(rows, **SHP_SETTINGS)
+    skipped = norm(rows, **SHP_SETTINGS, on_bad_rows="skip")
+    assert (skipped.rows, skipped.skipped) == (EXPLICIT, 1)
+
+
+def test_a_labelled_jsonl_file_trains_through_the_pipeline(tok, tmp_path):
+    data = write_jsonl(tmp_path / "shp.jsonl", SHP * 5)
+    pairs = prepare_pairs(cfg(data, **SHP_SETTINGS), tok)
+    assert len(pairs.train) == 10
+    with pytest.raises(Exception, match="label_values.1 is 'yes'"):
+        cfg(data, columns=SHP_SETTINGS["columns"], label_values={"1": "yes"})
 
 
 def test_columns_remap_and_missing_mapped_column():

@@ -23,6 +23,8 @@ from dpo_lightning.config.parse import (
 from dpo_lightning.config.schema import (
     CONTEXT_ROLES,
     FIELDS,
+    LABEL_ROLES,
+    LABEL_SIDES,
     MODES,
     PAIR_MODES,
     PAIR_ROLES,
@@ -36,6 +38,8 @@ __all__ = [
     "MODES",
     "PAIR_MODES",
     "CONTEXT_ROLES",
+    "LABEL_ROLES",
+    "LABEL_SIDES",
     "PAIR_ROLES",
     "PROMPT_ROLES",
     "RESUMABLE_CHANGES",

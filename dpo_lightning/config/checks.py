@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dpo_lightning.config.schema import COLUMN_ROLES, REPORT_TARGETS
+from dpo_lightning.config.schema import COLUMN_ROLES, LABEL_SIDES, REPORT_TARGETS
 
 if TYPE_CHECKING:
     from dpo_lightning.config.schema import DPOConfig
@@ -107,6 +107,9 @@ def _check_columns(cfg: DPOConfig) -> str | None:
             return f"columns has unknown role '{role}'; valid roles: {', '.join(COLUMN_ROLES)}"
         if not isinstance(column, str) or not column:
             return f"columns.{role} must be a non-empty column name, got {column!r}"
+    for raw, side in cfg.label_values.items():
+        if side not in LABEL_SIDES:
+            return f"label_values.{raw} is {side!r}; each label maps to one of {', '.join(LABEL_SIDES)}"
     return None
 
 

@@ -143,7 +143,7 @@ def make_config(values: dict[str, Any]) -> DPOConfig:
 
 def _resolve_hparam(key: str, value: Any) -> Any:
     """Determined hyperparameters may be `{type: const, val: X}`; a search space needs an explicit value locally."""
-    if isinstance(value, dict) and "type" in value and key != "columns":
+    if isinstance(value, dict) and "type" in value and key not in ("columns", "label_values"):
         kind = value["type"]
         if kind == "const":
             return value.get("val")

@@ -19,7 +19,9 @@ from dpo_lightning.errors import ConfigError
 PROMPT_ROLES = ("prompt", "messages")
 PAIR_ROLES = ("chosen", "rejected")
 CONTEXT_ROLES = ("system",)  # a column beside the prompt: the chat template's system message
-COLUMN_ROLES = (*PROMPT_ROLES, *PAIR_ROLES, *CONTEXT_ROLES)
+LABEL_ROLES = ("response_a", "response_b", "label")  # two responses and which one is preferred (SHP, PKU, Arena)
+COLUMN_ROLES = (*PROMPT_ROLES, *PAIR_ROLES, *CONTEXT_ROLES, *LABEL_ROLES)
+LABEL_SIDES = ("a", "b", "tie")  # what `label_values` maps a raw label to
 MODES = ("auto", "offline", "online", "reward")
 PAIR_MODES = ("offline", "reward")  # modes that train on preference pairs
 STRATEGIES = ("ddp", "fsdp")
@@ -92,7 +94,11 @@ class DPOConfig:
     """Share of prompts held out for validation when there is no eval split; 0 disables validation there (a
     source with a test or validation split, or eval_split, validates on that split whatever this says)."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Map of role -> dataset column name, roles: prompt, chosen, rejected, messages."""
+    """Map of role -> dataset column name, roles: prompt, chosen, rejected, messages, system, and response_a,
+    response_b, label for data of two responses and a preference label."""
+    label_values: dict[str, str] = field(default_factory=dict)
+    """With `label`: each raw label value (as text) -> a, b or tie, e.g. SHP {"1": "a", "0": "b"}. Without it the
+    labels a/b, model_a/model_b, tie and tie (bothbad) are understood and numbers are refused (never guessed)."""
     on_bad_rows: Literal["error", "skip"] = "error"
     """`error` stops at the first bad row naming it; `skip` drops bad rows and counts them."""
     max_length: int = 1024

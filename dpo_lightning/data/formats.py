@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from dpo_lightning.config import CONTEXT_ROLES, PAIR_ROLES, PROMPT_ROLES
+from dpo_lightning.config import CONTEXT_ROLES, LABEL_ROLES, PAIR_ROLES, PROMPT_ROLES
 from dpo_lightning.errors import UserError
 
 if TYPE_CHECKING:
@@ -25,10 +25,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HH_MARKER = "\n\nAssistant:"
-ROLES = (*PROMPT_ROLES, *PAIR_ROLES, *CONTEXT_ROLES)
+ROLES = (*PROMPT_ROLES, *PAIR_ROLES, *CONTEXT_ROLES, *LABEL_ROLES)
 LAYOUTS_HELP = (
     "accepted layouts: prompt+chosen+rejected, chosen+rejected (prompt implicit, e.g. Anthropic HH), "
-    "messages+chosen+rejected, or prompts alone (prompt or messages) for online DPO; "
+    "messages+chosen+rejected, two responses and a label (response_a, response_b, label, with an optional prompt), "
+    "or prompts alone (prompt or messages) for online DPO; "
     'map other column names with columns, e.g. {"prompt": "question"}'
 )
 
@@ -47,6 +48,14 @@ class NormalizedPrompts(NamedTuple):
 
 class BadRow(ValueError):
     """One row's problem; the caller adds the source and row number."""
+
+
+class Tie(Exception):
+    """A labelled row that prefers neither response: dropped and counted, not a bad row."""
+
+
+# labels understood without `label_values`: Chatbot Arena's winners and the plain names of the two sides
+KNOWN_LABELS = {"a": "a", "b": "b", "model_a": "a", "model_b": "b", "tie": "tie", "tie (bothbad)": "tie"}
 
 
 # ----------------------------------------------------------------------------- values
@@ -245,6 +254,48 @@ def implicit_row(row: dict) -> dict:
 LAYOUTS = {"explicit": explicit_row, "messages": messages_row, "implicit": implicit_row}
 
 
+def preferred_side(value: Any, label_values: dict[str, str]) -> str:
+    """a, b or tie for one raw label: through `label_values` when given (a value it lacks is a bad row), else the
+    names of KNOWN_LABELS. A number without `label_values` refuses the whole dataset: which response 1 means
+    is the dataset's convention (SHP: A; PKU-SafeRLHF: B), and a guess would silently train the opposite."""
+    if value is None:
+        raise BadRow("'label' is missing")
+    key = str(value).strip()
+    if label_values:
+        if key not in label_values:
+            raise BadRow(f"label {key!r} is not among label_values ({', '.join(map(repr, label_values))})")
+        return label_values[key]
+    if key.lower() in KNOWN_LABELS:
+        return KNOWN_LABELS[key.lower()]
+    if isinstance(value, (int, float)) or key.lstrip("-").replace(".", "", 1).isdigit():
+        raise UserError(
+            f"label {key!r} is a number, and which response a number prefers is the dataset's own convention: say "
+            'it with label_values, e.g. {"1": "a", "0": "b"} (SHP) or {"0": "a", "1": "b"} (PKU-SafeRLHF)'
+        )
+    raise BadRow(f"label {key!r} is not one of {', '.join(KNOWN_LABELS)}; map yours with label_values")
+
+
+def labelled(convert, label_values: dict[str, str]):
+    """Rows of two responses and a label as {chosen: the preferred response, rejected: the other}, then
+    `convert` (the layout of their prompt: explicit, messages or implicit)."""
+
+    def converted(row: dict) -> dict:
+        side = preferred_side(row.get("label"), label_values)
+        if side == "tie":
+            raise Tie
+        a, b = _present(row, "response_a"), _present(row, "response_b")
+        chosen, rejected = (a, b) if side == "a" else (b, a)
+        rest = {k: v for k, v in row.items() if k not in LABEL_ROLES}
+        return convert({**rest, "chosen": chosen, "rejected": rejected})
+
+    return converted
+
+
+def is_labelled(found) -> bool:
+    """Whether the roles `found` are two responses and a label."""
+    return all(role in found for role in LABEL_ROLES)
+
+
 def with_system(convert):
     """`convert`, then the row's `system` text as the conversation's system message: a text row becomes a
     conversation (user: the prompt, assistant: each completion) so that the chat template places it; an empty
@@ -290,8 +341,9 @@ def present_roles(column_names: list[str], columns: dict[str, str]) -> dict[str,
 
 
 def has_pairs(found) -> bool:
-    """Whether the roles `found` (a role -> column map, or a row) hold both completions of a pair."""
-    return all(role in found for role in PAIR_ROLES)
+    """Whether the roles `found` (a role -> column map, or a row) hold both completions of a pair, or two
+    responses and the label that orders them."""
+    return all(role in found for role in PAIR_ROLES) or is_labelled(found)
 
 
 def has_prompts(found) -> bool:
@@ -309,7 +361,7 @@ def row_roles(found: dict[str, str], trains_pairs: bool) -> tuple[str, ...]:
     prompt = prompt_role(found)
     if prompt is not None and not trains_pairs and not any(role in found for role in PAIR_ROLES):
         return (prompt,)
-    return (*([prompt] if prompt else []), *PAIR_ROLES)
+    return (*([prompt] if prompt else []), *(LABEL_ROLES if is_labelled(found) else PAIR_ROLES))
 
 
 def detect_layout(found: dict[str, str], column_names: list[str], label: str) -> str:
@@ -330,27 +382,46 @@ def prompt_row(row: dict) -> dict:
     return {"prompt": prompt}
 
 
+def row_options(cfg) -> dict:
+    """The configuration's say in how rows normalise (`normalize`, `normalize_prompts`)."""
+    return {"columns": dict(cfg.columns), "on_bad_rows": cfg.on_bad_rows, "label_values": dict(cfg.label_values)}
+
+
 def dataset_roles(dataset: datasets.Dataset, columns: dict[str, str], label: str) -> dict[str, str]:
     return role_columns(list(dataset.column_names), dict(columns), label)
 
 
-def normalize(dataset: datasets.Dataset, *, columns: dict[str, str], on_bad_rows: str, label: str) -> NormalizedPairs:
-    """Every row as {prompt, chosen, rejected}; a bad row raises UserError or, with "skip", is counted."""
+def normalize(
+    dataset: datasets.Dataset,
+    *,
+    columns: dict[str, str],
+    on_bad_rows: str,
+    label: str,
+    label_values: dict[str, str] | None = None,
+) -> NormalizedPairs:
+    """Every row as {prompt, chosen, rejected}; a bad row raises UserError or, with "skip", is counted; a tie of
+    labelled data is dropped and counted."""
     found = dataset_roles(dataset, columns, label)
     convert = LAYOUTS[detect_layout(found, list(dataset.column_names), label)]
     convert = with_system(convert) if "system" in found else convert
+    convert = labelled(convert, dict(label_values or {})) if is_labelled(found) else convert
     rows, skipped = _convert_rows(dataset, found, convert, on_bad_rows, label)
     return NormalizedPairs(rows, skipped)
 
 
 def normalize_prompts(
-    dataset: datasets.Dataset, *, columns: dict[str, str], on_bad_rows: str, label: str
+    dataset: datasets.Dataset,
+    *,
+    columns: dict[str, str],
+    on_bad_rows: str,
+    label: str,
+    label_values: dict[str, str] | None = None,
 ) -> NormalizedPrompts:
     """Every row's prompt as {prompt}: from a prompt-only dataset, or the prompts of a preference dataset
     (each distinct prompt once, in order of first appearance)."""
     found = dataset_roles(dataset, columns, label)
     if has_pairs(found):
-        pairs = normalize(dataset, columns=columns, on_bad_rows=on_bad_rows, label=label)
+        pairs = normalize(dataset, columns=columns, on_bad_rows=on_bad_rows, label=label, label_values=label_values)
         return NormalizedPrompts(unique_prompts(pairs.rows), pairs.skipped)
     if not has_prompts(found):
         raise UserError(f"{label}: no prompts in columns {', '.join(dataset.column_names) or '(none)'}; {LAYOUTS_HELP}")
@@ -374,10 +445,12 @@ def _prompt_key(prompt: str | Messages) -> str | tuple:
 def _convert_rows(dataset, found: dict[str, str], convert, on_bad_rows: str, label: str) -> tuple[list[dict], int]:
     data = dataset.select_columns(list(found.values())).to_dict()
     values = [data[column] for column in found.values()]
-    rows, skipped, first = [], 0, ""
+    rows, skipped, first, ties = [], 0, "", 0
     for i, record in enumerate(zip(*values, strict=True), 1):
         try:
             rows.append(convert(dict(zip(found, record, strict=True))))
+        except Tie:
+            ties += 1
         except BadRow as problem:
             if on_bad_rows != "skip":
                 raise UserError(f"{label} row {i}: {problem}") from None
@@ -385,4 +458,6 @@ def _convert_rows(dataset, found: dict[str, str], convert, on_bad_rows: str, lab
             first = first or f"row {i}: {problem}"
     if skipped:
         logger.warning("%s: skipped %d bad rows (first: %s)", label, skipped, first)
+    if ties:
+        logger.info("%s: dropped %d ties (rows whose label prefers neither response)", label, ties)
     return rows, skipped

@@ -148,6 +148,8 @@ def _check_value(role: str, column: str, value: Any, kinds: dict[str, tuple[str,
     """A problem with one field of one line, or None; `kinds` remembers each column's first kind and line."""
     if value is None:
         return f"column '{column}' is null"
+    if role == "label":  # any scalar: `formats.preferred_side` reads it
+        return None if isinstance(value, (str, int, float, bool)) else f"column '{column}' is not a label value"
     kind = _kind(value)
     if kind is None or (role == "messages" and kind != "messages"):
         what = type(value).__name__ if not isinstance(value, list) else "a list with a malformed message"

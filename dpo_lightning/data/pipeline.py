@@ -10,7 +10,7 @@ import logging
 from typing import TYPE_CHECKING, NamedTuple
 
 from dpo_lightning.config import mode_problem
-from dpo_lightning.data.formats import normalize, normalize_prompts, unique_prompts
+from dpo_lightning.data.formats import normalize, normalize_prompts, row_options, unique_prompts
 from dpo_lightning.data.reward_text import encode_for_reward
 from dpo_lightning.data.sources import RawSplits, load_splits, resolve_source, split_labels
 from dpo_lightning.data.split import split_by_prompt
@@ -103,7 +103,7 @@ def _split(cfg, raw: RawSplits, train_rows: list[dict], eval_rows: list[dict] | 
 def prepare_prompts(cfg, tokenizer, raw: RawSplits) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """Prompts for online DPO: normalised, split by prompt (seeded) and tokenized for generation."""
     train_label, eval_label = split_labels(raw)
-    norm = {"columns": dict(cfg.columns), "on_bad_rows": cfg.on_bad_rows}
+    norm = row_options(cfg)
     train = normalize_prompts(raw.train, label=train_label, **norm)
     evaluation = normalize_prompts(raw.eval, label=eval_label, **norm) if raw.eval is not None else None
     skipped = raw.skipped + train.skipped + (evaluation.skipped if evaluation else 0)
@@ -152,7 +152,7 @@ def prepare_pairs(cfg, tokenizer, raw: RawSplits | None = None, encode=None) -> 
     raw = raw if raw is not None else load_splits(cfg)
     encode = encode or tokenize_rows
     train_label, eval_label = split_labels(raw)
-    norm = {"columns": dict(cfg.columns), "on_bad_rows": cfg.on_bad_rows}
+    norm = row_options(cfg)
     train = normalize(raw.train, label=train_label, **norm)
     skipped = raw.skipped + train.skipped
     val = normalize(raw.eval, label=eval_label, **norm) if raw.eval is not None else None

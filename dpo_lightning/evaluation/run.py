@@ -18,7 +18,14 @@ import torch
 
 from dpo_lightning.config import make_config
 from dpo_lightning.data.collate import PairCollator, PromptCollator, collate_in_batches
-from dpo_lightning.data.formats import dataset_roles, has_pairs, normalize, normalize_prompts, unique_prompts
+from dpo_lightning.data.formats import (
+    dataset_roles,
+    has_pairs,
+    normalize,
+    normalize_prompts,
+    row_options,
+    unique_prompts,
+)
 from dpo_lightning.data.sources import load_splits
 from dpo_lightning.data.split import split_by_prompt
 from dpo_lightning.data.tokenize import tokenize_pair, tokenize_prompts
@@ -197,7 +204,7 @@ def evaluation_rows(cfg, options: EvalOptions) -> tuple[list[dict] | None, list[
     held_out = options.split is None and raw.eval is not None
     data = raw.eval if held_out else raw.train
     drawn = options.split is None and raw.eval is None and cfg.val_fraction > 0
-    norm = {"columns": dict(cfg.columns), "on_bad_rows": cfg.on_bad_rows, "label": label}
+    norm = {**row_options(cfg), "label": label}
     pairs = None
     if has_pairs(dataset_roles(data, cfg.columns, label)):
         pairs = normalize(data, **norm).rows
