@@ -702,3 +702,26 @@ def test_show_data_prints_the_pairs_as_the_run_prepares_them_and_trains_nothing(
     assert "training pairs: 6; validation pairs: 0" in done.stdout
     assert "truncation (max_length 64, max_prompt_length 32" in done.stdout and "0 of 6 prompts cut" in done.stdout
     assert not out.exists() and "Loading weights" not in done.stderr
+
+
+def test_repeated_pairs_are_counted_and_a_large_share_is_warned_about(tok, tmp_path, caplog):
+    """31 copies of one pair among 70 rows (44%) used to pass without a word."""
+    data = write_jsonl(tmp_path / "dup.jsonl", [ROWS[0]] * 31 + [{**ROWS[1], "prompt": f"{i}.\n"} for i in range(39)])
+    with caplog.at_level(logging.INFO):
+        prepare_pairs(cfg(data), tok)
+    warned = [r for r in caplog.records if "repeat an earlier pair" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert (
+        "30 of 70 rows (43%) repeat an earlier pair; the most repeated pair appears 31 times" in warned[0].getMessage()
+    )
+
+
+def test_a_csv_the_parser_cannot_read_and_invalid_utf8_name_the_place(tmp_path):
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("prompt,chosen,rejected\na,b,c\nd,e,f,g,h\n")
+    with pytest.raises(UserError, match="Expected 3 fields in line 3, saw 5"):
+        load_splits(cfg(bad_csv))
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "\xff", "chosen": "b"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl line 2, byte 13 is not UTF-8 text"):
+        load_splits(cfg(bad_json))

@@ -185,7 +185,20 @@ def _utf8_records(path: Path, label: str, keep_broken: bool) -> Iterator[tuple[i
     try:
         yield from json_records(path, label, keep_broken)
     except UnicodeDecodeError as exc:
-        raise UserError(f"{label} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
+        raise UserError(
+            f"{label} {non_utf8_place(path) or ''}is not UTF-8 text ({exc.reason}); save it as UTF-8"
+        ) from None
+
+
+def non_utf8_place(path: Path) -> str | None:
+    """ "line N, byte M " of the first bytes of `path` that are not UTF-8, or None."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"line {number}, byte {exc.start + 1} "
+    return None
 
 
 def prescan_json(path: Path, label: str, columns: dict[str, str], on_bad_rows: str, mode: str = "auto") -> _Scan:

@@ -6,7 +6,9 @@ offline DPO, prompts for online DPO, and pairs as the reward model reads them fo
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING, NamedTuple
 
 from dpo_lightning.config import mode_problem
@@ -144,6 +146,30 @@ def reward_pair_tokenizer(cfg, tokenizer):
     return encode
 
 
+DUPLICATE_WARN_SHARE = 0.05  # repeated pairs above this share of the rows are warned about, below it noted
+
+
+def report_duplicates(rows: list[dict], label: str) -> int:
+    """Say how many rows repeat an earlier pair (prompt, chosen and rejected alike), and the most copies of
+    one: a dataset built by concatenation often holds the same pairs many times, which weights them silently."""
+    counts = Counter(json.dumps([row["prompt"], row["chosen"], row["rejected"]], sort_keys=True) for row in rows)
+    repeats = len(rows) - len(counts)
+    if repeats:
+        share = repeats / len(rows)
+        most = max(counts.values())
+        say = logger.warning if share > DUPLICATE_WARN_SHARE else logger.info
+        say(
+            "%s: %d of %d rows (%.0f%%) repeat an earlier pair; the most repeated pair appears %d times (repeats "
+            "train as often as they appear)",
+            label,
+            repeats,
+            len(rows),
+            100 * share,
+            most,
+        )
+    return repeats
+
+
 def prepare_pairs(cfg, tokenizer, raw: RawSplits | None = None, encode=None) -> PreparedPairs:
     """Load (unless given), normalise, split (when the source has no eval split) and tokenize preference pairs.
 
@@ -157,6 +183,7 @@ def prepare_pairs(cfg, tokenizer, raw: RawSplits | None = None, encode=None) -> 
     skipped = raw.skipped + train.skipped
     val = normalize(raw.eval, label=eval_label, **norm) if raw.eval is not None else None
     skipped += val.skipped if val else 0
+    report_duplicates(train.rows, train_label)
     train_rows, val_rows, val_origin = _split(cfg, raw, train.rows, val and val.rows, eval_label)
     lengths = {
         "max_prompt_length": cfg.max_prompt_length,

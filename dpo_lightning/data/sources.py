@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dpo_lightning.builtin import BUILTIN_DATASETS, BUILTIN_PROMPTS
 from dpo_lightning.data.formats import role_columns
-from dpo_lightning.data.json_scan import prescan_json
+from dpo_lightning.data.json_scan import non_utf8_place, prescan_json
 from dpo_lightning.data.mode import decide_mode
 from dpo_lightning.data.text_prompts import TINY_SHAKESPEARE, text_prompt_rows, text_source_path
 from dpo_lightning.errors import UserError, first_line, nearest_path
@@ -99,7 +99,20 @@ def _load_file(source: Source, label: str, cfg) -> tuple[dict[str, Any], int, st
     try:
         return {"train": datasets.load_dataset(builder, data_files=str(path), split="train")}, 0, mode
     except Exception as exc:  # the library's many error types all mean "this file cannot be read"
-        raise UserError(f"{label}: the datasets library could not read it ({first_line(exc)})") from None
+        place = non_utf8_place(path) if builder == "csv" else None
+        if place:
+            raise UserError(f"{label} {place}is not UTF-8 text; save it as UTF-8") from None
+        # datasets wraps the parser's own reason ("Expected 3 fields in line 4, saw 5") in a generic one
+        raise UserError(f"{label}: the datasets library could not read it ({first_line(root_cause(exc))})") from None
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception `exc` was raised from."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    return exc
 
 
 def _load_disk(source: Source, label: str) -> dict[str, Any]:
