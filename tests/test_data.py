@@ -143,9 +143,33 @@ def test_ultrafeedback_binarized_gives_the_explicit_conversational_pairs(tok, dr
     assert tokenized == tokenize_rows(UF_EXPLICIT, tok, max_prompt_length=None, max_length=None).dataset.to_list()
 
 
+def test_trl_lib_ultrafeedback_and_capybara_preferences_need_no_settings():
+    """trl-lib/ultrafeedback_binarized: whole conversations alone; argilla/Capybara-Preferences: whole multi-turn
+    conversations beside a text prompt that is their first user turn. Both give the shared turns as the prompt."""
+    trl_lib = [{"chosen": r["chosen"], "rejected": r["rejected"], "score_chosen": 8.0} for r in UF]
+    assert norm(trl_lib).rows == UF_EXPLICIT
+    first, reply = {"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "An apple."}
+    again = {"role": "user", "content": "And another?"}
+    capybara = {
+        "source": "x",
+        "prompt": "Name a fruit.",
+        "chosen": [first, reply, again, {"role": "assistant", "content": "A pear."}],
+        "chosen_rating": 5,
+        "rejected": [first, reply, again, {"role": "assistant", "content": "No."}],
+        "rejected_rating": 2,
+    }
+    assert norm([capybara]).rows == [
+        {
+            "prompt": [first, reply, again],
+            "chosen": [{"role": "assistant", "content": "A pear."}],
+            "rejected": [{"role": "assistant", "content": "No."}],
+        }
+    ]
+
+
 def test_a_text_prompt_that_is_not_the_shared_user_turn_is_a_bad_row():
     row = {**UF[0], "prompt": "Name a vegetable."}
-    with pytest.raises(UserError, match="row 1: 'prompt' is text that is not the last user turn"):
+    with pytest.raises(UserError, match="row 1: 'prompt' is text that is none of the user turns"):
         norm([row])
 
 

@@ -174,16 +174,17 @@ def split_messages(chosen: Messages, rejected: Messages) -> tuple[Messages, Mess
 
 
 def text_prompt_conversation(prompt: str, chosen: Messages, rejected: Messages) -> tuple[Messages, ...]:
-    """A text prompt beside conversational completions (UltraFeedback-binarized: the completions repeat the
-    user turn). Completions that share leading messages hold the prompt: the text must be their last shared
-    user turn, and the split is theirs. Completions of assistant turns alone get the text as the user turn."""
+    """A text prompt beside conversational completions (UltraFeedback-binarized, Capybara-Preferences: the
+    completions repeat the conversation). Completions that share leading messages hold the prompt: the text must
+    be one of their shared user turns (the first or the last of a multi-turn one), and the split is theirs.
+    Completions of assistant turns alone get the text as the user turn."""
     if common_prefix_len(chosen, rejected) == 0:
         return [{"role": "user", "content": prompt}], chosen, rejected
     split = split_messages(chosen, rejected)
-    users = [m["content"] for m in split[0] if m["role"] == "user"]
-    if not users or users[-1].strip() != prompt.strip():
+    users = {m["content"].strip() for m in split[0] if m["role"] == "user"}
+    if prompt.strip() not in users:
         raise BadRow(
-            "'prompt' is text that is not the last user turn 'chosen' and 'rejected' share; give the prompt as "
+            "'prompt' is text that is none of the user turns 'chosen' and 'rejected' share; give the prompt as "
             "messages, or completions without the conversation"
         )
     return split
