@@ -14,9 +14,20 @@ lists for chosen/rejected.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from dpo_lightning.config import CONTEXT_ROLES, LABEL_ROLES, PAIR_ROLES, PROMPT_ROLES
+from dpo_lightning.data.labels import Tie, is_labelled, labelled, with_system
+from dpo_lightning.data.values import (
+    BadRow,
+    Messages,
+    as_assistant,
+    common_prefix_len,
+    is_blank,
+    message_list,
+    present,
+    text_or_messages,
+)
 from dpo_lightning.errors import UserError
 
 if TYPE_CHECKING:
@@ -33,8 +44,6 @@ LAYOUTS_HELP = (
     'map other column names with columns, e.g. {"prompt": "question"}'
 )
 
-Messages = list[dict[str, str]]
-
 
 class NormalizedPairs(NamedTuple):
     rows: list[dict]  # each {"prompt": str | Messages, "chosen": str | Messages, "rejected": str | Messages}
@@ -46,85 +55,10 @@ class NormalizedPrompts(NamedTuple):
     skipped: int
 
 
-class BadRow(ValueError):
-    """One row's problem; the caller adds the source and row number."""
-
-
-class Tie(Exception):
-    """A labelled row that prefers neither response: dropped and counted, not a bad row."""
-
-
-# labels understood without `label_values`: Chatbot Arena's winners and the plain names of the two sides
-KNOWN_LABELS = {"a": "a", "b": "b", "model_a": "a", "model_b": "b", "tie": "tie", "tie (bothbad)": "tie"}
-
-
-# ----------------------------------------------------------------------------- values
-
-
-def common_prefix_len(a, b) -> int:
-    """Length of the longest common prefix of two strings or lists.
-
-    A binary search on slice equality, which runs in C: HH transcripts are long and there are 160k of them.
-    """
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def _type_name(value: Any) -> str:
-    return "a list" if isinstance(value, list) else type(value).__name__
-
-
-def _present(row: dict, role: str) -> Any:
-    value = row.get(role)
-    if value is None:
-        raise BadRow(f"'{role}' is missing")
-    return value
-
-
-def _messages(value: Any, role: str) -> Messages:
-    """A list of {role, content} dicts with string values, reduced to those two keys."""
-    if not isinstance(value, list):
-        raise BadRow(f"'{role}' is {_type_name(value)}, expected a list of {{role, content}} messages")
-    out = []
-    for k, message in enumerate(value, 1):
-        if not (
-            isinstance(message, dict)
-            and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)
-        ):
-            raise BadRow(f"'{role}' message {k} is not a {{role, content}} message with string values")
-        out.append({"role": message["role"], "content": message["content"]})
-    return out
-
-
-def _text_or_messages(value: Any, role: str) -> str | Messages:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return _messages(value, role)
-    raise BadRow(f"'{role}' is {_type_name(value)}, expected a string or a list of {{role, content}} messages")
-
-
-def _as_assistant(value: str | Messages) -> Messages:
-    return [{"role": "assistant", "content": value}] if isinstance(value, str) else value
-
-
-def _is_blank(value: str | Messages) -> bool:
-    if isinstance(value, str):
-        return not value.strip()
-    return all(not m["content"].strip() for m in value)
-
-
 def _check_completions(pair: dict, implicit: bool = False) -> dict:
     """Reject empty completions and identical pairs; returns the pair unchanged."""
     for role in ("chosen", "rejected"):
-        if _is_blank(pair[role]):
+        if is_blank(pair[role]):
             raise BadRow(f"'{role}' has nothing after the shared prompt" if implicit else f"'{role}' is empty")
     if pair["chosen"] == pair["rejected"]:
         raise BadRow("'chosen' and 'rejected' are identical")
@@ -200,9 +134,9 @@ def _is_whole_conversation(prompt: Messages, chosen: Messages) -> bool:
 
 
 def explicit_row(row: dict) -> dict:
-    prompt = _text_or_messages(_present(row, "prompt"), "prompt")
-    chosen = _text_or_messages(_present(row, "chosen"), "chosen")
-    rejected = _text_or_messages(_present(row, "rejected"), "rejected")
+    prompt = text_or_messages(present(row, "prompt"), "prompt")
+    chosen = text_or_messages(present(row, "chosen"), "chosen")
+    rejected = text_or_messages(present(row, "rejected"), "rejected")
     if isinstance(prompt, str):
         kinds = {isinstance(value, str) for value in (chosen, rejected)}
         if kinds == {True}:
@@ -215,9 +149,9 @@ def explicit_row(row: dict) -> dict:
 
 
 def messages_row(row: dict) -> dict:
-    prompt = _messages(_present(row, "messages"), "messages")
-    chosen = _text_or_messages(_present(row, "chosen"), "chosen")
-    rejected = _text_or_messages(_present(row, "rejected"), "rejected")
+    prompt = message_list(present(row, "messages"), "messages")
+    chosen = text_or_messages(present(row, "chosen"), "chosen")
+    rejected = text_or_messages(present(row, "rejected"), "rejected")
     return _conversation_row(prompt, chosen, rejected, "messages")
 
 
@@ -233,12 +167,12 @@ def _conversation_row(prompt: Messages, chosen, rejected, role: str) -> dict:
         n = len(prompt)
         if chosen[:n] == prompt and rejected[:n] == prompt:  # completions that repeat the prompt's turns
             chosen, rejected = chosen[n:], rejected[n:]
-    return _check_completions({"prompt": prompt, "chosen": _as_assistant(chosen), "rejected": _as_assistant(rejected)})
+    return _check_completions({"prompt": prompt, "chosen": as_assistant(chosen), "rejected": as_assistant(rejected)})
 
 
 def implicit_row(row: dict) -> dict:
-    chosen = _text_or_messages(_present(row, "chosen"), "chosen")
-    rejected = _text_or_messages(_present(row, "rejected"), "rejected")
+    chosen = text_or_messages(present(row, "chosen"), "chosen")
+    rejected = text_or_messages(present(row, "rejected"), "rejected")
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise BadRow("one of 'chosen' and 'rejected' is text and the other a list of messages")
     if chosen == rejected:
@@ -253,74 +187,6 @@ def implicit_row(row: dict) -> dict:
 
 
 LAYOUTS = {"explicit": explicit_row, "messages": messages_row, "implicit": implicit_row}
-
-
-def preferred_side(value: Any, label_values: dict[str, str]) -> str:
-    """a, b or tie for one raw label: through `label_values` when given (a value it lacks is a bad row), else the
-    names of KNOWN_LABELS. A number without `label_values` refuses the whole dataset: which response 1 means
-    is the dataset's convention (SHP: A; PKU-SafeRLHF: B), and a guess would silently train the opposite."""
-    if value is None:
-        raise BadRow("'label' is missing")
-    key = str(value).strip()
-    if label_values:
-        if key not in label_values:
-            raise BadRow(f"label {key!r} is not among label_values ({', '.join(map(repr, label_values))})")
-        return label_values[key]
-    if key.lower() in KNOWN_LABELS:
-        return KNOWN_LABELS[key.lower()]
-    if isinstance(value, (int, float)) or key.lstrip("-").replace(".", "", 1).isdigit():
-        raise UserError(
-            f"label {key!r} is a number, and which response a number prefers is the dataset's own convention: say "
-            'it with label_values, e.g. {"1": "a", "0": "b"} (SHP) or {"0": "a", "1": "b"} (PKU-SafeRLHF)'
-        )
-    raise BadRow(f"label {key!r} is not one of {', '.join(KNOWN_LABELS)}; map yours with label_values")
-
-
-def labelled(convert, label_values: dict[str, str]):
-    """Rows of two responses and a label as {chosen: the preferred response, rejected: the other}, then
-    `convert` (the layout of their prompt: explicit, messages or implicit)."""
-
-    def converted(row: dict) -> dict:
-        side = preferred_side(row.get("label"), label_values)
-        if side == "tie":
-            raise Tie
-        a, b = _present(row, "response_a"), _present(row, "response_b")
-        chosen, rejected = (a, b) if side == "a" else (b, a)
-        rest = {k: v for k, v in row.items() if k not in LABEL_ROLES}
-        return convert({**rest, "chosen": chosen, "rejected": rejected})
-
-    return converted
-
-
-def is_labelled(found) -> bool:
-    """Whether the roles `found` are two responses and a label."""
-    return all(role in found for role in LABEL_ROLES)
-
-
-def with_system(convert):
-    """`convert`, then the row's `system` text as the conversation's system message: a text row becomes a
-    conversation (user: the prompt, assistant: each completion) so that the chat template places it; an empty
-    system text adds no message. A prompt that has a system message of its own must agree with it."""
-
-    def converted(row: dict) -> dict:
-        system = row.get("system")
-        if system is not None and not isinstance(system, str):
-            raise BadRow(f"'system' is {_type_name(system)}, expected a string")
-        out = convert(row)
-        prompt = out["prompt"]
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-            out = {**out, **{role: _as_assistant(out[role]) for role in PAIR_ROLES if role in out}}
-        if system and system.strip():
-            message = {"role": "system", "content": system}
-            if prompt[0]["role"] == "system":
-                if prompt[0] != message:
-                    raise BadRow("'system' differs from the prompt's own system message")
-            else:
-                prompt = [message, *prompt]
-        return {**out, "prompt": prompt}
-
-    return converted
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -377,8 +243,8 @@ def detect_layout(found: dict[str, str], column_names: list[str], label: str) ->
 def prompt_row(row: dict) -> dict:
     """A prompt for online DPO: `prompt` (text or messages), else the `messages` conversation."""
     role = prompt_role(row) or PROMPT_ROLES[-1]  # a row with neither: said missing by `_present`
-    prompt = _text_or_messages(_present(row, role), role)
-    if _is_blank(prompt) if isinstance(prompt, str) else not prompt:
+    prompt = text_or_messages(present(row, role), role)
+    if is_blank(prompt) if isinstance(prompt, str) else not prompt:
         raise BadRow(f"'{role}' is empty")
     return {"prompt": prompt}
 
