@@ -67,26 +67,9 @@ def with_eos(text: str, eos: str) -> str:
     return text if text.endswith(eos) else text + eos
 
 
-def split_and_truncate(
-    prompt_ids: list[int],
-    joint_chosen: list[int],
-    joint_rejected: list[int],
-    *,
-    max_prompt_length: int | None,
-    max_length: int | None,
-    max_completion_length: int | None = None,
-) -> dict | None:
-    """Completion ids after the shared prompt, then the truncation (the prompt keeps its end, each completion
-    its start: at most `max_completion_length` tokens, then what `max_length` leaves after the prompt); None
-    when a completion is left empty or the two are left identical (`truncation_drop` says which)."""
-    return truncate_pair(
-        prompt_ids,
-        joint_chosen,
-        joint_rejected,
-        max_prompt_length=max_prompt_length,
-        max_length=max_length,
-        max_completion_length=max_completion_length,
-    )[0]
+def split_and_truncate(prompt_ids: list[int], joint_chosen: list[int], joint_rejected: list[int], **lengths):
+    """`truncate_pair`'s pair (a dict of the three id lists), or None when it is dropped."""
+    return truncate_pair(prompt_ids, joint_chosen, joint_rejected, **lengths)[0]
 
 
 def _tally(cut: tuple[int, int, int], why: str | None) -> Truncation:
@@ -115,9 +98,11 @@ def truncate_pair(
     max_length: int | None,
     max_completion_length: int | None = None,
 ) -> tuple[dict | None, str | None, tuple[int, int, int]]:
-    """`split_and_truncate`'s pair, or None and why it is dropped (EMPTIED, IDENTICAL): a pair whose two
-    completions truncation made equal would train at a loss of exactly log 2 with no gradient; and the tokens
-    the cut took from the prompt, the chosen and the rejected completion."""
+    """Completion ids after the shared prompt, then the truncation (the prompt keeps its end, each completion
+    its start: at most `max_completion_length` tokens, then what `max_length` leaves after the prompt). Returns
+    the pair, or None and why it is dropped (EMPTIED, IDENTICAL: a pair whose two completions truncation made
+    equal would train at a loss of exactly log 2 with no gradient); and the tokens the cut took from the
+    prompt, the chosen and the rejected completion."""
     prompt_len = min(common_prefix_length(prompt_ids, joint_chosen), common_prefix_length(prompt_ids, joint_rejected))
     prompt = prompt_ids[:prompt_len]
     chosen, rejected = joint_chosen[prompt_len:], joint_rejected[prompt_len:]
