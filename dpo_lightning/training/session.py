@@ -130,9 +130,9 @@ class TrainingSession:
                 add_full_weights(path, trainer=trainer, module=module)
             return path
         metadata = checkpoint_metadata(step, self.trial_id)
-        previous = f"the checkpoint of step {self.last_saved[0]} is intact" if self.last_saved else "none was before"
-        where = Path(self.cfg.output_dir) / CHECKPOINTS
-        with writing(f"the checkpoint of step {step}", where, previous), self._torn_removed(trainer) as torn:
+        previous = f"the checkpoint of step {self.last_saved[0]} is intact" if self.last_saved else "none came before"
+        root = Path(self.cfg.output_dir) / CHECKPOINTS
+        with writing(f"the checkpoint of step {step}", root, previous), self._torn_removed(trainer) as torn:
             with self.storage.store_path(metadata) as (path, storage_id):
                 torn.append(Path(path))
                 write_checkpoint(
@@ -149,7 +149,6 @@ class TrainingSession:
         if trainer.is_global_zero:
             log.info("checkpoint %s saved at step %d (%s)", storage_id, step, path)
             if not self.on_cluster:  # on a cluster, checkpoint_storage's retention policy decides
-                root = Path(self.cfg.output_dir) / CHECKPOINTS
                 for old in prune_checkpoints(root, self.cfg.keep_last_n_checkpoints, self.skipped):
                     log.info("removed old, torn or damaged checkpoint %s", old)
                 self.skipped = []
