@@ -583,6 +583,13 @@ def test_pairs_that_truncation_makes_identical_are_dropped_and_counted(tok, tmp_
         out = tokenize_rows(rows, tok, max_prompt_length=None, max_length=max_length)
     assert out.dropped == 1 and len(out.dataset) == 3
     assert "dropped 1 of 4 pairs left with chosen and rejected identical" in caplog.text and "pairs 1 in" in caplog.text
+    # from a file, the dropped pair is named by its row there, as a bad row is (not by its place after the split)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [ROWS[0], ROWS[1], rows[0], ROWS[2]])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prepare_pairs(cfg(mixed, max_length=max_length, max_prompt_length=None, val_fraction=0.0), tok)
+    assert "identical (they differ only past the cut) by truncation" in caplog.text
+    assert caplog.text.rstrip().endswith(f"{mixed} row 3")
     data = write_jsonl(tmp_path / "same.jsonl", rows[:1])
     with pytest.raises(UserError, match="no training pairs left .* 1 dropped by truncation"):
         prepare_pairs(cfg(data, max_length=max_length, max_prompt_length=None), tok)

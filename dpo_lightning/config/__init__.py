@@ -2,9 +2,9 @@
 with command-line overrides on top (one parser for local runs, Determined trials and evaluation).
 
 `schema.py` holds every key with its default and documentation, `checks.py` every check of values and
-combinations; `parse.py` reads files, overrides and
-Determined's hyperparameter values. This package is the bottom layer: it imports nothing from dpo_lightning
-beyond the foundation modules.
+combinations; `parse.py` reads files, overrides and Determined's hyperparameter values; `sources.py` reads
+the data sources `dataset_name` names (one, or a list mixed in one run). This package is the bottom layer: it
+imports nothing from dpo_lightning beyond the foundation modules.
 
 Imports: foundation
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dpo_lightning.config.schema import COLUMN_ROLES, LABEL_SIDES, REPORT_TARGETS
+from dpo_lightning.config.sources import sources_problem
 
 if TYPE_CHECKING:
     from dpo_lightning.config.schema import DPOConfig
@@ -101,16 +102,22 @@ def _check_report_to(cfg: DPOConfig) -> str | None:
     return None
 
 
-def _check_columns(cfg: DPOConfig) -> str | None:
-    for role, column in cfg.columns.items():
+def columns_problem(columns: dict, label_values: dict, prefix: str = "") -> str | None:
+    """What is wrong with a `columns` map and a `label_values` map (`prefix` names where they are, e.g. a
+    source of several), or None."""
+    for role, column in columns.items():
         if role not in COLUMN_ROLES:
-            return f"columns has unknown role '{role}'; valid roles: {', '.join(COLUMN_ROLES)}"
+            return f"{prefix}columns has unknown role '{role}'; valid roles: {', '.join(COLUMN_ROLES)}"
         if not isinstance(column, str) or not column:
-            return f"columns.{role} must be a non-empty column name, got {column!r}"
-    for raw, side in cfg.label_values.items():
+            return f"{prefix}columns.{role} must be a non-empty column name, got {column!r}"
+    for raw, side in label_values.items():
         if side not in LABEL_SIDES:
-            return f"label_values.{raw} is {side!r}; each label maps to one of {', '.join(LABEL_SIDES)}"
+            return f"{prefix}label_values.{raw} is {side!r}; each label maps to one of {', '.join(LABEL_SIDES)}"
     return None
+
+
+def _check_columns(cfg: DPOConfig) -> str | None:
+    return columns_problem(cfg.columns, cfg.label_values)
 
 
 def _check_sampling(cfg: DPOConfig) -> str | None:
@@ -218,10 +225,10 @@ def _check_strategy(cfg: DPOConfig) -> str | None:
 
 
 def _check_text(cfg: DPOConfig) -> str | None:
-    for name in ("model_name", "dataset_name", "output_dir", "train_split"):
+    for name in ("model_name", "output_dir", "train_split"):
         if not getattr(cfg, name).strip():
             return f"{name} must not be empty"
-    return None
+    return sources_problem(cfg, columns_problem)
 
 
 _CHECKS = (

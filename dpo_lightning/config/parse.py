@@ -32,6 +32,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
+        listed = next((a for a in inner if typing.get_origin(a) is list), None)
+        if listed is not None and _is_list_value(key, value):
+            return _listed(key, value)
         return _coerce(key, value, inner[0])
     if origin is Literal:
         text = str(value)
@@ -82,6 +85,26 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)  # value types are checked by _check_columns
     raise ConfigError(f"{key}: unsupported type {annotation}")  # a programming error, kept loud
+
+
+def _is_list_value(key: str, value: Any) -> bool:
+    """Whether a value of a key that is a name or a list (dataset_name) is given as the list: a YAML list or
+    mapping, or on the command line a JSON list or object."""
+    return isinstance(value, (list, dict)) or (isinstance(value, str) and value.lstrip()[:1] in ("[", "{"))
+
+
+def _listed(key: str, value: Any) -> list:
+    """A list of mappings from a YAML list, one mapping, or their JSON text (each entry is checked by the
+    configuration's checks)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{key}: {value!r} is not a JSON list ({exc.msg} at character {exc.pos + 1}); write it as "
+                '\'[{"name": "a.jsonl"}, {"name": "b.jsonl", "rows": 100}]\''
+            ) from None
+    return [dict(value)] if isinstance(value, dict) else list(value)
 
 
 # TRL's DPOConfig and transformers' TrainingArguments names of settings this project has under another name:

@@ -82,8 +82,12 @@ class DPOConfig:
     """With LoRA: also write final/merged/, the base with the adapters merged in, which loads without peft."""
 
     # --- data ---
-    dataset_name: str = "builtin:sentiment-pairs"
-    """Hub dataset name, local .json/.jsonl/.parquet/.csv file, `save_to_disk` folder, or `builtin:sentiment-pairs`."""
+    dataset_name: str | list[dict[str, Any]] = "builtin:sentiment-pairs"
+    """Hub dataset name, local .json/.jsonl/.parquet/.csv file, `save_to_disk` folder, or `builtin:sentiment-pairs`;
+    or a list of sources mixed in one run, each a mapping with a `name`, optionally its own dataset_config,
+    train_split, eval_split, columns and label_values, and the part of it taken: `fraction` (a share of its
+    training rows) or `rows` (a number of them), and `eval_fraction` or `eval_rows` of its validation rows, drawn
+    with the seed (README: Several datasets in one run)."""
     dataset_config: str | None = None
     """Hub dataset configuration (subset) name."""
     train_split: str = "train"

@@ -13,6 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from dpo_lightning.config.sources import data_sources, dataset_label, is_mixture
 from dpo_lightning.data.sources import resolve_source
 
 
@@ -68,12 +69,24 @@ def source_description(dataset_name: str, dataset_config: str | None, origin: st
 
 def data_fingerprint(cfg, data) -> dict[str, Any]:
     """The run record's `data`: the prepared rows' (`pipeline.PreparedData`) hash and counts, and the source's
-    description."""
+    description (of several sources: each one's, with their bytes summed and the latest time)."""
+    sources = data_sources(cfg)
+    fingerprints = data.source_fingerprints or (None,) * len(sources)
+    described = [
+        source_description(source.name, source.values["dataset_config"], origin)
+        for source, origin in zip(sources, fingerprints, strict=True)
+    ]
+    source = described[0]
+    if is_mixture(cfg.dataset_name):
+        sizes = [d["bytes"] for d in described if "bytes" in d]
+        times = [d["mtime"] for d in described if d.get("mtime") is not None]
+        source = {"dataset_name": dataset_label(cfg.dataset_name), "kind": "mixture", "sources": described}
+        source.update({"bytes": sum(sizes)} if sizes else {}, mtime=max(times, default=None))
     return {
         "rows_sha256": rows_sha256(data.train, data.val),
         "train_rows": len(data.train),
         "val_rows": len(data.val) if data.val is not None else 0,
-        "source": source_description(cfg.dataset_name, cfg.dataset_config, data.source_fingerprint),
+        "source": source,
     }
 
 

@@ -21,6 +21,7 @@ from dpo_lightning.data.labels import Tie, is_labelled, labelled, with_system
 from dpo_lightning.data.values import (
     BadRow,
     Messages,
+    Row,
     as_assistant,
     common_prefix_len,
     is_blank,
@@ -315,7 +316,7 @@ def _convert_rows(dataset, found: dict[str, str], convert, on_bad_rows: str, lab
     rows, skipped, first, ties = [], 0, "", 0
     for i, record in enumerate(zip(*values, strict=True), 1):
         try:
-            rows.append(convert(dict(zip(found, record, strict=True))))
+            rows.append(Row(convert(dict(zip(found, record, strict=True))), (label, i)))
         except Tie:
             ties += 1
         except BadRow as problem:

@@ -35,9 +35,11 @@ def decide_mode(requested: str, found: dict[str, str], *, label: str, columns: l
 def known_mode(cfg) -> str:
     """The mode a run trains as far as it is known before the data is read: the requested one, and for `auto`
     on plain text (always prompts) online; `auto` where only the data can tell."""
+    from dpo_lightning.config.sources import source_names
     from dpo_lightning.data.text_prompts import is_text_source
 
-    return "online" if cfg.mode == "auto" and is_text_source(cfg.dataset_name) else cfg.mode
+    every_text = all(is_text_source(name) for name in source_names(cfg.dataset_name))
+    return "online" if cfg.mode == "auto" and every_text else cfg.mode
 
 
 def needs_judge(mode: str, generation_eval_every: int) -> bool:

@@ -1,4 +1,5 @@
-"""From `cfg.dataset_name` to tokenized train and validation data, with one log line of counts.
+"""From `cfg.dataset_name` (one source or several: `mixture.py`) to tokenized train and validation data, with
+one log line of counts.
 
 What is prepared follows the mode (decided once by `sources.load_splits`, see `mode.py`): preference pairs for
 offline DPO, prompts for online DPO, and pairs as the reward model reads them for reward training.
@@ -12,10 +13,11 @@ from collections import Counter
 from typing import TYPE_CHECKING, NamedTuple
 
 from dpo_lightning.config import mode_problem
-from dpo_lightning.data.formats import normalize, normalize_prompts, row_options, unique_prompts
+from dpo_lightning.config.sources import data_sources, is_mixture
+from dpo_lightning.data.formats import unique_prompts
+from dpo_lightning.data.mixture import Rows, load_rows
 from dpo_lightning.data.reward_text import encode_for_reward
-from dpo_lightning.data.sources import RawSplits, load_splits, resolve_source, split_labels
-from dpo_lightning.data.split import split_by_prompt
+from dpo_lightning.data.sources import resolve_source
 from dpo_lightning.data.text_prompts import check_text_source, is_text_source
 from dpo_lightning.data.tokenize import TokenizedPairs as TokenizedRows
 from dpo_lightning.data.tokenize import Truncation, tokenize_prompts, tokenize_rows
@@ -39,92 +41,77 @@ class PreparedData(NamedTuple):
     train: datasets.Dataset  # pairs (offline, reward: prompt_ids, chosen_ids, rejected_ids) or prompts (online)
     val: datasets.Dataset | None
     val_prompts: datasets.Dataset | None = None  # held-out prompts for generation metrics (generation_eval_every)
-    source_fingerprint: str | None = None  # the `datasets` fingerprint of the rows as loaded (a Hub dataset's)
+    source_fingerprints: tuple = ()  # each source's `datasets` fingerprint of its rows as loaded (a Hub dataset's)
     truncation: Truncation | None = None  # pairs: what truncation did (`--show_data` says it)
 
 
 def check_source(cfg) -> None:
     """Fail fast, before models load, when `dataset_name` is a local path that is missing or unusable, or a
     remote text (tiny_shakespeare) neither cached nor reachable."""
-    if is_text_source(cfg.dataset_name):
-        check_text_source(cfg.dataset_name)
-    else:
-        resolve_source(cfg.dataset_name)
+    for source in data_sources(cfg):
+        try:
+            if is_text_source(source.name):
+                check_text_source(source.name)
+            else:
+                resolve_source(source.name)
+        except UserError as exc:
+            if not is_mixture(cfg.dataset_name):
+                raise
+            raise UserError(f"{source.key}: {exc}") from None
 
 
-def check_decided_mode(cfg, raw: RawSplits) -> None:
-    """The mode `mode: auto` chose from the data must be one this configuration can train (`mode_problem`; an
-    explicit mode was checked with the rest of the configuration)."""
+def check_decided_mode(cfg, mode: str, label: str) -> None:
+    """The mode `mode: auto` chose from the data (`label`) must be one this configuration can train
+    (`mode_problem`; an explicit mode was checked with the rest of the configuration)."""
     if cfg.mode != "auto":
         return
-    problem = mode_problem(cfg, raw.mode)
+    problem = mode_problem(cfg, mode)
     if problem:
-        train_label, _ = split_labels(raw)
-        holds = "prompts, not preference pairs" if raw.mode == "online" else "preference pairs"
-        raise UserError(f"{train_label} holds {holds}, so mode auto trains {raw.mode}: {problem}")
+        holds = "prompts, not preference pairs" if mode == "online" else "preference pairs"
+        raise UserError(f"{label} holds {holds}, so mode auto trains {mode}: {problem}")
 
 
 def prepare_data(cfg, tokenizer) -> PreparedData:
-    """Load the configured dataset once and prepare what the run's mode trains on."""
-    raw = load_splits(cfg)
-    check_decided_mode(cfg, raw)
-    mode = raw.mode
-    origin = getattr(raw.train, "_fingerprint", None)
+    """Load the configured data once and prepare what the run's mode trains on."""
+    rows = load_rows(cfg)
+    check_decided_mode(cfg, rows.mode, rows.label)
+    mode = rows.mode
     if mode == "online":
-        train, val = prepare_prompts(cfg, tokenizer, raw)
-        return PreparedData(mode, train, val, _first(val, cfg.generation_eval_prompts), origin)
+        train, val = prepare_prompts(cfg, tokenizer, rows)
+        return PreparedData(mode, train, val, _first(val, cfg.generation_eval_prompts), rows.fingerprints)
     if mode == "reward":
-        pairs = prepare_pairs(cfg, tokenizer, raw, encode=reward_pair_tokenizer(cfg, tokenizer))
-        return PreparedData(mode, pairs.train, pairs.val, source_fingerprint=origin, truncation=pairs.truncation)
-    pairs = prepare_pairs(cfg, tokenizer, raw)
+        pairs = prepare_pairs(cfg, tokenizer, rows, encode=reward_pair_tokenizer(cfg, tokenizer))
+        return PreparedData(mode, pairs.train, pairs.val, None, rows.fingerprints, pairs.truncation)
+    pairs = prepare_pairs(cfg, tokenizer, rows)
     val_prompts = None
     if cfg.generation_eval_every > 0 and pairs.val_rows:
-        rows = unique_prompts(pairs.val_rows)[: cfg.generation_eval_prompts]
-        val_prompts = tokenize_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length).dataset
-    return PreparedData(mode, pairs.train, pairs.val, val_prompts, origin, pairs.truncation)
+        prompts = unique_prompts(pairs.val_rows)[: cfg.generation_eval_prompts]
+        val_prompts = tokenize_prompts(prompts, tokenizer, max_prompt_length=cfg.max_prompt_length).dataset
+    return PreparedData(mode, pairs.train, pairs.val, val_prompts, rows.fingerprints, pairs.truncation)
 
 
 def _first(data: datasets.Dataset | None, count: int) -> datasets.Dataset | None:
     return data.select(range(min(count, len(data)))) if data is not None else None
 
 
-def _split(cfg, raw: RawSplits, train_rows: list[dict], eval_rows: list[dict] | None, eval_label: str):
-    """(train rows, validation rows, where validation comes from) for the log line."""
-    if eval_rows is not None:
-        if cfg.val_fraction == 0:  # the user may have meant "no validation": say what happens instead
-            logger.warning(
-                "val_fraction 0 holds out none of the training pairs, but validation still runs on %s, the "
-                "source's own split (val_fraction applies only to sources without one)",
-                eval_label,
-            )
-        return train_rows, eval_rows, f"split {eval_label}"
-    train, val = split_by_prompt(train_rows, cfg.val_fraction, cfg.seed)
-    return train, val, f"val_fraction={cfg.val_fraction}"
-
-
-def prepare_prompts(cfg, tokenizer, raw: RawSplits) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Prompts for online DPO: normalised, split by prompt (seeded) and tokenized for generation."""
-    train_label, eval_label = split_labels(raw)
-    norm = row_options(cfg)
-    train = normalize_prompts(raw.train, label=train_label, **norm)
-    evaluation = normalize_prompts(raw.eval, label=eval_label, **norm) if raw.eval is not None else None
-    skipped = raw.skipped + train.skipped + (evaluation.skipped if evaluation else 0)
-    train_rows, val_rows, val_origin = _split(cfg, raw, train.rows, evaluation and evaluation.rows, eval_label)
-    tok_train = tokenize_prompts(train_rows, tokenizer, max_prompt_length=cfg.max_prompt_length)
-    tok_val = tokenize_prompts(val_rows, tokenizer, max_prompt_length=cfg.max_prompt_length) if val_rows else None
+def prepare_prompts(cfg, tokenizer, rows: Rows) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Prompts for online DPO (normalised, split by prompt and drawn by `mixture.load_rows`), tokenized for
+    generation."""
+    tok_train = tokenize_prompts(rows.train, tokenizer, max_prompt_length=cfg.max_prompt_length)
+    tok_val = tokenize_prompts(rows.val, tokenizer, max_prompt_length=cfg.max_prompt_length) if rows.val else None
     n_val = len(tok_val.dataset) if tok_val else 0
     logger.info(
         "%s: %d prompts (%d bad rows skipped); %d train prompts, %d validation prompts",
-        raw.label,
-        len(train.rows) + (len(evaluation.rows) if evaluation else 0),
-        skipped,
+        rows.label,
+        len(rows.train) + len(rows.val),
+        rows.skipped,
         len(tok_train.dataset),
         n_val,
     )
     if len(tok_train.dataset) == 0:
-        raise UserError(f"{train_label}: no training prompts left ({skipped} bad rows skipped); check the data")
+        raise UserError(f"{rows.label}: no training prompts left ({rows.skipped} bad rows skipped); check the data")
     if n_val == 0:
-        logger.info("validation skipped: no validation prompts (%s)", val_origin)
+        logger.info("validation skipped: no validation prompts (%s)", rows.val_origin)
         return tok_train.dataset, None
     return tok_train.dataset, tok_val.dataset
 
@@ -170,49 +157,41 @@ def report_duplicates(rows: list[dict], label: str) -> int:
     return repeats
 
 
-def prepare_pairs(cfg, tokenizer, raw: RawSplits | None = None, encode=None) -> PreparedPairs:
-    """Load (unless given), normalise, split (when the source has no eval split) and tokenize preference pairs.
+def prepare_pairs(cfg, tokenizer, rows: Rows | None = None, encode=None) -> PreparedPairs:
+    """Load (unless given: `mixture.load_rows`) and tokenize preference pairs.
 
     `encode(rows, tokenizer, max_prompt_length=, max_length=)` tokenizes; the default is the DPO contract.
     """
-    raw = raw if raw is not None else load_splits(cfg)
+    rows = rows if rows is not None else load_rows(cfg)
     encode = encode or tokenize_rows
-    train_label, eval_label = split_labels(raw)
-    norm = row_options(cfg)
-    train = normalize(raw.train, label=train_label, **norm)
-    skipped = raw.skipped + train.skipped
-    val = normalize(raw.eval, label=eval_label, **norm) if raw.eval is not None else None
-    skipped += val.skipped if val else 0
-    report_duplicates(train.rows, train_label)
-    train_rows, val_rows, val_origin = _split(cfg, raw, train.rows, val and val.rows, eval_label)
+    report_duplicates(rows.train, rows.label)
     lengths = {
         "max_prompt_length": cfg.max_prompt_length,
         "max_length": cfg.max_length,
         "max_completion_length": cfg.max_completion_length,
     }
-    tok_train = encode(train_rows, tokenizer, **lengths)
-    tok_val = encode(val_rows, tokenizer, **lengths) if val_rows else None
-    read = raw.skipped + len(raw.train) + (len(raw.eval) if raw.eval is not None else 0)
+    tok_train = encode(rows.train, tokenizer, **lengths)
+    tok_val = encode(rows.val, tokenizer, **lengths) if rows.val else None
     dropped = tok_train.dropped + (tok_val.dropped if tok_val else 0)
     n_val = len(tok_val.dataset) if tok_val else 0
     logger.info(
         "%s: %d rows read, %d bad rows skipped, %d pairs dropped by truncation; %d train pairs, %d validation pairs",
-        raw.label,
-        read,
-        skipped,
+        rows.label,
+        rows.read,
+        rows.skipped,
         dropped,
         len(tok_train.dataset),
         n_val,
     )
     if len(tok_train.dataset) == 0:
         raise UserError(
-            f"{train_label}: no training pairs left ({read} rows read, {skipped} bad rows skipped, {dropped} "
-            "dropped by truncation); check the data, on_bad_rows, max_length and max_prompt_length"
+            f"{rows.label}: no training pairs left ({rows.read} rows read, {rows.skipped} bad rows skipped, "
+            f"{dropped} dropped by truncation); check the data, on_bad_rows, max_length and max_prompt_length"
         )
     truncation = tok_train.truncation + (tok_val.truncation if tok_val else Truncation())
     if truncation.prompts_cut or truncation.completions_cut:
-        logger.info("%s: truncation: %s", raw.label, truncation.describe())
+        logger.info("%s: truncation: %s", rows.label, truncation.describe())
     if n_val == 0:
-        logger.info("validation skipped: no validation pairs (%s)", val_origin)
+        logger.info("validation skipped: no validation pairs (%s)", rows.val_origin)
         return PreparedPairs(tok_train.dataset, None, truncation=truncation)
-    return PreparedPairs(tok_train.dataset, tok_val.dataset, val_rows, truncation)
+    return PreparedPairs(tok_train.dataset, tok_val.dataset, rows.val, truncation)

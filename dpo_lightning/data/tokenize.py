@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, NamedTuple
 
-from dpo_lightning.data.formats import common_prefix_len as common_prefix_length
+from dpo_lightning.data.values import common_prefix_len as common_prefix_length
+from dpo_lightning.data.values import row_places
 from dpo_lightning.errors import UserError
 
 if TYPE_CHECKING:
@@ -205,40 +206,37 @@ def tokenize_rows(
     import datasets
 
     columns: dict[str, list[list[int]]] = {name: [] for name in COLUMNS}
-    drops: dict[str, list[int]] = {EMPTIED: [], IDENTICAL: []}  # why -> 1-based positions among `rows`
+    drops: dict[str, list[tuple[int, dict]]] = {EMPTIED: [], IDENTICAL: []}  # why -> (position, row) dropped
     position, truncation = 0, Truncation()
     for chunk in _chunks(rows):
-        for prompt_ids, chosen_ids, rejected_ids in zip(*_joint_ids(tokenizer, chunk), strict=True):
+        for row, ids in zip(chunk, zip(*_joint_ids(tokenizer, chunk), strict=True), strict=True):
             position += 1
             pair, why, cut = truncate_pair(
-                prompt_ids,
-                chosen_ids,
-                rejected_ids,
+                *ids,
                 max_prompt_length=max_prompt_length,
                 max_length=max_length,
                 max_completion_length=max_completion_length,
             )
             truncation = truncation + _tally(cut, why)
             if pair is None:
-                drops[why].append(position)
+                drops[why].append((position, row))
                 continue
             for name in COLUMNS:
                 columns[name].append(pair[name])
     features = datasets.Features({name: datasets.List(datasets.Value("int32")) for name in COLUMNS})
     dropped = sum(map(len, drops.values()))
-    for why, positions in drops.items():
-        if positions:
-            shown = ", ".join(map(str, positions[:SHOWN_DROPS])) + (", ..." if len(positions) > SHOWN_DROPS else "")
+    for why, places in drops.items():
+        if places:
             logger.warning(
                 "dropped %d of %d pairs %s by truncation (max_length=%s, max_prompt_length=%s, "
-                "max_completion_length=%s); pairs %s in order",
-                len(positions),
+                "max_completion_length=%s): %s",
+                len(places),
                 len(rows),
                 why,
                 max_length,
                 max_prompt_length,
                 max_completion_length,
-                shown,
+                row_places(places, SHOWN_DROPS),
             )
     return TokenizedPairs(datasets.Dataset.from_dict(columns, features=features), dropped, truncation)
 

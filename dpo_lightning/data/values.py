@@ -12,6 +12,34 @@ class BadRow(ValueError):
     """One row's problem; the caller adds the source and row number."""
 
 
+class Row(dict):
+    """A normalised row that remembers where it was read, `origin` = (source label, row number), so that a
+    later stage (truncation) names it as a bad row is named; it equals the plain dict of its values."""
+
+    __slots__ = ("origin",)
+
+    def __init__(self, values: dict, origin: tuple[str, int] | None = None) -> None:
+        super().__init__(values)
+        self.origin = origin
+
+
+def row_places(dropped: list[tuple[int, dict]], limit: int) -> str:
+    """Where the rows of `dropped` ((1-based position, row) pairs) were read, grouped by source ("data.jsonl
+    rows 3, 9; extra.jsonl row 2"), at most `limit` named; rows without an origin by position ("pairs 2, 5 in
+    order")."""
+    places: dict[str | None, list[str]] = {}
+    for position, row in dropped[:limit]:
+        label, number = getattr(row, "origin", None) or (None, position)
+        places.setdefault(label, []).append(str(number))
+    named = "; ".join(
+        f"pairs {', '.join(n)} in order"
+        if label is None
+        else f"{label} {'row' if len(n) == 1 else 'rows'} {', '.join(n)}"
+        for label, n in places.items()
+    )
+    return named + ("; ..." if len(dropped) > limit else "")
+
+
 # ----------------------------------------------------------------------------- values
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,17 +18,16 @@ from typing import Any, NamedTuple
 import torch
 
 from dpo_lightning.config import make_config
+from dpo_lightning.config.sources import dataset_label, is_mixture
 from dpo_lightning.data.collate import PairCollator, PromptCollator, collate_in_batches
 from dpo_lightning.data.formats import (
-    dataset_roles,
-    has_pairs,
     normalize,
     normalize_prompts,
     row_options,
     unique_prompts,
 )
+from dpo_lightning.data.mixture import load_rows
 from dpo_lightning.data.sources import load_splits
-from dpo_lightning.data.split import split_by_prompt
 from dpo_lightning.data.tokenize import tokenize_pair, tokenize_prompts
 from dpo_lightning.dpo.objective import LossSettings
 from dpo_lightning.dpo.reference import FrozenReference, Reference
@@ -188,37 +188,17 @@ class Measured(NamedTuple):
 
 def evaluation_rows(cfg, options: EvalOptions) -> tuple[list[dict] | None, list[dict], Measured]:
     """(pair rows or None when the data has none, prompt rows, what they are) of the evaluated split: `--split`
-    whole, else the part training held out (eval split, or the run's val_fraction draw), else the whole train
-    split, which training saw (said in one warning)."""
-    try:
-        raw = load_splits(cfg, split_key="--split")
-    except UserError as exc:
-        # the training file's columns map, which this file may not share
-        if options.columns is None and cfg.columns and " in columns " in str(exc):
-            raise UserError(
-                f"{exc}; the columns map is the training run's, {json.dumps(cfg.columns)}: pass --columns for this "
-                "dataset ('{}' reads its prompt, chosen and rejected columns by name)"
-            ) from None
-        raise
-    label = cfg.dataset_name
-    held_out = options.split is None and raw.eval is not None
-    data = raw.eval if held_out else raw.train
-    drawn = options.split is None and raw.eval is None and cfg.val_fraction > 0
-    norm = {**row_options(cfg), "label": label}
-    pairs = None
-    if has_pairs(dataset_roles(data, cfg.columns, label)):
-        pairs = normalize(data, **norm).rows
-        if drawn:
-            _, pairs = split_by_prompt(pairs, cfg.val_fraction, cfg.seed)  # the prompts training never saw
-        prompts = unique_prompts(pairs)
-    else:
-        prompts = normalize_prompts(data, **norm).rows
-        if drawn:
-            _, prompts = split_by_prompt(prompts, cfg.val_fraction, cfg.seed)
-    name = str(data.split or ("eval" if held_out else cfg.train_split))
-    if drawn:
-        name += f" (the val_fraction {cfg.val_fraction} draw training held out)"
-    trained_on = options.split is None and not held_out and not drawn and options.dataset_name is None
+    whole, else the part training held out (`mixture.load_rows`: eval splits, or the run's val_fraction draw, of
+    each source), else the whole training data, which training saw (said in one warning)."""
+    with _columns_hint(cfg, options):
+        if options.split is not None:
+            mode, rows, name = _named_split(cfg, options)
+            label, trained_on = cfg.dataset_name, False
+        else:
+            loaded = load_rows(cfg)
+            mode, rows, label = loaded.mode, loaded.val or loaded.train, loaded.label
+            name = loaded.val_origin if loaded.val else loaded.train_origin
+            trained_on = not loaded.val and options.dataset_name is None
     if trained_on:
         log.warning(
             "evaluating %s[%s] whole: the training run held none of it out (val_fraction 0, no eval split), so these "
@@ -226,7 +206,36 @@ def evaluation_rows(cfg, options: EvalOptions) -> tuple[list[dict] | None, list[
             label,
             name,
         )
-    return pairs, prompts, Measured(name, len(pairs) if pairs is not None else len(prompts), trained_on)
+    pairs = rows if mode != "online" else None
+    prompts = unique_prompts(rows) if pairs is not None else rows
+    return pairs, prompts, Measured(name, len(rows), trained_on)
+
+
+def _named_split(cfg, options: EvalOptions) -> tuple[str, list[dict], str]:
+    """(mode, rows, split name) of `--split` whole, of one dataset."""
+    if is_mixture(cfg.dataset_name):
+        raise UserError(
+            f"--split names a split of one dataset, but dataset_name lists {len(cfg.dataset_name)} sources "
+            f"({dataset_label(cfg.dataset_name)}); pass --dataset_name with one of them beside --split"
+        )
+    raw = load_splits(cfg, split_key="--split")
+    convert = normalize_prompts if raw.mode == "online" else normalize
+    rows = convert(raw.train, label=cfg.dataset_name, **row_options(cfg)).rows
+    return raw.mode, rows, str(raw.train.split or options.split)
+
+
+@contextmanager
+def _columns_hint(cfg, options: EvalOptions):
+    """A columns error says that the map is the training run's, which the evaluated file may not share."""
+    try:
+        yield
+    except UserError as exc:
+        if options.columns is None and cfg.columns and " in columns " in str(exc):
+            raise UserError(
+                f"{exc}; the columns map is the training run's, {json.dumps(cfg.columns)}: pass --columns for this "
+                "dataset ('{}' reads its prompt, chosen and rejected columns by name)"
+            ) from None
+        raise
 
 
 def _sample(rows: list[dict], count: int, seed: int) -> list[dict]:
@@ -360,7 +369,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     prompts = _sample(prompts, settings["num_prompts"], options.seed)
     if not pairs and not prompts:
         raise UserError(
-            f"{cfg.dataset_name}: nothing to evaluate: preference metrics need chosen/rejected pairs "
+            f"{dataset_label(cfg.dataset_name)}: nothing to evaluate: preference metrics need chosen/rejected pairs "
             "(--num_pairs > 0), generation metrics need prompts and --reward_model"
         )
     probe = prompts[0]["prompt"] if prompts else pairs[0]["prompt"]
@@ -374,7 +383,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             "reward_model": options.reward_model,
         },
         "data": {
-            "dataset": cfg.dataset_name,
+            "dataset": dataset_label(cfg.dataset_name),
             "split": measured.split,
             "rows": measured.rows,
             "pairs_scored": len(pairs) if pairs else 0,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_lightning.config import DPOConfig
+from dpo_lightning.config.sources import dataset_label, source_names
 from dpo_lightning.errors import UserError, first_line
 from dpo_lightning.hub import hub_reachable, offline_env
 
@@ -44,11 +45,11 @@ def model_card(cfg: DPOConfig, *, mode: str, step: int, metrics: dict[str, float
     """final/README.md: base model, data, method and loss, key hyperparameters, the final validation metrics
     and the command that trained it, with the Hub's metadata block on top."""
     lora = cfg.lora_r > 0
-    hub_dataset = "/" in cfg.dataset_name and not Path(cfg.dataset_name).exists()
+    hub_datasets = [name for name in source_names(cfg.dataset_name) if "/" in name and not Path(name).exists()]
     header = ["---", f"base_model: {cfg.model_name}", f"library_name: {'peft' if lora else 'transformers'}"]
     header += ["tags:", "- dpo", "- dpo-lightning", *(["- lora"] if lora else [])]
-    if hub_dataset:
-        header += ["datasets:", f"- {cfg.dataset_name}"]
+    if hub_datasets:
+        header += ["datasets:", *(f"- {name}" for name in dict.fromkeys(hub_datasets))]
     header.append("---")
     method = {
         "offline": "offline DPO on preference pairs",
@@ -64,7 +65,8 @@ def model_card(cfg: DPOConfig, *, mode: str, step: int, metrics: dict[str, float
         f"# {Path(cfg.output_dir).name}",
         "",
         f"`{cfg.model_name}` fine-tuned with Direct Preference Optimization (Rafailov et al. 2023,"
-        f" arXiv 2305.18290) by dpo-lightning: {method}, on `{cfg.dataset_name}`, for {step} optimizer steps"
+        f" arXiv 2305.18290) by dpo-lightning: {method}, on `{dataset_label(cfg.dataset_name)}`, for {step} "
+        "optimizer steps"
         f"{adapters}.",
         "",
         "## Hyperparameters",

@@ -6,6 +6,7 @@ completion boundary marked and their token counts, then the split sizes and what
 from __future__ import annotations
 
 from dpo_lightning.config import DPOConfig
+from dpo_lightning.config.sources import dataset_label
 from dpo_lightning.data import check_source
 from dpo_lightning.data.datamodule import DPODataModule
 from dpo_lightning.models import load_tokenizer, resolve_model
@@ -46,7 +47,7 @@ def show_data(cfg: DPOConfig, count: int) -> str:
     data = DPODataModule(cfg, tokenizer).prepare()
     describe = describe_prompt if data.mode == "online" else describe_pair
     kind = "prompts" if data.mode == "online" else "pairs"
-    lines = [f"{cfg.dataset_name}: mode {data.mode}, as a run of this configuration prepares it"]
+    lines = [f"{dataset_label(cfg.dataset_name)}: mode {data.mode}, as a run of this configuration prepares it"]
     for index in range(min(count, len(data.train))):
         lines += describe(tokenizer, data.train[index], f"training {kind[:-1]} {index + 1} of {len(data.train)}")
     lines.append(RULE * 4)
