@@ -2,6 +2,11 @@
 
     pip install -r benchmarks/requirements.txt
     python benchmarks/dpo_throughput.py --preset cpu-small [--runs ours-equal,trl,ours-fast] [--repeats 1]
+    python benchmarks/dpo_throughput.py --preset cpu-qwen0.5b-long --runs trl-equal,ours-equal,ours-shared
+
+`cpu-qwen0.5b` and `cpu-qwen0.5b-long` are Qwen2.5-0.5B-Instruct's exact shape (hidden 896, 24 layers, 14 heads,
+2 key-value heads, intermediate 4864, vocabulary 151,936, tied embeddings; random weights, fp32): 12-21 GB and
+tens of seconds a step on a small CPU, so run one at a time.
 
 Offline: it builds its own assets (a Qwen2-shaped random model with Qwen2.5's vocabulary size, a byte-level BPE
 tokenizer, synthetic preference pairs) once in `--workdir`, then trains each run in a fresh process of its own
@@ -10,13 +15,16 @@ run prints one JSON line: samples/s, non-padding tokens/s, the median step time 
 peak memory (RSS on CPU, max allocated on GPU) and the first step's loss and rewards (the policy equals its
 reference there, so every system must report ln 2 and 0). A last line gives each run's ratios to TRL's.
 
-Runs: `trl` (DPOTrainer at the preset's precision, a separate live reference), `ours-equal` (the same settings
-in this project: its defaults, a live reference, padded batches), `ours-fast` (precomputed reference log-probs,
-padding-free batches, chunked log-probs, at the preset's precision) and `ours-fast-bf16` (the same in
-bf16-mixed, the reference in bf16). `ours-plain` is `ours-equal` with the full-logits log-prob path
-(`logps_chunk_size: 0`). `ours-lora` is `ours-equal` training rank-16 LoRA adapters on every linear layer
-against the adapter-disabled reference (no second model); `ours-qlora` the same on a 4-bit base (CUDA).
-`ours-simpo` is `ours-equal` with the reference-free SimPO loss (no reference loaded; its first loss is not ln 2).
+Runs: `trl` (DPOTrainer at the preset's precision, a separate live reference, gradient checkpointing on as TRL 1.16
+ships it), `trl-equal` (the same with gradient checkpointing off, this project's default; the ratios are to it when
+it ran), `ours-equal` (the same settings in this project: its defaults, a live reference, padded batches),
+`ours-shared` (`ours-equal` with `prefix_sharing`, each pair's prompt computed once), `ours-fast` (precomputed
+reference log-probs, padding-free batches, chunked log-probs, at the preset's precision), `ours-fast-shared` (the
+same with prefix sharing) and `ours-fast-bf16` (the same in bf16-mixed, the reference in bf16). `ours-plain` is
+`ours-equal` with the full-logits log-prob path (`logps_chunk_size: 0`). `ours-lora` is `ours-equal` training
+rank-16 LoRA adapters on every linear layer against the adapter-disabled reference (no second model); `ours-qlora`
+the same on a 4-bit base (CUDA). `ours-simpo` is `ours-equal` with the reference-free SimPO loss (no reference
+loaded; its first loss is not ln 2).
 `DPO_LIGHTNING_MALLOC=off` in the environment leaves glibc's allocator defaults in this project's runs (the
 entrypoint tunes them otherwise, see dpo_lightning/memory.py). `setup_seconds` is the time before the first
 step: model loading and, for the fast runs, the reference pass.
@@ -74,8 +82,23 @@ PRESETS = {
     "cpu-layers": Preset(512, 16, 8, 2, 2048, 32_000, 400, (20, 60), (10, 60), 2, 256, "32", 6, 2),
     "smoke": Preset(64, 2, 4, 2, 128, 4096, 64, (5, 10), (3, 8), 2, 64, "32", 3, 1),  # does the script run?
     "gpu-qwen0.5b": Preset(896, 24, 14, 2, 4864, 151_936, 4000, (20, 200), (20, 200), 8, 1024, "bf16-mixed", 30, 5),
+    # Qwen2.5-0.5B-Instruct's exact shape (random weights, fp32): HH-like pairs, and long (TL;DR-like) prompts
+    "cpu-qwen0.5b": Preset(896, 24, 14, 2, 4864, 151_936, 12, (40, 120), (20, 80), 2, 1024, "32", 5, 2),
+    "cpu-qwen0.5b-long": Preset(896, 24, 14, 2, 4864, 151_936, 12, (200, 400), (20, 60), 2, 1024, "32", 5, 2),
 }
-RUNS = ("ours-equal", "trl", "ours-fast", "ours-fast-bf16", "ours-plain", "ours-lora", "ours-qlora", "ours-simpo")
+RUNS = (
+    "ours-equal",
+    "ours-shared",
+    "trl",
+    "trl-equal",
+    "ours-fast",
+    "ours-fast-shared",
+    "ours-fast-bf16",
+    "ours-plain",
+    "ours-lora",
+    "ours-qlora",
+    "ours-simpo",
+)
 GPU_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for MFU
 
 
@@ -170,6 +193,7 @@ class BenchSession:
 
     def __init__(self, sinks: list, callbacks: list) -> None:
         self.sinks, self.callbacks = sinks, callbacks
+        self.record: dict = {}  # the run record a real session writes into each checkpoint
 
     def finish(self, trainer, module):
         return None
@@ -221,6 +245,8 @@ def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, varian
         values.update(loss_type="simpo", cpo_alpha=0.0)
     if fast:
         values.update(precompute_ref_logps=True, padding_free=True)
+    if variant.endswith("-shared"):  # each pair's prompt computed once (prefix_sharing)
+        values["prefix_sharing"] = True
     values.update(overrides)
     clock, first, began = StepClock(), {}, time.perf_counter()
 
@@ -248,7 +274,9 @@ def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, varian
 FIRST_STEP_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")
 
 
-def run_trl(preset: Preset, model_dir: Path, pairs: Path, workdir: Path) -> dict:
+def run_trl(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, checkpointing: bool = True) -> dict:
+    """TRL's DPOTrainer: as shipped (gradient checkpointing on, TRL 1.16's default), or with it off (`trl-equal`,
+    this project's default)."""
     import datasets
     import torch
     import trl
@@ -281,6 +309,7 @@ def run_trl(preset: Preset, model_dir: Path, pairs: Path, workdir: Path) -> dict
         dataloader_num_workers=0,
         seed=0,
         disable_tqdm=True,
+        gradient_checkpointing=checkpointing,
     )
     dtype = torch.float32
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
@@ -311,7 +340,7 @@ def child(args) -> None:
         tune_cpu_allocator()  # as the entrypoint does
         result = run_ours(preset, model_dir, pairs, workdir, args.run, json.loads(args.ours))
     else:
-        result = run_trl(preset, model_dir, pairs, workdir)
+        result = run_trl(preset, model_dir, pairs, workdir, checkpointing=args.run == "trl")
     setup_seconds = result.pop("setup_seconds", None)
     steps = result["step_seconds"][preset.warmup :]
     median = statistics.median(steps) if steps else math.nan
@@ -404,7 +433,7 @@ def parent(args) -> None:
                 raise SystemExit(f"error: run {name} failed")
             results[name].append(result)
             print(json.dumps(result), flush=True)
-    if "trl" in results:
+    if "trl" in results or "trl-equal" in results:
         print(json.dumps(ratios(results)), flush=True)
     if args.max_batch:
         for name in runs:
@@ -412,21 +441,24 @@ def parent(args) -> None:
 
 
 def ratios(results: dict[str, list[dict]]) -> dict:
-    """Each run's median samples/s and peak memory over the repeats, as a ratio to TRL's."""
+    """Each run's median samples/s and peak memory over the repeats, as a ratio to TRL's at equal settings
+    (`trl-equal`, gradient checkpointing off) when it ran, else to TRL as shipped."""
 
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
 
-    base_speed, base_memory = median("trl", "samples_per_second"), median("trl", "peak_memory_gb")
+    base = "trl-equal" if "trl-equal" in results else "trl"
+    base_speed, base_memory = median(base, "samples_per_second"), median(base, "peak_memory_gb")
     return {
+        "base": base,
         "ratios_to_trl": {
             name: {
                 "samples_per_second": round(median(name, "samples_per_second") / base_speed, 3),
                 "peak_memory": round(median(name, "peak_memory_gb") / base_memory, 3),
             }
             for name in results
-            if name != "trl"
-        }
+            if name != base
+        },
     }
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
+from dpo_lightning.builtin import preference_rows
+
 # DESIGN.md's metric names (TRL's); a rename in the code must fail the tests.
 PREFERENCE_METRICS = (
     "rewards/chosen",
@@ -89,3 +93,30 @@ def checkpoints_by_step(output_dir: Path) -> dict[int, Path]:
         if (folder / "metadata.json").is_file():
             found[json.loads((folder / "metadata.json").read_text())["steps_completed"]] = folder
     return found
+
+
+def run_steps(output_dir) -> dict[tuple[str, int], dict]:
+    """A run's metrics.jsonl as (group, step) -> metrics."""
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(r["group"], r["step"]): r["metrics"] for r in rows}
+
+
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "logits/chosen")
+
+
+def assert_same_runs(got: dict, expected: dict, extra=("grad_norm", "padding_share")) -> None:
+    """Two runs' reports (`run_steps`) agree at every step on the DPO metrics and `extra` (fp32, relative 1e-5)."""
+    assert set(got) == set(expected)
+    for key, metrics in expected.items():
+        for name in COMPARED + tuple(extra):
+            if name in metrics:
+                assert got[key][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-6), (key, name)
+
+
+def uneven_pairs(count: int) -> list[dict]:
+    """The built-in pairs, lengthened by a varying number of words, so that batches need padding."""
+    rows = preference_rows(seed=4)["train"][:count]
+    return [
+        {**row, "chosen": row["chosen"] + " And warm." * (i % 5), "rejected": row["rejected"] + " So cold." * (i % 3)}
+        for i, row in enumerate(rows)
+    ]

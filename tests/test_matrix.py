@@ -46,6 +46,7 @@ FACTORS: dict[str, tuple] = {
     "lora_r": (0, 4),
     "precompute_ref_logps": (False, True),
     "padding_free": (False, True),
+    "prefix_sharing": (False, True),
     "logps_chunk_size": (0, 4),
     "gradient_checkpointing": (False, True),
     "generation_eval_every": (0, 1),

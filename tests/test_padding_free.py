@@ -5,14 +5,12 @@ batches."""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
-from contract import online_demo_values, stepwise_run_values, write_jsonl
+from contract import assert_same_runs, online_demo_values, run_steps, stepwise_run_values, uneven_pairs, write_jsonl
 from tiny_models import random_pairs, random_qwen2
 
-from dpo_lightning.builtin import preference_rows
 from dpo_lightning.config import make_config
 from dpo_lightning.data.batch import PairBatch
 from dpo_lightning.determined.bridge import run_local
@@ -73,42 +71,17 @@ def test_per_token_log_probs_in_scored_order_on_every_path():
             assert tokens.numel() == sum(len(c) for c in [*chosen, *rejected])
 
 
-def _steps(output_dir) -> dict[tuple[str, int], dict]:
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return {(r["group"], r["step"]): r["metrics"] for r in rows}
-
-
-COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "logits/chosen")
-
-
-def _assert_same_runs(got: dict, expected: dict) -> None:
-    assert set(got) == set(expected)
-    for key, metrics in expected.items():
-        for name in COMPARED + ("grad_norm", "padding_share"):
-            if name in metrics:
-                assert got[key][name] == pytest.approx(metrics[name], rel=1e-5, abs=1e-6), (key, name)
-
-
-def _uneven_pairs(count: int) -> list[dict]:
-    """The built-in pairs, lengthened by a varying number of words, so that batches need padding."""
-    rows = preference_rows(seed=4)["train"][:count]
-    return [
-        {**row, "chosen": row["chosen"] + " And warm." * (i % 5), "rejected": row["rejected"] + " So cold." * (i % 3)}
-        for i, row in enumerate(rows)
-    ]
-
-
 def test_padding_free_training_equals_padded_training_step_by_step(tiny_model, tmp_path):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", _uneven_pairs(40))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", uneven_pairs(40))
     runs = {}
     for name, packed in (("padded", False), ("packed", True)):
         values = stepwise_run_values(
             tiny_model, pairs, tmp_path / name, max_steps=6, max_length=128, padding_free=packed
         )
         run_local(make_config(values))
-        runs[name] = _steps(tmp_path / name)
+        runs[name] = run_steps(tmp_path / name)
     assert ("validation", 6) in runs["padded"] and runs["padded"][("training", 1)]["padding_share"] > 0.05
-    _assert_same_runs(runs["packed"], runs["padded"])
+    assert_same_runs(runs["packed"], runs["padded"])
 
 
 def test_padding_free_online_steps_equal_padded_ones(tiny_model, tmp_path):
@@ -116,7 +89,7 @@ def test_padding_free_online_steps_equal_padded_ones(tiny_model, tmp_path):
     for name, packed in (("padded", False), ("packed", True)):
         values = online_demo_values(tiny_model, tmp_path / name, max_steps=4, report_every_n_steps=1)
         run_local(make_config({**values, "val_check_interval": 2, "padding_free": packed}))
-        runs[name] = _steps(tmp_path / name)
-    _assert_same_runs(runs["packed"], runs["padded"])
+        runs[name] = run_steps(tmp_path / name)
+    assert_same_runs(runs["packed"], runs["padded"])
     for key, metrics in runs["padded"].items():  # the same samples were drawn and judged
         assert runs["packed"][key]["objective/scores"] == metrics["objective/scores"], key

@@ -159,6 +159,8 @@ def mode_problem(cfg: DPOConfig, mode: str) -> str | None:
         return "lora_r applies to DPO's policy; mode reward trains a reward model in full (set lora_r: 0)"
     if cfg.padding_free and mode == "reward":
         return "padding_free packs DPO's sequences; mode reward scores padded rows (set padding_free: false)"
+    if cfg.prefix_sharing and mode == "reward":
+        return "prefix_sharing lays out DPO's pairs; mode reward scores whole sequences (set prefix_sharing: false)"
     if cfg.sync_ref_model and mode == "reward":
         return "sync_ref_model moves DPO's reference; mode reward has none (set sync_ref_model: false)"
     if mode == "online":
@@ -207,6 +209,19 @@ def vllm_max_model_len(cfg: DPOConfig) -> int:
     return cfg.vllm_max_model_len or cfg.max_prompt_length + cfg.max_new_tokens
 
 
+PREFIX_SHARING_ATTENTION = ("sdpa", "eager")  # the kernels that take the 4D mask prefix sharing builds
+
+
+def _check_prefix_sharing(cfg: DPOConfig) -> str | None:
+    if cfg.prefix_sharing and cfg.attn_implementation not in PREFIX_SHARING_ATTENTION:
+        return (
+            f"prefix_sharing needs attn_implementation {' or '.join(PREFIX_SHARING_ATTENTION)} (it passes a 4D "
+            f"attention mask, which {cfg.attn_implementation} does not take); set attn_implementation: sdpa or "
+            "prefix_sharing: false"
+        )
+    return None
+
+
 def _check_strategy(cfg: DPOConfig) -> str | None:
     """What FSDP cannot do whatever the launch (the launch itself is checked by `training.strategies`)."""
     if cfg.strategy != "fsdp":
@@ -253,6 +268,7 @@ _CHECKS = (
     _check_columns,
     _check_report_to,
     _check_strategy,
+    _check_prefix_sharing,
 )
 
 

@@ -37,6 +37,7 @@ RESUMABLE_CHANGES = (
     "gradient_checkpointing",
     "precompute_ref_logps",
     "padding_free",
+    "prefix_sharing",
     "vllm_gpu_memory_utilization",
     "vllm_kv_cache_gib",
     "report_to",
@@ -238,6 +239,11 @@ class DPOConfig:
     """Pack each micro-batch's sequences into one row (position ids restarting per sequence, attention kept
     within each) instead of padding them to a common length, so that no compute is spent on padding.
     DPO only (offline and online); the report's `padding_share` says what padding costs either way."""
+    prefix_sharing: bool = False
+    """Lay each pair out once as prompt, chosen, rejected (the rejected tokens' positions restart at the prompt's
+    end and they never attend to the chosen ones), so that the policy, the reference and the precompute pass
+    compute each prompt once instead of twice; log-probs equal the separate sequences'. DPO only, with
+    attn_implementation sdpa or eager (a 4D mask of T x T per row; README: Prefix sharing)."""
     precompute_ref_logps: bool = False
     """Offline DPO: compute the reference's log-probs of every pair once before training (cached on disk under
     ~/.cache/dpo_lightning/ref_logps, keyed by the reference's weights, the data and the settings, and reused by

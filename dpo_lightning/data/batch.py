@@ -2,8 +2,9 @@
 
 - `SequenceBatch`: N prompt + completion sequences, masks built from lengths (never from the pad id, which may
   equal EOS), in one of two layouts: N rows right-padded to a common width, or all N packed into one row with
-  `position_ids` restarting at each sequence (`packed`), so that no compute is spent on padding. Its methods
-  (`scored_positions`, `row_lengths`, `model_inputs`) serve both layouts alike.
+  `position_ids` restarting at each sequence (`packed`), so that no compute is spent on padding; and for pairs a
+  third, each pair's prompt once (`shared`, `prefix_sharing.py`), a row per pair or all in one row. Its methods
+  (`scored_tokens`, `row_lengths`, `model_inputs`) serve every layout alike.
 - `PairBatch`: B preference pairs as one SequenceBatch of 2B rows, B chosen then B rejected, and a pair
   weight. It alone knows that order: `split` turns a per-row result (2B, ...) into its chosen and rejected
   halves, and `row_weight` spreads the pair weights over the rows.
@@ -19,6 +20,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
+
+from dpo_lightning.data.prefix_sharing import Scored, shared_attention, shared_rows, shared_scoring
 
 
 def _pad(rows: list[list[int]], value: int, width: int) -> torch.Tensor:
@@ -45,6 +48,9 @@ class SequenceBatch:
     completion_mask: torch.Tensor  # (N, T) long, 1 on completion tokens (prompt and padding 0); packed: (1, L)
     position_ids: torch.Tensor | None = None  # packed only: (1, L), restarting at 0 at each sequence
     sequence_lengths: torch.Tensor | None = None  # packed only: (N,) long, the sequences' lengths in order
+    # prefix sharing only (`prefix_sharing.py`): each token's segment and pair, from which the mask is built
+    segments: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
 
     @classmethod
     def from_rows(
@@ -79,36 +85,63 @@ class SequenceBatch:
         )
 
     @property
+    def shared(self) -> bool:
+        """Whether pairs share their prompt (laid out once as prompt, chosen, rejected: `prefix_sharing.py`)."""
+        return self.segments is not None
+
+    @property
     def packed(self) -> bool:
-        return self.sequence_lengths is not None
+        return self.sequence_lengths is not None and not self.shared
 
     @property
     def num_rows(self) -> int:
         """N, the number of sequences (rows of the padded layout)."""
-        return len(self.sequence_lengths) if self.packed else self.input_ids.shape[0]
+        return len(self.sequence_lengths) if self.sequence_lengths is not None else self.input_ids.shape[0]
 
     def row_lengths(self) -> torch.Tensor:
-        """(N,) real tokens of each sequence."""
-        return self.sequence_lengths if self.packed else self.attention_mask.sum(dim=1)
+        """(N,) real tokens of each sequence (with prefix sharing: as if it were laid out alone)."""
+        return self.sequence_lengths if self.sequence_lengths is not None else self.attention_mask.sum(dim=1)
 
     def padding_share(self) -> float:
-        """The share of the padded layout's positions that are padding (what packing saves)."""
+        """The share of the layout's positions that are padding (what packing saves)."""
+        if self.shared:
+            return 1.0 - float(self.attention_mask.sum()) / float(self.attention_mask.numel())
         lengths = self.row_lengths()
         return 1.0 - float(lengths.sum()) / float(len(lengths) * int(lengths.max())) if len(lengths) else 0.0
 
-    def model_inputs(self) -> dict[str, torch.Tensor | bool | None]:
+    def model_inputs(self, *, additive_mask: bool = False) -> dict[str, torch.Tensor | bool | None]:
         """Keyword arguments of a causal LM's forward: padded rows with their attention mask, or the packed row
         with restarting `position_ids` and no mask (transformers then keeps each sequence's attention to its
-        own tokens: a block-diagonal causal mask for sdpa and eager, variable lengths for flash attention)."""
+        own tokens: a block-diagonal causal mask for sdpa and eager, variable lengths for flash attention).
+        Shared prompts pass their 4D mask, boolean for sdpa or `additive_mask` for eager attention."""
+        if self.shared:
+            mask = shared_attention(self.segments, self.groups, additive=additive_mask)
+            return {
+                "input_ids": self.input_ids,
+                "attention_mask": mask,
+                "position_ids": self.position_ids,
+                "use_cache": False,
+            }
         if self.packed:
             return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
+
+    def scored_tokens(self) -> Scored:
+        """Every scored completion token: its row, the position whose logits predict it, its sequence and its
+        own position (the one after the predicting one, except for a shared prompt's rejected completion)."""
+        if self.shared:
+            return shared_scoring(self.segments, self.groups, self.num_rows // 2)
+        rows, positions, sequences = self.scored_positions()
+        return Scored(rows, positions, sequences, positions + 1)
 
     def scored_positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, position, sequence) of every position t whose next token t + 1 is a completion token: the
         positions whose logits score the completion (the one-token shift), and the sequence each belongs to.
         A sequence's first token is never scored, as in the padded layout where nothing precedes it: in a packed
-        row the position before it is the previous sequence's last (reachable with an empty prompt)."""
+        row the position before it is the previous sequence's last (reachable with an empty prompt). With
+        shared prompts, see `scored_tokens`."""
+        if self.shared:
+            return self.scored_tokens()[:3]
         rows, positions = self.completion_mask[:, 1:].nonzero(as_tuple=True)
         if not self.packed:
             return rows, positions, rows
@@ -143,13 +176,18 @@ class PairBatch(SequenceBatch):
         pad_to_multiple_of: int | None = None,
         ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
         packed: bool = False,
+        shared: bool = False,
     ) -> PairBatch:
         """`ref_logps`: the reference's (chosen (B,), rejected (B,)) log-probs, when they were precomputed;
-        `packed`: the 2B sequences in one row (padding-free)."""
+        `packed`: the 2B sequences in one row (padding-free); `shared`: each pair's prompt once
+        (`prefix_sharing.py`), a row per pair or, packed, all in one row."""
+        per_row = None if ref_logps is None else torch.cat(ref_logps)
+        if shared:
+            laid = shared_rows(prompts, chosen, rejected, pad_token_id, pad_to_multiple_of, packed=packed)
+            return cls(**laid._asdict(), pair_weight=weight, ref_logps=per_row)
         rows = SequenceBatch.from_rows(
             [list(p) for p in prompts] * 2, [*chosen, *rejected], pad_token_id, pad_to_multiple_of, packed=packed
         )
-        per_row = None if ref_logps is None else torch.cat(ref_logps)
         return cls(**{f.name: getattr(rows, f.name) for f in fields(rows)}, pair_weight=weight, ref_logps=per_row)
 
     @property

@@ -33,10 +33,13 @@ class PairCollator:
     them.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, *, packed: bool = False):
+    def __init__(
+        self, pad_token_id: int, pad_to_multiple_of: int | None = None, *, packed: bool = False, shared: bool = False
+    ):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.packed = packed  # padding-free: the 2B sequences in one row
+        self.shared = shared  # prefix sharing: each pair's prompt once
 
     def __call__(self, items: list[dict]) -> PairBatch:
         return PairBatch.from_pairs(
@@ -48,6 +51,7 @@ class PairCollator:
             pad_to_multiple_of=self.pad_to_multiple_of,
             ref_logps=_ref_logps(items),
             packed=self.packed,
+            shared=self.shared,
         )
 
 

@@ -50,7 +50,11 @@ class DPODataModule(L.LightningDataModule):
     @property
     def collate(self):
         pad = self.tokenizer.pad_token_id
-        return PromptCollator(pad) if self.mode == "online" else PairCollator(pad, packed=self.cfg.padding_free)
+        return (
+            PromptCollator(pad)
+            if self.mode == "online"
+            else PairCollator(pad, packed=self.cfg.padding_free, shared=self.cfg.prefix_sharing)
+        )
 
     def attach_reference_logps(self, values: dict) -> None:
         """Add the precomputed reference log-probs ((pairs, 2) per split: chosen, rejected) as two columns, which

@@ -74,20 +74,47 @@ def forward_logps_and_tokens(
     order (sequence by sequence, each in token order): what a sampler's own per-token log-probs compare with.
     `with_weighting`: also each sequence's WPO `aligned` sum."""
     parts = body_and_head(model) if chunk_size > 0 else None
-    rows, positions, sequences = batch.scored_positions()
-    if parts is None:
-        logits = model(**batch.model_inputs()).logits
+    rows, positions, sequences, targets = batch.scored_tokens()
+    labels = batch.input_ids[rows, targets]
+    inputs = batch.model_inputs(additive_mask=_attention_kind(model) == "eager")
+    if parts is None and not batch.shared:
+        logits = model(**inputs).logits
         per_token, square = token_logps(logits[:, :-1], batch.input_ids[:, 1:], with_weighting)
         mean_logit = logits[:, :-1].detach().mean(dim=-1, dtype=torch.float32)
         values = per_token[rows, positions], mean_logit[rows, positions]
         values += (None if square is None else square[rows, positions],)
+    elif parts is None:  # a shared prompt's position may predict two tokens: gather the scored positions first
+        values = _gathered_token_logps(model(**inputs).logits[rows, positions], labels, with_weighting)
     else:
         body, head = parts
-        hidden = final_hidden_states(model, body, batch.model_inputs())
-        labels = batch.input_ids[rows, positions + 1]
+        hidden = final_hidden_states(model, body, inputs)
         values = chunked_token_logps(hidden[rows, positions], head, labels, chunk_size, with_weighting)
     sums = _per_sequence(batch, sequences, *values)
     return sums, values[0].detach().float()
+
+
+def _attention_kind(model: torch.nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+GATHER_ROWS = 1024  # scored positions whose fp32 log-softmax is taken at once (bounds the K x V temporary)
+
+
+def _gathered_token_logps(logits: torch.Tensor, labels: torch.Tensor, with_weighting: bool):
+    """(log-probs (K,), mean logits (K,), WPO terms (K,) or None) of the logits (K, V) gathered at the scored
+    positions, `GATHER_ROWS` at a time."""
+    picked, squares = [], []
+    for start in range(0, len(labels), GATHER_ROWS):
+        part = slice(start, start + GATHER_ROWS)
+        per_token, square = token_logps(logits[None, part], labels[None, part], with_weighting)
+        picked.append(per_token[0])
+        squares.append(None if square is None else square[0])
+    mean_logit = logits.detach().mean(dim=-1, dtype=torch.float32)
+    empty = logits.new_zeros(0, dtype=torch.float32)
+    per_token = torch.cat(picked) if picked else empty
+    square = (torch.cat(squares) if squares else empty) if with_weighting else None
+    return per_token, mean_logit, square
 
 
 def final_hidden_states(model: torch.nn.Module, body: torch.nn.Module, inputs: dict) -> torch.Tensor:

@@ -76,6 +76,7 @@ def sample_pairs(
     timer: StepTimer,
     device: torch.device,
     packed: bool = False,
+    shared: bool = False,
 ) -> SampledPairs:
     """Sample two completions per prompt, have the judge score them and order them into pairs."""
     with timer.measure("generation", device):
@@ -98,6 +99,7 @@ def sample_pairs(
         settings.pad_id,
         weight=weight * (~tie).float(),
         packed=packed,
+        shared=shared,
     )
     index = torch.arange(len(chosen))
     sampler_logps = None

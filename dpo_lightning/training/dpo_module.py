@@ -226,6 +226,7 @@ class OnlineDPOModule(DPOModule):
             timer=samples.timer,
             device=self.device,
             packed=self.cfg.padding_free,
+            shared=self.cfg.prefix_sharing,
         )
 
     def online_step(self, batch: PromptBatch, metrics: PreferenceMetrics, samples: SampleMetrics, rng: SamplingRNG):

@@ -104,7 +104,7 @@ def compute_pending(pending: PendingPrecompute, reference: Reference, trainer, c
     """Every rank's share of the pairs through `reference`, gathered in pair order on every rank, written to
     the cache by rank 0 and attached to the datamodule's splits. Every rank calls it, in step."""
     datamodule = trainer.datamodule
-    collate = PairCollator(datamodule.tokenizer.pad_token_id)
+    collate = PairCollator(datamodule.tokenizer.pad_token_id, shared=cfg.prefix_sharing)
     autocast = pass_autocast(cfg)
     rank, world = trainer.global_rank, trainer.world_size
     values = {}
