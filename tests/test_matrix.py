@@ -10,7 +10,7 @@ invariants:
 - the run left as a crash after its step-2 checkpoint leaves it, then resumed, reports what the straight
   run reported and ends with the same weights;
 - final/ loads (with peft for LoRA) and is not the initial model;
-- with generation metrics, the policy's KL from its reference is > 0 once it has moved.
+- with generation metrics, the policy's sampled KL estimate from its reference is not 0 once it has moved.
 
 Adding an option is one line in FACTORS (and a line in REFUSED for values that cannot go with another's).
 The one-process runs share one Python process (matrix_driver.py); each run of two processes is a torchrun of
@@ -284,4 +284,6 @@ def test_a_combination_runs_resumes_exactly_and_exports(row, matrix, inputs):
     assert (expected - initial).abs().max() > 1e-3  # the policy moved
 
     if row["generation_eval_every"]:
-        assert straight[("validation", 4)]["generation/kl"] > 1e-4
+        # a sampled estimate (the mean log-ratio of the policy's own samples), negative at times on 8 prompts;
+        # what must never be is exactly 0, generation metrics measuring the reference against itself
+        assert abs(straight[("validation", 4)]["generation/kl"]) > 1e-4
