@@ -213,7 +213,9 @@ class StepClock:
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, variant: str, overrides: dict) -> dict:
+def run_ours(
+    preset: Preset, model_dir: Path, pairs: Path, workdir: Path, variant: str, overrides: dict, callbacks=()
+) -> dict:
     import lightning as L
 
     from dpo_lightning.config import make_config
@@ -262,7 +264,7 @@ def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, varian
         if report.group == "training":
             first.setdefault("metrics", report.metrics)
 
-    train(make_config(values), session=BenchSession([keep_first], [Clock()]))
+    train(make_config(values), session=BenchSession([keep_first], [Clock(), *callbacks]))
     metrics = first.get("metrics", {})
     return {
         "step_seconds": clock.seconds,
@@ -274,9 +276,11 @@ def run_ours(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, varian
 FIRST_STEP_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins")
 
 
-def run_trl(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, checkpointing: bool = True) -> dict:
+def run_trl(
+    preset: Preset, model_dir: Path, pairs: Path, workdir: Path, checkpointing: bool = True, callbacks=(), seen=None
+) -> dict:
     """TRL's DPOTrainer: as shipped (gradient checkpointing on, TRL 1.16's default), or with it off (`trl-equal`,
-    this project's default)."""
+    this project's default). `seen(trainer)` is called before it trains (a profiler's hooks)."""
     import datasets
     import torch
     import trl
@@ -319,8 +323,10 @@ def run_trl(preset: Preset, model_dir: Path, pairs: Path, workdir: Path, checkpo
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
-        callbacks=[Clock()],
+        callbacks=[Clock(), *callbacks],
     )
+    if seen is not None:
+        seen(trainer)
     trainer.train()
     logged = next((entry for entry in trainer.state.log_history if entry.get("step") == 1 and "loss" in entry), {})
     first = {k: logged.get(k) for k in FIRST_STEP_METRICS}
