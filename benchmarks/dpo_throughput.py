@@ -2,7 +2,8 @@
 
     pip install -r benchmarks/requirements.txt
     python benchmarks/dpo_throughput.py --preset cpu-small [--runs ours-equal,trl,ours-fast] [--repeats 1]
-    python benchmarks/dpo_throughput.py --preset cpu-qwen0.5b-long --runs trl-equal,ours-equal,ours-shared
+    python benchmarks/dpo_throughput.py --preset cpu-qwen0.5b   # TRL, ours, ours with sharing, both fast paths
+    python benchmarks/dpo_throughput.py --preset cpu-qwen0.5b-long
 
 `cpu-qwen0.5b` and `cpu-qwen0.5b-long` are Qwen2.5-0.5B-Instruct's exact shape (hidden 896, 24 layers, 14 heads,
 2 key-value heads, intermediate 4864, vocabulary 151,936, tied embeddings; random weights, fp32): 12-21 GB and
@@ -99,6 +100,10 @@ RUNS = (
     "ours-qlora",
     "ours-simpo",
 )
+# what `--runs` means when not given: at the default model's shape, TRL beside ours with and without sharing
+DEFAULT_RUNS = "ours-equal,trl,ours-fast"
+QWEN_RUNS = "trl-equal,ours-equal,ours-shared,ours-fast,ours-fast-shared"
+PRESET_RUNS = {"cpu-qwen0.5b": QWEN_RUNS, "cpu-qwen0.5b-long": QWEN_RUNS, "gpu-qwen0.5b": "trl," + QWEN_RUNS}
 GPU_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for MFU
 
 
@@ -426,7 +431,7 @@ def largest_batch(args, name: str, start: int, cap: int) -> dict:
 def parent(args) -> None:
     preset = PRESETS[args.preset]
     build_assets(preset, Path(args.workdir) / args.preset)  # once, before any run is timed
-    runs = [name.strip() for name in args.runs.split(",")]
+    runs = [name.strip() for name in (args.runs or PRESET_RUNS.get(args.preset, DEFAULT_RUNS)).split(",")]
     unknown = [name for name in runs if name not in RUNS]
     if unknown:
         raise SystemExit(f"error: unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
@@ -471,7 +476,11 @@ def ratios(results: dict[str, list[dict]]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    parser.add_argument("--runs", default="ours-equal,trl,ours-fast", help=f"comma-separated, from {', '.join(RUNS)}")
+    parser.add_argument(
+        "--runs",
+        default=None,
+        help=f"comma-separated, from {', '.join(RUNS)}; default {DEFAULT_RUNS} ({QWEN_RUNS} on the Qwen presets)",
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "dpo_lightning" / "benchmarks"))
     parser.add_argument(
