@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import json
 import os
 import sys
@@ -43,11 +42,11 @@ class MallInfo2(ctypes.Structure):
 
 
 def _libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    if not hasattr(libc, "mallinfo2"):
+    """glibc with `mallinfo2` (2.33 and later), found where the allocator settings find it; else None."""
+    from dpo_lightning.memory import _glibc
+
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
         return None
     libc.mallinfo2.restype = MallInfo2
     return libc
@@ -160,12 +159,13 @@ class Profile:
 
 def lightning_hooks(profile: Profile):
     import lightning as L
+    import torch
 
     class Hooks(L.Callback):
         def on_train_start(self, trainer, module):
             profile.models["policy"] = tensor_bytes(module.policy.parameters())
             reference = getattr(module.reference, "model", None)
-            if isinstance(reference, __import__("torch").nn.Module):
+            if isinstance(reference, torch.nn.Module):
                 profile.models["reference"] = tensor_bytes(reference.parameters())
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
